@@ -1,0 +1,111 @@
+"""amem_sgl configuration: frozen dataclasses read from ``configs/*.yaml``.
+
+A config file has two sections::
+
+    sglang:          # any `sglang.launch_server` flag by its long name (handed to SGLang's own parser)
+      port: 30000
+    amem:            # amem_sgl's own settings (this module's dataclasses)
+      model: {embedded: smollm2}
+
+The launcher passes the ``amem`` section to SGLang's scheduler process through the environment
+variable :data:`CONFIG_ENV` (JSON), since SGLang starts the scheduler as a separate process.
+Unknown keys are errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+CONFIG_ENV = "AMEM_SGL_CONFIG_JSON"
+CACHE_DIR_ENV = "AMEM_SGL_CACHE_DIR"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    # Packaged model served when no --model-path is given (see amem_sgl.models.EMBEDDED_MODELS).
+    embedded: str = "smollm2"
+    # Where converted models are kept; $AMEM_SGL_CACHE_DIR overrides it.
+    cache_dir: str = "~/.cache/amem_sgl/models"
+
+    def resolved_cache_dir(self) -> Path:
+        return Path(os.environ.get(CACHE_DIR_ENV) or self.cache_dir).expanduser()
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    # Request bodies larger than this are refused with 413 before they are parsed or tokenized.
+    max_request_bytes: int = 4 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class AmemConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "AmemConfig":
+        return _build(cls, data or {}, "amem")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_env(cls) -> "AmemConfig":
+        raw = os.environ.get(CONFIG_ENV)
+        return cls.from_dict(json.loads(raw)) if raw else cls()
+
+
+def _build(cls, data: Mapping[str, Any], where: str):
+    if not isinstance(data, Mapping):
+        raise ValueError(f"config section '{where}' must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown key(s) in config section '{where}': {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        f = fields[name]
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(sub):
+            kwargs[name] = _build(sub, value, f"{where}.{name}")
+        else:
+            expected = type(f.default)
+            if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
+                raise ValueError(f"config key '{where}.{name}' must be {expected.__name__}, "
+                                 f"got {value!r}")
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigFile:
+    """A parsed config file: SGLang flags (by long name, as written) and amem settings."""
+
+    sglang: dict[str, Any]
+    amem: AmemConfig
+
+
+def load_config_file(path: str | os.PathLike) -> ConfigFile:
+    path = Path(path)
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        raise ValueError(f"config file must be YAML (.yaml/.yml): {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping with 'sglang' and/or 'amem'")
+    unknown = sorted(set(data) - {"sglang", "amem"})
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; "
+                         "expected 'sglang' and/or 'amem'")
+    sglang_section = data.get("sglang") or {}
+    if not isinstance(sglang_section, dict):
+        raise ValueError(f"{path}: 'sglang' must be a mapping of flag names to values")
+    return ConfigFile(sglang=dict(sglang_section), amem=AmemConfig.from_dict(data.get("amem")))

@@ -1,0 +1,156 @@
+"""``python -m amem_sgl.launch_server``: SGLang's own server with amem's radix cache plugged in.
+
+Takes every ``sglang.launch_server`` flag (SGLang's parser reads them; nothing is re-declared here)
+plus ``--config configs/<name>.yaml`` (sections ``sglang`` and ``amem``, see amem_sgl.config).
+Defaults added beneath whatever the command line and config file say:
+
+* ``--radix-cache-backend amem`` (ChunkRadixCache, registered through the ``sglang.srt.plugins``
+  entry point) and ``--enable-cache-report`` (usage reports ``cached_tokens``);
+* with no CUDA device: the CPU engine (``--device cpu``, ``--attention-backend torch_native``,
+  ``SGLANG_USE_CPU_ENGINE=1``); with CUDA, SGLang's normal GPU path;
+* no ``--model-path``: the embedded SmolLM2-135M-Instruct, converted once (amem_sgl.models).
+
+Precedence is command line > config file > these defaults (SGLang's own ``--config`` merge).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+from typing import Any, Callable
+
+import yaml
+
+from amem_sgl.config import CONFIG_ENV, AmemConfig, ModelConfig, load_config_file
+
+BACKEND_FLAG = "radix-cache-backend"
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    """What to hand SGLang: the flags given on the command line, the merged config section that
+    goes to SGLang's ``--config`` (defaults beneath the file's values), the amem settings, and the
+    environment the server's processes need."""
+
+    cli_args: list[str]
+    sglang_config: dict[str, Any]
+    amem: AmemConfig
+    env: dict[str, str]
+
+    def sglang_argv(self, config_path: str | None) -> list[str]:
+        return self.cli_args + (["--config", config_path] if config_path else [])
+
+
+def _norm(flag: str) -> str:
+    return flag.lstrip("-").replace("_", "-")
+
+
+def _cli_value(args: list[str], names: tuple[str, ...]) -> tuple[bool, str | None]:
+    """Whether any of ``names`` (flag spelling, no dashes) is in ``args``, and the value after it."""
+    for i, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        name, eq, value = arg.partition("=")
+        if _norm(name) in names:
+            if eq:
+                return True, value
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            return True, None if nxt is None or nxt.startswith("--") else nxt
+    return False, None
+
+
+def plan_launch(
+    argv: list[str],
+    *,
+    cuda_available: bool,
+    resolve_model: Callable[[ModelConfig], str],
+) -> LaunchPlan:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config", default=None)
+    ours, rest = parser.parse_known_args(argv)
+    file = load_config_file(ours.config) if ours.config else None
+    # Keys in flag spelling (--max-total-tokens): SGLang's merger emits "--<key>" as written.
+    section = {_norm(k): v for k, v in (file.sglang if file else {}).items()}
+    amem = file.amem if file else AmemConfig()
+
+    def lookup(*names: str) -> tuple[bool, Any]:
+        present, value = _cli_value(rest, names)
+        if present:
+            return True, value
+        for name in names:
+            if name in section:
+                return True, section[name]
+        return False, None
+
+    def default(name: str, value: Any) -> None:
+        if not lookup(name)[0]:
+            section[name] = value
+
+    env = {CONFIG_ENV: amem.to_json()}
+    default(BACKEND_FLAG, "amem")
+    default("enable-cache-report", True)
+    device = lookup("device")[1] or ("cuda" if cuda_available else "cpu")
+    if str(device) == "cpu":
+        default("device", "cpu")
+        default("attention-backend", "torch_native")
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+    if not lookup("model-path", "model")[0]:
+        section["model-path"] = str(resolve_model(amem.model))
+    model_path = lookup("model-path", "model")[1]
+    if model_path is not None and os.path.isdir(str(model_path)):
+        env["HF_HUB_OFFLINE"] = "1"  # a local folder needs no hub; never wait on one
+    return LaunchPlan(cli_args=rest, sglang_config=section, amem=amem, env=env)
+
+
+def _request_limits_middleware(app, amem: AmemConfig) -> None:
+    from amem_sgl.server.limits import RequestBodyLimit
+
+    app.add_middleware(RequestBodyLimit, max_bytes=amem.server.max_request_bytes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    import torch
+
+    from amem_sgl.models import ensure_embedded_model
+
+    plan = plan_launch(
+        argv,
+        cuda_available=torch.cuda.is_available(),
+        resolve_model=lambda model_config: ensure_embedded_model(config=model_config),
+    )
+    for name, value in plan.env.items():
+        if name == "HF_HUB_OFFLINE":
+            os.environ.setdefault(name, value)  # the user's own setting wins
+        else:
+            os.environ[name] = value
+
+    from amem_sgl import sglang_compat as sgl
+
+    sgl.check_sglang_version()
+    sgl.load_plugins()  # runs amem_sgl.plugin.load through the sglang.srt.plugins entry point
+    backend = plan.sglang_config.get(BACKEND_FLAG)
+    if backend == "amem" and sgl.get_radix_cache_factory("amem") is None:
+        raise SystemExit(
+            "amem_sgl's SGLang plugin did not load (entry point 'sglang.srt.plugins: amem' missing); "
+            "install the package with install/install.sh"
+        )
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="amem-sglang-", delete=False) as fh:
+        yaml.safe_dump(plan.sglang_config, fh)
+        config_path = fh.name
+    try:
+        server_args = sgl.prepare_server_args(plan.sglang_argv(config_path))
+    finally:
+        os.unlink(config_path)
+    _request_limits_middleware(sgl.http_app(), plan.amem)
+    try:
+        sgl.run_server(server_args)
+    finally:
+        sgl.kill_process_tree(os.getpid(), include_parent=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The one module that imports SGLang internals (pinned: sglang 0.5.23).
+
+Everything else in amem_sgl imports SGLang names from here, so a version bump is a change to this
+file alone. Names are re-exported unchanged; the few helpers below wrap seams whose shape is
+version-specific (plugin hooks, the FastAPI app, the launcher).
+"""
+
+from __future__ import annotations
+
+import sglang
+from sglang.launch_server import run_server
+from sglang.srt.managers.schedule_batch import Req
+from sglang.srt.managers.scheduler_components.internal_state import (
+    SchedulerInternalStateController,
+)
+from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.base_prefix_cache import (
+    EvictParams,
+    EvictResult,
+    InsertParams,
+    InsertResult,
+    MatchPrefixParams,
+    MatchResult,
+    TreeLock,
+)
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.common import release_kv_cache
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
+from sglang.srt.mem_cache.registry import (
+    TreeCacheBuildContext,
+    get_radix_cache_factory,
+    register_radix_cache_backend,
+    registered_radix_cache_backends,
+)
+from sglang.srt.plugins import load_plugins
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+from sglang.srt.sampling.sampling_params import SamplingParams
+from sglang.srt.runtime_context import publish as _publish_runtime_context
+from sglang.srt.server_args import ServerArgs, prepare_server_args
+from sglang.srt.utils import kill_process_tree
+
+SGLANG_VERSION = sglang.__version__
+SUPPORTED_SGLANG_VERSION = "0.5.23"
+
+# Dotted path of the scheduler's internal-state readback (served by /get_server_info).
+INTERNAL_STATE_TARGET = (
+    f"{SchedulerInternalStateController.__module__}."
+    f"{SchedulerInternalStateController.__qualname__}.get_internal_state"
+)
+
+
+def check_sglang_version() -> None:
+    if SGLANG_VERSION != SUPPORTED_SGLANG_VERSION:
+        raise RuntimeError(
+            f"amem_sgl is built against sglang=={SUPPORTED_SGLANG_VERSION}, found {SGLANG_VERSION}; "
+            "run install/install.sh to install the supported version"
+        )
+
+
+def add_internal_state_hook(contribute) -> None:
+    """Add ``contribute(scheduler, state_dict)`` to the scheduler's internal-state readback.
+
+    ``contribute`` runs in the scheduler process each time ``/get_server_info`` is served; what it
+    writes into the dict appears under ``internal_states`` in that endpoint's answer.
+    """
+
+    def _after(result, controller, *args, **kwargs):
+        contribute(controller.scheduler, result.internal_state)
+        return result
+
+    HookRegistry.register(INTERNAL_STATE_TARGET, _after, HookType.AFTER)
+
+
+def publish_scheduler_context(server_args: ServerArgs) -> None:
+    """Publish ``server_args`` as this process's scheduler runtime context (SGLang does this at
+    scheduler start; code running the tree outside a scheduler, e.g. tests, must do it too)."""
+    _publish_runtime_context(server_args, role="scheduler")
+
+
+def http_app():
+    """SGLang's FastAPI application object (middleware and routes may be added before start)."""
+    from sglang.srt.entrypoints.http_server import app
+
+    return app
+
+
+__all__ = [
+    "CacheInitParams",
+    "EvictParams",
+    "EvictResult",
+    "HookRegistry",
+    "HookType",
+    "InsertParams",
+    "InsertResult",
+    "MHATokenToKVPool",
+    "MatchPrefixParams",
+    "MatchResult",
+    "RadixCache",
+    "RadixKey",
+    "Req",
+    "ReqToTokenPool",
+    "SamplingParams",
+    "ServerArgs",
+    "SGLANG_VERSION",
+    "TokenToKVPoolAllocator",
+    "TreeCacheBuildContext",
+    "TreeLock",
+    "TreeNode",
+    "add_internal_state_hook",
+    "check_sglang_version",
+    "get_radix_cache_factory",
+    "http_app",
+    "kill_process_tree",
+    "load_plugins",
+    "prepare_server_args",
+    "publish_scheduler_context",
+    "register_radix_cache_backend",
+    "registered_radix_cache_backends",
+    "release_kv_cache",
+    "run_server",
+]

@@ -1,0 +1,1 @@
+"""Triton kernels of amem_sgl: each module holds a kernel, its launcher and a torch reference."""

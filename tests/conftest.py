@@ -1,0 +1,19 @@
+"""Test session set-up: no model hub, ever (everything loads from packages or local folders),
+and one real amem server shared by every integration test of the session."""
+
+import os
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def amem_server(tmp_path_factory):
+    """The README's serve command, started once; stopped when the session ends."""
+    from tests.server import start_readme_server
+
+    server = start_readme_server(tmp_path_factory.mktemp("amem-server"))
+    yield server
+    server.stop()
