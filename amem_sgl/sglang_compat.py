@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sglang
 from sglang.launch_server import run_server
+from sglang.srt.layers.rotary_embedding.factory import get_rope
 from sglang.srt.managers.schedule_batch import Req
 from sglang.srt.managers.scheduler_components.internal_state import (
     SchedulerInternalStateController,
@@ -110,6 +111,7 @@ __all__ = [
     "add_internal_state_hook",
     "check_sglang_version",
     "get_radix_cache_factory",
+    "get_rope",
     "http_app",
     "kill_process_tree",
     "load_plugins",

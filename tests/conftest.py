@@ -7,6 +7,8 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# SGLang layers built in-process (rotary embeddings, pools) take their CPU code paths.
+os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
 
 
 @pytest.fixture(scope="session")

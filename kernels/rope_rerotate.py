@@ -1,0 +1,230 @@
+"""RoPE re-rotation of cached keys: K[dst] <- R(delta) . K[src], gathered and scattered in one pass.
+
+Keys are stored after RoPE, so a key computed at position p and moved to position p + delta needs one
+more rotation by delta: R(delta) R(p) k = R(p + delta) k. The rotation uses the model's own cos/sin
+table (``cat(cos, sin)`` rows, as SGLang's RotaryEmbedding builds it), so frequency scaling
+(llama3, linear, YaRN) is whatever the model does. Tables that fold a magnitude into cos/sin (YaRN's
+mscale) are normalised by row 0 (position 0: cos = mscale, sin = 0), so the rotation stays a pure
+rotation. Negative deltas use cos(-a) = cos(a), sin(-a) = -sin(a).
+
+* :func:`rope_rerotate` -- the launcher: validates, then runs the Triton kernel (compiled on CUDA;
+  the Triton interpreter on CPU when asked) or the torch reference.
+* :func:`rope_rerotate_reference` -- the torch reference (also the CPU serving path).
+
+Layouts: ``is_neox=True`` rotates pairs (j, j + rotary_dim/2) (Llama, Qwen, ...); ``False`` rotates
+interleaved pairs (2j, 2j+1) (GPT-J). Dims past ``rotary_dim`` are copied unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _rope_rerotate_kernel(
+    src_ptr,  # K source buffer [slots, heads, head_dim] (last dim contiguous)
+    dst_ptr,  # K destination buffer, same layout (may be src_ptr)
+    src_slots_ptr,  # int64 [n_tokens]: slot read for token t
+    dst_slots_ptr,  # int64 [n_tokens]: slot written for token t
+    delta_ptr,  # int64 [n_tokens]: new position - old position
+    cos_sin_ptr,  # fp32 [max_pos, rotary_dim]: cat(cos, sin) per position
+    n_tokens,
+    num_heads,
+    src_stride_slot,
+    src_stride_head,
+    dst_stride_slot,
+    dst_stride_head,
+    cs_stride,
+    ROT_HALF: tl.constexpr,  # rotary_dim // 2
+    PASS_START: tl.constexpr,  # rotary_dim: first dim copied unchanged
+    PASS_DIMS: tl.constexpr,  # head_dim - rotary_dim
+    IS_NEOX: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # tokens per program
+    BLOCK_H: tl.constexpr,  # >= num_heads, power of two
+    BLOCK_R: tl.constexpr,  # >= ROT_HALF, power of two
+    BLOCK_P: tl.constexpr,  # >= PASS_DIMS, power of two (1 when there are none)
+):
+    pid = tl.program_id(0)
+    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.arange(0, BLOCK_H)
+    r = tl.arange(0, BLOCK_R)
+    t_ok = t < n_tokens
+    src_slot = tl.load(src_slots_ptr + t, mask=t_ok, other=0)
+    dst_slot = tl.load(dst_slots_ptr + t, mask=t_ok, other=0)
+    delta = tl.load(delta_ptr + t, mask=t_ok, other=0)
+    neg = delta < 0
+    dist = tl.where(neg, -delta, delta)
+
+    # cos/sin at |delta|, normalised by position 0's cos (the table's magnitude, 1 unless scaled).
+    r_ok = r < ROT_HALF
+    cs_mask = t_ok[:, None] & r_ok[None, :]
+    cos = tl.load(cos_sin_ptr + dist[:, None] * cs_stride + r[None, :], mask=cs_mask, other=1.0)
+    sin = tl.load(cos_sin_ptr + dist[:, None] * cs_stride + ROT_HALF + r[None, :], mask=cs_mask, other=0.0)
+    scale = tl.load(cos_sin_ptr + r, mask=r_ok, other=1.0)
+    cos = cos / scale[None, :]
+    sin = tl.where(neg[:, None], -sin, sin) / scale[None, :]
+
+    if IS_NEOX:
+        first = r
+        second = r + ROT_HALF
+    else:
+        first = 2 * r
+        second = 2 * r + 1
+    mask = t_ok[:, None, None] & (h < num_heads)[None, :, None] & r_ok[None, None, :]
+    src_row = src_slot[:, None, None] * src_stride_slot + h[None, :, None] * src_stride_head
+    dst_row = dst_slot[:, None, None] * dst_stride_slot + h[None, :, None] * dst_stride_head
+    x1 = tl.load(src_ptr + src_row + first[None, None, :], mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src_ptr + src_row + second[None, None, :], mask=mask, other=0.0).to(tl.float32)
+    c = cos[:, None, :]
+    s = sin[:, None, :]
+    out_ty = dst_ptr.dtype.element_ty
+    tl.store(dst_ptr + dst_row + first[None, None, :], (x1 * c - x2 * s).to(out_ty), mask=mask)
+    tl.store(dst_ptr + dst_row + second[None, None, :], (x2 * c + x1 * s).to(out_ty), mask=mask)
+
+    if PASS_DIMS > 0:
+        p = tl.arange(0, BLOCK_P)
+        p_mask = t_ok[:, None, None] & (h < num_heads)[None, :, None] & (p < PASS_DIMS)[None, None, :]
+        rest = tl.load(src_ptr + src_row + PASS_START + p[None, None, :], mask=p_mask, other=0.0)
+        tl.store(dst_ptr + dst_row + PASS_START + p[None, None, :], rest, mask=p_mask)
+
+
+_compiled = None
+_interpreted = None
+
+
+def _kernel_for(device: torch.device):
+    """The compiled kernel for CUDA tensors; the Triton interpreter for CPU tensors."""
+    global _compiled, _interpreted
+    if device.type == "cuda":
+        if _compiled is None:
+            _compiled = triton.jit(_rope_rerotate_kernel)
+        return _compiled
+    if _interpreted is None:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        _interpreted = InterpretedFunction(_rope_rerotate_kernel)
+    return _interpreted
+
+
+def _validate(k_src, k_dst, src_slots, dst_slots, delta, cos_sin_cache, rotary_dim) -> None:
+    for name, k in (("k_src", k_src), ("k_dst", k_dst)):
+        if k.dim() != 3:
+            raise ValueError(f"{name} must be [slots, heads, head_dim], got shape {tuple(k.shape)}")
+        if k.stride(-1) != 1:
+            raise ValueError(f"{name}'s last dim must be contiguous, got strides {k.stride()}")
+        if k.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} dtype {k.dtype} unsupported; use one of {SUPPORTED_DTYPES}")
+    if k_src.shape[1:] != k_dst.shape[1:] or k_src.dtype != k_dst.dtype or k_src.device != k_dst.device:
+        raise ValueError(f"k_src {tuple(k_src.shape)} {k_src.dtype} {k_src.device} and k_dst "
+                         f"{tuple(k_dst.shape)} {k_dst.dtype} {k_dst.device} must match past dim 0")
+    n = src_slots.numel()
+    for name, v in (("src_slots", src_slots), ("dst_slots", dst_slots), ("delta", delta)):
+        if v.dim() != 1 or v.numel() != n:
+            raise ValueError(f"{name} must be 1-D with {n} entries, got shape {tuple(v.shape)}")
+        if v.dtype != torch.int64:
+            raise TypeError(f"{name} must be int64, got {v.dtype}")
+        if v.device != k_src.device:
+            raise ValueError(f"{name} is on {v.device}, K on {k_src.device}")
+        if not v.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    head_dim = k_src.shape[2]
+    if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
+        raise ValueError(f"rotary_dim must be even and in (0, head_dim={head_dim}], got {rotary_dim}")
+    if (cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != rotary_dim
+            or cos_sin_cache.dtype != torch.float32 or not cos_sin_cache.is_contiguous()):
+        raise ValueError(f"cos_sin_cache must be contiguous fp32 [max_pos, rotary_dim={rotary_dim}], "
+                         f"got {tuple(cos_sin_cache.shape)} {cos_sin_cache.dtype}")
+    if cos_sin_cache.device != k_src.device:
+        raise ValueError(f"cos_sin_cache is on {cos_sin_cache.device}, K on {k_src.device}")
+    if n:
+        if int(delta.abs().max()) >= cos_sin_cache.shape[0]:
+            raise ValueError(f"|delta| up to {int(delta.abs().max())} exceeds the cos/sin table "
+                             f"({cos_sin_cache.shape[0]} positions)")
+        for name, slots, k in (("src_slots", src_slots, k_src), ("dst_slots", dst_slots, k_dst)):
+            if int(slots.min()) < 0 or int(slots.max()) >= k.shape[0]:
+                raise IndexError(f"{name} out of range [0, {k.shape[0]})")
+        if torch.unique(dst_slots).numel() != n:
+            raise ValueError("dst_slots must not repeat a slot")
+        if k_src.data_ptr() == k_dst.data_ptr() and not torch.equal(src_slots, dst_slots):
+            if torch.isin(dst_slots, src_slots).any():
+                raise ValueError("in-place re-rotation needs dst_slots == src_slots or disjoint slot sets "
+                                 "(a token's source would be overwritten by another's result)")
+
+
+def rope_rerotate(
+    k_src: torch.Tensor,
+    src_slots: torch.Tensor,
+    dst_slots: torch.Tensor,
+    delta: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    *,
+    rotary_dim: int,
+    is_neox: bool = True,
+    k_dst: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Rotate K[src_slots] by ``delta`` positions into K_dst[dst_slots]; returns ``k_dst``.
+
+    ``k_dst`` defaults to ``k_src`` (in place). ``backend``: "auto" (Triton on CUDA, torch on CPU),
+    "triton" (on CPU: the Triton interpreter, for tests), or "torch" (the reference).
+    """
+    k_dst = k_src if k_dst is None else k_dst
+    _validate(k_src, k_dst, src_slots, dst_slots, delta, cos_sin_cache, rotary_dim)
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be auto, triton or torch, got {backend!r}")
+    n = src_slots.numel()
+    if n == 0:
+        return k_dst
+    if backend == "torch" or (backend == "auto" and k_src.device.type != "cuda"):
+        k_dst[dst_slots] = _rotated(k_src[src_slots], delta, cos_sin_cache, rotary_dim, is_neox)
+        return k_dst
+
+    num_heads, head_dim = k_src.shape[1], k_src.shape[2]
+    block_h = triton.next_power_of_2(num_heads)
+    block_r = triton.next_power_of_2(rotary_dim // 2)
+    pass_dims = head_dim - rotary_dim
+    # ~4K elements per half-tile on GPU; the interpreter pays per program, so it gets large tiles.
+    budget = 4096 if k_src.device.type == "cuda" else 1 << 16
+    block_t = max(1, min(triton.next_power_of_2(n), budget // (block_h * block_r)))
+    grid = (triton.cdiv(n, block_t),)
+    _kernel_for(k_src.device)[grid](
+        k_src, k_dst, src_slots, dst_slots, delta, cos_sin_cache,
+        n, num_heads,
+        k_src.stride(0), k_src.stride(1), k_dst.stride(0), k_dst.stride(1),
+        cos_sin_cache.stride(0),
+        ROT_HALF=rotary_dim // 2, PASS_START=rotary_dim, PASS_DIMS=pass_dims, IS_NEOX=is_neox,
+        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_R=block_r,
+        BLOCK_P=triton.next_power_of_2(pass_dims) if pass_dims else 1,
+    )
+    return k_dst
+
+
+def _rotated(keys: torch.Tensor, delta: torch.Tensor, cos_sin_cache: torch.Tensor, rotary_dim: int,
+             is_neox: bool) -> torch.Tensor:
+    """keys [n, heads, head_dim] rotated by delta [n]; computed in fp32, returned in keys.dtype."""
+    half = rotary_dim // 2
+    scale = cos_sin_cache[0, :half]
+    rows = cos_sin_cache[delta.abs()]
+    cos = (rows[:, :half] / scale)[:, None, :]
+    sign = torch.where(delta < 0, -1.0, 1.0).to(torch.float32)[:, None, None]
+    sin = (rows[:, half:] / scale)[:, None, :] * sign
+    x = keys.to(torch.float32)
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    if is_neox:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    else:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    return torch.cat((out, rest), dim=-1).to(keys.dtype)
+
+
+def rope_rerotate_reference(k_src, src_slots, dst_slots, delta, cos_sin_cache, *, rotary_dim,
+                            is_neox=True, k_dst=None) -> torch.Tensor:
+    """Torch reference: the same contract as :func:`rope_rerotate`, written plainly."""
+    k_dst = k_src if k_dst is None else k_dst
+    k_dst[dst_slots] = _rotated(k_src[src_slots], delta, cos_sin_cache, rotary_dim, is_neox)
+    return k_dst
