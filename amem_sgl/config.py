@@ -44,9 +44,18 @@ class ServerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ChunkConfig:
+    # Chunk reuse (registration + splicing) on/off; off also when the RoPE self-check fails.
+    enabled: bool = True
+    # Longest chunk a request may register or splice, in tokens.
+    max_chunk_tokens: int = 2048
+
+
+@dataclasses.dataclass(frozen=True)
 class AmemConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
+    chunks: ChunkConfig = dataclasses.field(default_factory=ChunkConfig)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "AmemConfig":

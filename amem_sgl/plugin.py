@@ -12,6 +12,9 @@ import logging
 
 from amem_sgl import sglang_compat as sgl
 from amem_sgl.cache import ChunkRadixCache
+from amem_sgl.cache.chunk_radix_cache import ChunkSupport
+from amem_sgl.cache.splice import find_rope, self_check
+from amem_sgl.config import AmemConfig
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ def build_chunk_radix_cache(ctx: sgl.TreeCacheBuildContext) -> ChunkRadixCache:
             "--radix-cache-backend amem supports full-attention transformer models only; "
             f"not supported here: {', '.join(unsupported)}"
         )
-    cache = ChunkRadixCache(ctx.params)
+    cache = ChunkRadixCache(ctx.params, chunks=chunk_support(ctx, AmemConfig.from_env()))
     logger.info(
         "amem: ChunkRadixCache built (model=%s, page_size=%d, kv pool=%s tokens, radix cache %s)",
         ctx.model_config.model_path if ctx.model_config is not None else "?",
@@ -44,6 +47,40 @@ def build_chunk_radix_cache(ctx: sgl.TreeCacheBuildContext) -> ChunkRadixCache:
         "disabled" if cache.disable else "enabled",
     )
     return cache
+
+
+def chunk_support(ctx: sgl.TreeCacheBuildContext, config: AmemConfig) -> ChunkSupport:
+    """Chunk reuse for this server: on when configured, the KV pool is a plain MHA pool, and the
+    loaded model's RoPE re-rotation passes the startup self-check; otherwise off, with the reason."""
+    allocator = ctx.params.token_to_kv_pool_allocator
+    kv_pool = allocator.get_kvcache() if allocator is not None else None
+    model_runner = getattr(ctx.tp_worker, "model_runner", None)
+    model_id = _model_id(ctx)
+    max_tokens = config.chunks.max_chunk_tokens
+    if not config.chunks.enabled:
+        return ChunkSupport(kv_pool, None, model_id, False, "disabled by amem.chunks.enabled", max_tokens)
+    if type(kv_pool) is not sgl.MHATokenToKVPool or model_runner is None:
+        reason = f"KV pool {type(kv_pool).__name__} / model runner {type(model_runner).__name__} unsupported"
+        logger.warning("amem: chunk reuse disabled: %s", reason)
+        return ChunkSupport(kv_pool, None, model_id, False, reason, max_tokens)
+    rope = find_rope(model_runner.model)
+    check = self_check(rope, kv_pool.dtype, kv_pool.head_num)
+    if not check.passed:
+        reason = (f"RoPE re-rotation self-check FAILED for {model_id}: max relative error "
+                  f"{check.max_relative_error:.3g} > {check.tolerance:.3g} ({check.detail})")
+        logger.error("amem: %s; chunk reuse disabled", reason)
+        return ChunkSupport(kv_pool, rope, model_id, False, reason, max_tokens)
+    reason = (f"RoPE re-rotation self-check passed: max relative error {check.max_relative_error:.3g} "
+              f"<= {check.tolerance:.3g} ({check.detail})")
+    logger.info("amem: %s; chunk reuse enabled", reason)
+    return ChunkSupport(kv_pool, rope, model_id, True, reason, max_tokens)
+
+
+def _model_id(ctx: sgl.TreeCacheBuildContext) -> str:
+    served = getattr(ctx.server_args, "served_model_name", None)
+    if served:
+        return str(served)
+    return str(ctx.model_config.model_path) if ctx.model_config is not None else "unknown-model"
 
 
 def _publish_tree_state(scheduler, state: dict) -> None:

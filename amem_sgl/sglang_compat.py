@@ -10,12 +10,13 @@ from __future__ import annotations
 import sglang
 from sglang.launch_server import run_server
 from sglang.srt.layers.rotary_embedding.factory import get_rope
-from sglang.srt.managers.schedule_batch import Req
+from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req
 from sglang.srt.managers.scheduler_components.internal_state import (
     SchedulerInternalStateController,
 )
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.base_prefix_cache import (
+    CacheRequestHandle,
     EvictParams,
     EvictResult,
     InsertParams,
@@ -88,7 +89,9 @@ def http_app():
 
 __all__ = [
     "CacheInitParams",
+    "CacheRequestHandle",
     "EvictParams",
+    "FINISH_LENGTH",
     "EvictResult",
     "HookRegistry",
     "HookType",

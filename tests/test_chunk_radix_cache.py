@@ -52,7 +52,7 @@ def test_prefix_hit_is_served_from_the_kv_the_first_request_wrote():
     assert req.prefix_len == len(prompt) + len(output)
     slots = cache.prefix_device_indices(req)
     expected = kv_signature(prompt + output, range(len(prompt) + len(output)))
-    assert torch.equal(pools.k_at(slots), expected)
+    assert torch.equal(pools.v_at(slots), expected)
     finish(cache, req)
 
 
@@ -121,7 +121,7 @@ def test_a_running_request_prefix_survives_eviction_and_everything_is_freed_afte
     assert evicted == 20 + 2  # the unrelated request and the output tail; never the locked path
     assert cache.protected_size() == len(shared)
     assert matched(cache, shared + [1]) == len(shared)
-    assert torch.equal(pools.k_at(held_slots), kv_signature(shared, range(len(shared))))
+    assert torch.equal(pools.v_at(held_slots), kv_signature(shared, range(len(shared))))
 
     finish(cache, running)
     cache.evict(sgl.EvictParams(num_tokens=10_000))

@@ -1,26 +1,46 @@
-"""ChunkRadixCache: SGLang's radix tree, the home of amem's chunk nodes.
+"""ChunkRadixCache: SGLang's radix tree, plus position-independent memory-chunk nodes.
 
-Contract (inherited from :class:`RadixCache`, unchanged in behaviour):
+Contract inherited from :class:`RadixCache` (unchanged for requests without chunk spans):
 
-* ``match_prefix`` finds the longest cached prefix and may split a node at the match boundary; it
-  never allocates or frees KV slots.
-* ``insert`` adds a key/value path; the tree takes ownership of the value's slots that were not
-  already in the tree (the caller frees the duplicates it exposed, as ``checkpoint`` does).
-* ``lock(node)`` protects every node from ``node`` to the root against eviction until ``unlock``;
-  slot indices read off a path are valid only while that path is locked.
+* ``match_prefix`` finds the longest cached prefix and may split a node at the match boundary.
+* ``insert`` adds a key/value path; the tree owns the value's slots that were not already in it.
+* ``lock(node)`` protects the path from ``node`` to the root until ``unlock``; slot indices read
+  off a path are valid only while it is locked.
 * ``evict(num_tokens)`` frees unlocked leaves in eviction-policy order (LRU by default) and returns
   exactly their slots to the allocator; evicting 0 tokens is always safe.
 
-What this class adds is observable state for the serving layer: counters of real tree events
-(:class:`CacheStats`) published in ``/get_server_info`` under ``internal_states[*].amem``. Chunk
-nodes and splicing extend this class in later layers through the same overrides.
+Chunk nodes (see amem_sgl.chunks.hints for the request field):
+
+* A chunk node is an ordinary tree node under its own ``extra_key`` (``amem:chunk:<id>``), a child
+  of the root holding the chunk's tokens and the KV slots computed at its canonical positions. Locks,
+  LRU order and eviction treat it exactly like a prefix node; evicting it frees exactly its slots.
+  A hit compares the stored token ids, so a hash collision never serves wrong KV.
+* Registration: a request with a ``register`` action is checkpointed only up to its span; when it
+  finishes, the span's slots become the chunk node (the canonical context before the span stays an
+  ordinary prefix). An already-resident chunk is left as it is.
+* Splicing: ``match_prefix(req=...)`` continues the ordinary match through each declared span that
+  starts where the match ends and whose chunk is resident: it allocates slots, copies the chunk's KV
+  there and rotates K from canonical to new positions. The spliced slots belong to the request (the
+  match reports ``cache_protected_len`` = the ordinary prefix), so the scheduler computes only what
+  follows, and at checkpoint the whole sequence is inserted as an ordinary prefix: the next request
+  over the same chunks in the same order is an exact prefix hit. Matching runs several times per
+  request; a splice is kept per request id and reused while the ordinary match is unchanged, handed
+  to the request's row in ``prefix_device_indices``, and freed if the request is aborted first.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
+from array import array
+from typing import Any, Optional
 
+import torch
+
+from amem_sgl.cache.splice import RopeSpec, splice_kv
+from amem_sgl.chunks.hints import ChunkRequest, ChunkSpan, parse_kv_hints
+from amem_sgl.chunks.identity import chunk_id
 from amem_sgl.sglang_compat import (
     EvictParams,
     EvictResult,
@@ -29,9 +49,12 @@ from amem_sgl.sglang_compat import (
     MatchPrefixParams,
     MatchResult,
     RadixCache,
+    RadixKey,
 )
 
 logger = logging.getLogger(__name__)
+
+CHUNK_KEY_PREFIX = "amem:chunk:"
 
 
 @dataclasses.dataclass
@@ -43,19 +66,58 @@ class CacheStats:
     match_query_tokens: int = 0
     inserted_tokens: int = 0
     evicted_tokens: int = 0
+    chunks_registered: int = 0
+    chunk_hits: int = 0
+    chunk_misses: int = 0
+    spliced_tokens: int = 0
+    spliced_requests: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class ChunkSupport:
+    """What chunk nodes need from the serving process; ``enabled`` False turns chunk reuse off."""
+
+    kv_pool: Any  # SGLang's MHATokenToKVPool (per-layer K/V buffers indexed by slot)
+    rope: Optional[RopeSpec]
+    model_id: str
+    enabled: bool
+    reason: str = ""
+    max_chunk_tokens: int = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkMeta:
+    chunk_id: str
+    namespace: str
+    num_tokens: int
+    canonical_start: int  # position of the chunk's first token when its KV was computed
+
+
+@dataclasses.dataclass
+class _Splice:
+    base_len: int  # the ordinary prefix the splice continues
+    end: int  # base_len + spliced tokens
+    slots: torch.Tensor  # int64, owned by the request once handed over
+    request: ChunkRequest
+    key_len: int
+
+
 class ChunkRadixCache(RadixCache):
-    """A :class:`RadixCache` that counts its events for the serving layer; see module docstring."""
+    """A :class:`RadixCache` with memory-chunk nodes; see the module docstring."""
 
     tree_kind = "amem.ChunkRadixCache"
 
-    def __init__(self, params) -> None:
+    def __init__(self, params, chunks: ChunkSupport | None = None) -> None:
         self.stats = CacheStats()
+        self.chunks = chunks
+        self.chunk_meta: dict[str, ChunkMeta] = {}
+        self._splices: dict[str, _Splice] = {}
         super().__init__(params)
+
+    # ------------------------------------------------------------------ prefix-tree overrides
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         result = super().match_prefix(params)
@@ -63,7 +125,37 @@ class ChunkRadixCache(RadixCache):
             self.stats.match_calls += 1
             self.stats.match_query_tokens += len(params.key)
             self.stats.match_hit_tokens += result.device_prefix_len
-        return result
+        req = params.req
+        if req is None or not self.chunk_reuse_enabled:
+            return result
+        request = self._chunk_request(req)
+        if request is None or request.register:
+            self._drop_splice(req.rid)
+            return result
+        splice = self._splice_for(req, request, result, len(params.key))
+        if splice is None:
+            return result
+        return result._replace(device_prefix_len=splice.end, cache_protected_len=splice.base_len)
+
+    def prefix_device_indices(self, req) -> torch.Tensor:
+        splice = self._splices.pop(req.rid, None)
+        if splice is None:
+            return super().prefix_device_indices(req)
+        if req.prefix_len != splice.end:
+            raise RuntimeError(f"amem: request {req.rid} prefix_len {req.prefix_len} != spliced "
+                               f"prefix {splice.end}")
+        self.stats.spliced_requests += 1
+        base = self.path_device_indices(req.last_node)[: splice.base_len]
+        return torch.cat([base.to(torch.int64), splice.slots])
+
+    def checkpoint(self, req, *, up_to: int):
+        request = self._chunk_request(req) if self.chunk_reuse_enabled else None
+        if request is None or not request.register:
+            return super().checkpoint(req, up_to=up_to)
+        span = request.spans[0]
+        super().checkpoint(req, up_to=min(up_to, span.start))
+        if req.finished() and up_to >= span.end:
+            self._capture_chunk(req, request.namespace, span)
 
     def insert(self, params: InsertParams) -> InsertResult:
         size_before = self.evictable_size_ + self.protected_size_
@@ -76,6 +168,133 @@ class ChunkRadixCache(RadixCache):
         self.stats.evicted_tokens += result.num_tokens_evicted
         return result
 
+    def release_aborted_request(self, handle) -> None:
+        super().release_aborted_request(handle)
+        self._drop_splice(handle.rid)
+
+    def on_release(self, req, *, checkpointed: bool) -> None:
+        super().on_release(req, checkpointed=checkpointed)
+        self._drop_splice(req.rid)
+
+    # ------------------------------------------------------------------ chunk nodes
+
+    @property
+    def chunk_reuse_enabled(self) -> bool:
+        return (self.chunks is not None and self.chunks.enabled and not self.disable
+                and self.page_size == 1 and not self.is_eagle)
+
+    @staticmethod
+    def chunk_key(cid: str, tokens) -> RadixKey:
+        return RadixKey(array("q", tokens), extra_key=CHUNK_KEY_PREFIX + cid)
+
+    def find_chunk(self, cid: str, tokens):
+        """The resident node of chunk ``cid`` if its stored tokens equal ``tokens``; refreshes LRU."""
+        key = self.chunk_key(cid, tokens)
+        if len(key) == 0:
+            return None
+        node = self.root_node.children.get(key.child_key(self.page_size))
+        if node is None or node.evicted or tuple(node.key.token_ids) != tuple(key.token_ids):
+            return None
+        node.last_access_time = time.monotonic()
+        return node
+
+    def register_chunk_slots(self, namespace: str, tokens, slots: torch.Tensor, canonical_start: int) -> bool:
+        """Make ``slots`` (KV of ``tokens`` computed at ``canonical_start``) a chunk node.
+
+        Returns False (and takes nothing) when the chunk is already resident."""
+        cid = chunk_id(namespace, self.chunks.model_id, tokens)
+        if self.find_chunk(cid, tokens) is not None:
+            return False
+        self.insert(InsertParams(key=self.chunk_key(cid, tokens), value=slots.to(torch.int64)))
+        self.chunk_meta[cid] = ChunkMeta(cid, namespace, len(tokens), canonical_start)
+        self.stats.chunks_registered += 1
+        return True
+
+    def _capture_chunk(self, req, namespace: str, span: ChunkSpan) -> None:
+        tokens = req.origin_input_ids[span.start: span.end]
+        row = self.req_to_token_pool.req_to_token[req.kv.req_pool_idx, span.start: span.end]
+        if self.register_chunk_slots(namespace, tokens, row.to(torch.int64).clone(), span.start):
+            # The node owns these slots now: the release that follows must not free them.
+            req.kv.cache_protected_len = span.end
+
+    def _chunk_request(self, req) -> ChunkRequest | None:
+        envelope = getattr(req, "kv_hints", None)
+        if envelope is None:
+            return None
+        try:
+            request = parse_kv_hints(envelope)
+            if request is not None:
+                request.validate(len(req.origin_input_ids), self.chunks.max_chunk_tokens)
+            return request
+        except ValueError as err:
+            logger.warning("amem: ignoring chunk spans of request %s: %s", req.rid, err)
+            return None
+
+    # ------------------------------------------------------------------ splicing
+
+    def _splice_for(self, req, request: ChunkRequest, result: MatchResult, key_len: int) -> _Splice | None:
+        base = result.device_prefix_len
+        existing = self._splices.get(req.rid)
+        if existing is not None:
+            if (existing.base_len, existing.request, existing.key_len) == (base, request, key_len):
+                return existing
+            self._drop_splice(req.rid)
+
+        plan, pos = [], base
+        tokens = req.origin_input_ids
+        for span in request.spans:
+            if span.end <= base:
+                continue  # already in the ordinary prefix (e.g. a previous blended turn)
+            if span.start != pos or span.end > key_len:
+                break
+            span_tokens = tokens[span.start: span.end]
+            cid = chunk_id(request.namespace, self.chunks.model_id, span_tokens)
+            meta, node = self.chunk_meta.get(cid), self.find_chunk(cid, span_tokens)
+            if meta is None or node is None:
+                self.stats.chunk_misses += 1
+                break
+            self.stats.chunk_hits += 1
+            plan.append((node, span.start - meta.canonical_start, len(span)))
+            pos = span.end
+        if not plan:
+            return None
+
+        # Hold the chunk nodes and the ordinary prefix while slots are found (that may evict).
+        held = [self.lock(node) for node, _, _ in plan] + [self.lock(result.last_device_node)]
+        try:
+            slots = self._alloc(pos - base)
+            if slots is None:
+                return None
+            src = torch.cat([node.value for node, _, _ in plan]).to(torch.int64)
+            delta = torch.cat([torch.full((n,), d, dtype=torch.int64) for _, d, n in plan]).to(src.device)
+            splice_kv(self.chunks.kv_pool, src, slots, delta, self.chunks.rope)
+        finally:
+            for lock in held:
+                self.unlock(lock)
+        splice = _Splice(base, pos, slots, request, key_len)
+        self._splices[req.rid] = splice
+        self.stats.spliced_tokens += pos - base
+        return splice
+
+    def _alloc(self, n: int) -> torch.Tensor | None:
+        allocator = self.token_to_kv_pool_allocator
+        if allocator.available_size() < n:
+            self.evict(EvictParams(num_tokens=n - allocator.available_size()))
+        slots = allocator.alloc(n)
+        return None if slots is None else slots.to(torch.int64)
+
+    def _drop_splice(self, rid: str) -> None:
+        splice = self._splices.pop(rid, None)
+        if splice is not None:
+            self.token_to_kv_pool_allocator.free(splice.slots)
+
+    # ------------------------------------------------------------------ reporting
+
+    def resident_chunks(self) -> int:
+        """Chunk nodes in the tree now (children of the root under a chunk extra_key)."""
+        return sum(1 for node in self.root_node.children.values()
+                   if not node.evicted and (node.key.extra_key or "").startswith(CHUNK_KEY_PREFIX))
+
     def describe(self) -> dict:
         """What ``/get_server_info`` reports about this tree."""
         return {
@@ -84,5 +303,9 @@ class ChunkRadixCache(RadixCache):
             "page_size": self.page_size,
             "evictable_tokens": self.evictable_size(),
             "protected_tokens": self.protected_size(),
+            "chunk_reuse": self.chunk_reuse_enabled,
+            "chunk_reuse_reason": self.chunks.reason if self.chunks else "no chunk support attached",
+            "resident_chunks": self.resident_chunks(),
+            "pending_splices": len(self._splices),
             "stats": self.stats.as_dict(),
         }

@@ -1,0 +1,118 @@
+"""The request field that declares memory-chunk spans: an action in SGLang's ``kv_hints`` envelope.
+
+SGLang 0.5.23's ``/generate`` (and ``Engine.generate``) accept ``kv_hints``, a versioned envelope of
+typed actions carried untouched to the scheduler's request (``req.kv_hints``); "consumers ignore
+actions they do not implement". amem's action::
+
+    {"action_id": "...", "action_type": "amem.chunks", "action_version": "1",
+     "payload": {"namespace": "alice", "spans": [[12, 40], [40, 75]], "register": false}}
+
+``spans`` are half-open token ranges of the request's ``input_ids``, ascending and non-overlapping.
+* ``register: false`` -- splice: each span whose chunk (namespace, tokens) is resident is served
+  from its chunk node (KV copied, keys re-rotated to the span's positions); the rest is prefilled.
+  Splicing continues from the ordinary prefix match while spans are contiguous with it.
+* ``register: true`` -- exactly one span: after this request's prefill, that span's KV (computed
+  behind the tokens before it, the canonical context) is kept as the chunk's node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from typing import Any, Iterable
+
+from amem_sgl.chunks.identity import validate_namespace
+
+ACTION_TYPE = "amem.chunks"
+ACTION_VERSION = "1"
+PROTOCOL_VERSION = "1"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSpan:
+    start: int
+    end: int
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkRequest:
+    namespace: str
+    spans: tuple[ChunkSpan, ...]
+    register: bool = False
+
+    def validate(self, num_tokens: int | None = None, max_chunk_tokens: int | None = None) -> "ChunkRequest":
+        validate_namespace(self.namespace)
+        if not self.spans:
+            raise ValueError("amem.chunks: spans must not be empty")
+        if self.register and len(self.spans) != 1:
+            raise ValueError("amem.chunks: a register action takes exactly one span")
+        previous_end = 0
+        for span in self.spans:
+            if not (0 <= span.start < span.end):
+                raise ValueError(f"amem.chunks: span [{span.start}, {span.end}) is empty or negative")
+            if span.start < previous_end:
+                raise ValueError("amem.chunks: spans must be ascending and must not overlap")
+            if num_tokens is not None and span.end > num_tokens:
+                raise ValueError(f"amem.chunks: span [{span.start}, {span.end}) runs past the prompt "
+                                 f"({num_tokens} tokens)")
+            if max_chunk_tokens is not None and len(span) > max_chunk_tokens:
+                raise ValueError(f"amem.chunks: span of {len(span)} tokens exceeds the chunk limit "
+                                 f"({max_chunk_tokens})")
+            previous_end = span.end
+        return self
+
+
+def build_kv_hints(namespace: str, spans: Iterable[tuple[int, int]], *, register: bool = False) -> dict:
+    """The ``kv_hints`` value for a ``/generate`` request (JSON-ready)."""
+    request = ChunkRequest(namespace, tuple(ChunkSpan(int(s), int(e)) for s, e in spans), register).validate()
+    return {
+        "protocol_version": PROTOCOL_VERSION,
+        "message_id": uuid.uuid4().hex,
+        "actions": [{
+            "action_id": uuid.uuid4().hex,
+            "action_type": ACTION_TYPE,
+            "action_version": ACTION_VERSION,
+            "payload": {"namespace": request.namespace, "register": request.register,
+                        "spans": [[s.start, s.end] for s in request.spans]},
+        }],
+    }
+
+
+def parse_kv_hints(envelope: Any) -> ChunkRequest | None:
+    """The amem action of a ``kv_hints`` envelope (dict or SGLang's struct), or None if it has none.
+
+    Raises ValueError (with a message for the client) when an amem action is malformed.
+    """
+    if envelope is None:
+        return None
+    actions = envelope.get("actions", []) if isinstance(envelope, dict) else getattr(envelope, "actions", [])
+    ours = [a for a in actions if _field(a, "action_type") == ACTION_TYPE]
+    if not ours:
+        return None
+    if len(ours) > 1:
+        raise ValueError("amem.chunks: at most one amem.chunks action per request")
+    action = ours[0]
+    if _field(action, "action_version") != ACTION_VERSION:
+        raise ValueError(f"amem.chunks: unsupported action_version {_field(action, 'action_version')!r} "
+                         f"(this server speaks {ACTION_VERSION!r})")
+    payload = _field(action, "payload") or {}
+    if not isinstance(payload, dict):
+        raise ValueError("amem.chunks: payload must be an object")
+    unknown = sorted(set(payload) - {"namespace", "spans", "register"})
+    if unknown:
+        raise ValueError(f"amem.chunks: unknown payload field(s) {', '.join(unknown)}")
+    spans = payload.get("spans")
+    if not isinstance(spans, list) or not all(
+            isinstance(s, (list, tuple)) and len(s) == 2 and all(type(v) is int for v in s) for s in spans):
+        raise ValueError("amem.chunks: spans must be a list of [start, end] integer pairs")
+    register = payload.get("register", False)
+    if not isinstance(register, bool):
+        raise ValueError("amem.chunks: register must be true or false")
+    return ChunkRequest(payload.get("namespace"), tuple(ChunkSpan(s, e) for s, e in spans), register).validate()
+
+
+def _field(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)

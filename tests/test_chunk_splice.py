@@ -1,0 +1,228 @@
+"""Chunk nodes and splicing in ChunkRadixCache, on real SGLang CPU pools with a real SGLang rotary
+embedding, through SGLang's own request steps (tests/pools.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from amem_sgl import sglang_compat as sgl
+from amem_sgl.cache import chunk_radix_cache
+from amem_sgl.cache.chunk_radix_cache import ChunkRadixCache, ChunkSupport
+from amem_sgl.cache.splice import find_rope
+from amem_sgl.chunks import build_kv_hints
+from tests.pools import Pools, admit, finish, kv_signature, make_req, match, row_slots, serve, start
+
+PRE = list(range(200, 206))  # the canonical context chunks are computed behind (a chat preamble)
+A, B, C = list(range(10, 22)), list(range(30, 39)), list(range(50, 57))
+X = list(range(70, 75))  # never registered
+Q = [90, 91, 92]  # the question after the chunks
+
+
+def make(size: int = 512):
+    pools = Pools.create(size=size)
+    support = ChunkSupport(kv_pool=pools.kv, rope=find_rope(pools.rope), model_id="test-model",
+                           enabled=True, max_chunk_tokens=64)
+    return ChunkRadixCache(pools.init_params(), chunks=support), pools
+
+
+def register(cache, pools, chunk, namespace="alice", pre=PRE):
+    prompt = pre + chunk
+    hints = build_kv_hints(namespace, [(len(pre), len(prompt))], register=True)
+    return serve(cache, pools, prompt, kv_hints=hints)
+
+
+def compose(chunks, pre=PRE, question=Q):
+    ids, spans = list(pre), []
+    for chunk in chunks:
+        spans.append((len(ids), len(ids) + len(chunk)))
+        ids += chunk
+    return ids + question, spans
+
+
+def assert_chunk_kv_at(pools, req, chunk, position, canonical=len(PRE)):
+    """The row holds ``chunk``'s KV moved to ``position``: K rotated there, V copied from canonical."""
+    slots = row_slots(pools, req, position, position + len(chunk))
+    for layer in range(pools.kv.layer_num):
+        torch.testing.assert_close(pools.k_at(slots, layer),
+                                   pools.expected_k(chunk, range(position, position + len(chunk))),
+                                   rtol=1e-5, atol=1e-5)
+        assert torch.equal(pools.v_at(slots, layer),
+                           kv_signature(chunk, range(canonical, canonical + len(chunk))))
+
+
+def test_registration_keeps_the_span_as_a_chunk_node_and_the_context_as_a_prefix():
+    cache, pools = make()
+    register(cache, pools, A)
+    assert cache.resident_chunks() == 1 and cache.stats.chunks_registered == 1
+    assert pools.allocator.available_size() == pools.size - len(PRE) - len(A)
+    probe = make_req(PRE + [1])
+    match(cache, probe)
+    assert probe.prefix_len == len(PRE)  # the context is an ordinary prefix; the chunk is not
+    register(cache, pools, A)  # again: nothing new is kept, nothing leaks
+    assert cache.resident_chunks() == 1 and cache.stats.chunks_registered == 1
+    assert pools.allocator.available_size() == pools.size - len(PRE) - len(A)
+
+
+@pytest.mark.parametrize("order", [(A, B, C), (C, A, B), (B, C, A)], ids=["abc", "cab", "bca"])
+def test_spliced_in_any_order_keys_are_rotated_to_the_new_positions(order):
+    cache, pools = make()
+    for chunk in (A, B, C):
+        register(cache, pools, chunk)
+    prompt, spans = compose(order)
+    req = start(cache, pools, prompt, build_kv_hints("alice", spans))
+    assert req.prefix_len == len(PRE) + len(A) + len(B) + len(C)
+    for chunk, (s, _) in zip(order, spans):
+        assert_chunk_kv_at(pools, req, chunk, s)
+    finish(cache, req)
+    assert cache.stats.spliced_tokens == len(A) + len(B) + len(C) and cache.stats.chunk_hits == 3
+
+
+def test_the_next_request_over_the_same_chunks_is_an_exact_prefix_hit():
+    cache, pools = make()
+    for chunk in (A, B):
+        register(cache, pools, chunk)
+    prompt, spans = compose([B, A])
+    serve(cache, pools, prompt, output=[5, 6], kv_hints=build_kv_hints("alice", spans))
+    spliced = cache.stats.spliced_tokens
+    again = start(cache, pools, prompt[:-1] + [99], build_kv_hints("alice", spans))
+    assert again.prefix_len == len(prompt) - 1  # everything but the changed last token, from the tree
+    assert cache.stats.spliced_tokens == spliced  # nothing was spliced or recomputed this time
+    assert_chunk_kv_at(pools, again, B, len(PRE))
+    finish(cache, again)
+
+
+def test_repeated_chunk_at_offset_zero():
+    cache, pools = make()
+    register(cache, pools, A)
+    prompt, spans = compose([A, A], pre=[])
+    req = start(cache, pools, prompt, build_kv_hints("alice", spans))
+    assert req.prefix_len == 2 * len(A)
+    assert_chunk_kv_at(pools, req, A, 0)  # delta = -len(PRE)
+    assert_chunk_kv_at(pools, req, A, len(A))
+    finish(cache, req)
+
+
+def test_an_unregistered_chunk_falls_back_to_prefill_from_there():
+    cache, pools = make()
+    for chunk in (A, B):
+        register(cache, pools, chunk)
+    prompt, spans = compose([A, X, B])
+    req = start(cache, pools, prompt, build_kv_hints("alice", spans))
+    assert req.prefix_len == len(PRE) + len(A)  # X and everything after it are prefilled
+    assert cache.stats.chunk_misses == 1
+    # The driver "prefilled" X and B at their true positions: B's V says so.
+    b_start = spans[2][0]
+    assert torch.equal(pools.v_at(row_slots(pools, req, b_start, b_start + len(B))),
+                       kv_signature(B, range(b_start, b_start + len(B))))
+    finish(cache, req)
+
+
+@pytest.mark.parametrize("hints", [
+    {"protocol_version": "1", "message_id": "m", "actions": [{
+        "action_id": "a", "action_type": "amem.chunks", "action_version": "1",
+        "payload": {"namespace": "alice", "spans": [[6, 18], [18, 999]]}}]},  # past the prompt
+    {"protocol_version": "1", "message_id": "m", "actions": [{
+        "action_id": "a", "action_type": "amem.chunks", "action_version": "1",
+        "payload": {"namespace": "alice", "spans": [[6, 18]], "bogus": 1}}]},
+    {"protocol_version": "1", "message_id": "m", "actions": [{
+        "action_id": "a", "action_type": "amem.chunks", "action_version": "2", "payload": {}}]},
+], ids=["span-past-prompt", "unknown-field", "unknown-version"])
+def test_malformed_spans_are_ignored_and_the_request_is_prefilled(hints):
+    cache, pools = make()
+    register(cache, pools, A)
+    prompt, _ = compose([A])
+    before = pools.allocator.available_size()
+    req = start(cache, pools, prompt, hints)
+    assert req.prefix_len == len(PRE) and cache.stats.spliced_tokens == 0
+    finish(cache, req)
+    assert pools.allocator.available_size() == before - len(A) - len(Q)
+
+
+def test_a_chunk_longer_than_the_limit_is_not_registered():
+    cache, pools = make()
+    long_chunk = list(range(300, 380))  # 80 tokens > max_chunk_tokens 64
+    register(cache, pools, long_chunk)
+    assert cache.resident_chunks() == 0
+    cache.evict(sgl.EvictParams(num_tokens=10_000))
+    assert pools.allocator.available_size() == pools.size
+
+
+def test_another_namespace_never_sees_the_chunk():
+    cache, pools = make()
+    register(cache, pools, A, namespace="alice")
+    prompt, spans = compose([A])
+    req = start(cache, pools, prompt, build_kv_hints("bob", spans))
+    assert req.prefix_len == len(PRE) and cache.stats.chunk_misses == 1
+    finish(cache, req)
+
+
+def test_an_id_collision_never_serves_another_chunks_kv(monkeypatch):
+    cache, pools = make()
+    monkeypatch.setattr(chunk_radix_cache, "chunk_id", lambda namespace, model, tokens: "same-id")
+    register(cache, pools, A)
+    prompt, spans = compose([B])  # B hashes to A's id here; the stored tokens differ
+    req = start(cache, pools, prompt, build_kv_hints("alice", spans))
+    assert req.prefix_len == len(PRE) and cache.stats.chunk_hits == 0
+    finish(cache, req)
+
+
+def test_matching_again_reuses_the_splice_and_an_abort_frees_it():
+    cache, pools = make()
+    register(cache, pools, A)
+    free_before = pools.allocator.available_size()
+    prompt, spans = compose([A])
+    req = make_req(prompt, build_kv_hints("alice", spans))
+    match(cache, req)
+    match(cache, req)  # a waiting request is matched again every scheduling round
+    assert req.prefix_len == len(PRE) + len(A)
+    assert pools.allocator.available_size() == free_before - len(A)
+    cache.release_aborted_request(sgl.CacheRequestHandle(req.rid, 0))
+    assert pools.allocator.available_size() == free_before
+
+
+def test_a_running_spliced_request_keeps_its_kv_when_chunk_nodes_are_evicted():
+    cache, pools = make()
+    for chunk in (A, B):
+        register(cache, pools, chunk)
+    prompt, spans = compose([A, B])
+    req = start(cache, pools, prompt, build_kv_hints("alice", spans))
+    cache.evict(sgl.EvictParams(num_tokens=10_000))
+    assert cache.resident_chunks() == 0  # the chunk nodes were not locked by the request...
+    assert_chunk_kv_at(pools, req, A, spans[0][0])  # ...but its spliced copies are its own
+    assert_chunk_kv_at(pools, req, B, spans[1][0])
+    in_row = len(prompt) - len(PRE)
+    assert pools.allocator.available_size() + cache.total_size() + in_row == pools.size
+    finish(cache, req)
+    cache.evict(sgl.EvictParams(num_tokens=10_000))
+    assert cache.total_size() == 0 and pools.allocator.available_size() == pools.size
+
+
+def test_splicing_evicts_other_entries_for_space_but_never_the_chunks_it_reads():
+    cache, pools = make(size=64)
+    register(cache, pools, A)  # 6 + 12 tokens in the tree
+    for i in range(3):  # fill the rest with unrelated, evictable prefixes
+        serve(cache, pools, list(range(100 + 12 * i, 112 + 12 * i)))
+    assert pools.allocator.available_size() < len(A)
+    prompt, spans = compose([A])
+    req = make_req(prompt, build_kv_hints("alice", spans))
+    match(cache, req)
+    assert req.prefix_len == len(PRE) + len(A) and cache.resident_chunks() == 1
+    admit(cache, pools, req)
+    assert_chunk_kv_at(pools, req, A, len(PRE))
+    finish(cache, req)
+
+
+def test_splicing_stops_at_plain_tokens_between_chunks():
+    cache, pools = make()
+    for chunk in (A, B):
+        register(cache, pools, chunk)
+    gap = [77, 78, 79]
+    prompt = PRE + A + gap + B + Q
+    spans = [(len(PRE), len(PRE) + len(A)), (len(PRE) + len(A) + len(gap), len(PRE) + len(A) + len(gap) + len(B))]
+    req = start(cache, pools, prompt, build_kv_hints("alice", spans))
+    assert req.prefix_len == len(PRE) + len(A)  # B sits after uncached tokens: prefilled, not spliced
+    b_start = spans[1][0]
+    assert torch.equal(pools.v_at(row_slots(pools, req, b_start, b_start + len(B))),
+                       kv_signature(B, range(b_start, b_start + len(B))))
+    finish(cache, req)
