@@ -105,9 +105,12 @@ def plan_launch(
     return LaunchPlan(cli_args=rest, sglang_config=section, amem=amem, env=env)
 
 
-def _request_limits_middleware(app, amem: AmemConfig) -> None:
-    from amem_sgl.server.limits import RequestBodyLimit
+def _request_guards(app, amem: AmemConfig) -> None:
+    from amem_sgl.server.limits import ChunkHintsGuard, RequestBodyLimit
 
+    # Starlette runs the last-added middleware first: the size limit sees the request before the
+    # hints guard reads its body.
+    app.add_middleware(ChunkHintsGuard, max_chunk_tokens=amem.chunks.max_chunk_tokens)
     app.add_middleware(RequestBodyLimit, max_bytes=amem.server.max_request_bytes)
 
 
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         server_args = sgl.prepare_server_args(plan.sglang_argv(config_path))
     finally:
         os.unlink(config_path)
-    _request_limits_middleware(sgl.http_app(), plan.amem)
+    _request_guards(sgl.http_app(), plan.amem)
     try:
         sgl.run_server(server_args)
     finally:

@@ -1,12 +1,17 @@
-"""ASGI middleware that refuses oversized request bodies with 413 before anything parses them.
+"""ASGI middleware in SGLang's HTTP process: refuse bad requests before SGLang parses them.
 
-SGLang would otherwise read, JSON-decode and tokenize a multi-megabyte prompt before finding it
-longer than the context. The limit is ``amem.server.max_request_bytes``.
+* :class:`RequestBodyLimit` -- bodies over ``amem.server.max_request_bytes`` get 413 (SGLang would
+  otherwise read, JSON-decode and tokenize a multi-megabyte prompt before finding it too long).
+* :class:`ChunkHintsGuard` -- a ``/generate`` request whose ``kv_hints`` carry a malformed
+  ``amem.chunks`` action (bad namespace, spans out of order or past the prompt, oversized chunk,
+  unknown fields) gets 400 with the reason, instead of being silently prefilled.
 """
 
 from __future__ import annotations
 
 import json
+
+from amem_sgl.chunks.hints import ACTION_TYPE, parse_kv_hints
 
 
 def error_body(message: str, status: int, kind: str) -> bytes:
@@ -66,3 +71,56 @@ def _replay(body: bytes, receive, first=None):
         return await receive()
 
     return replay
+
+
+class ChunkHintsGuard:
+    """Validates amem.chunks actions on POST /generate (after RequestBodyLimit bounded the body)."""
+
+    PATHS = ("/generate",)
+
+    def __init__(self, app, max_chunk_tokens: int) -> None:
+        self.app = app
+        self.max_chunk_tokens = max_chunk_tokens
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.PATHS:
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return await self.app(scope, _replay(b"", receive, first=message), send)
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        error = self.check(body) if ACTION_TYPE.encode() in body else None
+        if error:  # in the shape SGLang's native /generate uses for its own 400s
+            payload = json.dumps({"error": {"message": error}}).encode()
+            await send({"type": "http.response.start", "status": 400,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(payload)).encode())]})
+            return await send({"type": "http.response.body", "body": payload})
+        return await self.app(scope, _replay(body, receive), send)
+
+    def check(self, body: bytes) -> str | None:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return None  # SGLang answers malformed JSON itself
+        if not isinstance(data, dict):
+            return None
+        hints, input_ids = data.get("kv_hints"), data.get("input_ids")
+        batch = isinstance(hints, list)
+        hints_list = hints if batch else [hints]
+        ids_list = input_ids if batch and isinstance(input_ids, list) else [input_ids] * len(hints_list)
+        for envelope, ids in zip(hints_list, ids_list):
+            if not isinstance(envelope, dict):
+                continue
+            try:
+                request = parse_kv_hints(envelope)
+                if request is not None:
+                    flat = isinstance(ids, list) and all(type(t) is int for t in ids)
+                    request.validate(len(ids) if flat else None, self.max_chunk_tokens)
+            except ValueError as err:
+                return str(err)
+        return None

@@ -1,0 +1,154 @@
+"""Internal Python API over the native ``/generate`` endpoint: register chunks, compose prompts from
+them, and generate with the chunk spans declared. The memory/OpenAI layer builds on this.
+
+Chunks are tokenized **alone** (never re-tokenized inside a prompt, where separators would merge)
+and placed in the user turn of the model's chat template, right after the preamble the template puts
+before the user's content. A chunk's KV is computed once behind that same preamble (its canonical
+context), so a prompt composed here starts with an ordinary prefix hit on the preamble and
+continues through the spliced chunks::
+
+    client = ChunkClient("http://127.0.0.1:30000")
+    a = client.register("Maria, Alice's sister, lives in Denver.\\n", namespace="alice")
+    b = client.register("Alice works at Boeing in Seattle.\\n", namespace="alice")
+    prompt = client.layout.compose([b.token_ids, a.token_ids], "Where does Alice's sister live?")
+    answer = client.generate(prompt, namespace="alice")   # answer.cached_tokens covers a and b
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from typing import Sequence
+
+import requests
+
+from amem_sgl.chunks.hints import build_kv_hints
+
+_SPLIT = "AMEMSPLITMARKER"
+
+
+class AmemRequestError(RuntimeError):
+    """The server refused a request; ``status`` and the server's ``message`` are kept."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status, self.message = status, message
+
+
+@dataclasses.dataclass(frozen=True)
+class ComposedPrompt:
+    input_ids: list[int]
+    spans: list[tuple[int, int]]  # where each chunk sits in input_ids
+
+    @property
+    def chunk_tokens(self) -> int:
+        return sum(end - start for start, end in self.spans)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatLayout:
+    """Token ids the chat template puts before and after the user's content."""
+
+    preamble: tuple[int, ...]
+    suffix: tuple[int, ...]
+    tokenizer: object = dataclasses.field(compare=False, repr=False)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, system: str | None = None) -> "ChatLayout":
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": _SPLIT}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        before, after = text.split(_SPLIT)
+        encode = lambda s: tuple(tokenizer(s, add_special_tokens=False).input_ids)  # noqa: E731
+        return cls(encode(before), encode(after), tokenizer)
+
+    def tokens(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def registration(self, chunk_ids: Sequence[int]) -> ComposedPrompt:
+        """The prompt that computes a chunk's KV in its canonical context (the preamble)."""
+        return ComposedPrompt(list(self.preamble) + list(chunk_ids),
+                              [(len(self.preamble), len(self.preamble) + len(chunk_ids))])
+
+    def compose(self, chunks: Sequence[Sequence[int]], question: str) -> ComposedPrompt:
+        ids, spans = list(self.preamble), []
+        for chunk in chunks:
+            spans.append((len(ids), len(ids) + len(chunk)))
+            ids.extend(chunk)
+        return ComposedPrompt(ids + self.tokens(question) + list(self.suffix), spans)
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisteredChunk:
+    namespace: str
+    token_ids: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    text: str
+    output_ids: list[int]
+    prompt_tokens: int
+    cached_tokens: int
+    latency_s: float
+
+    @property
+    def computed_prompt_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+
+class ChunkClient:
+    def __init__(self, url: str, tokenizer=None, *, system: str | None = None, timeout: float = 600) -> None:
+        self.url, self.timeout = url.rstrip("/"), timeout
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self._get("/get_model_info")["tokenizer_path"])
+        self.layout = ChatLayout.from_tokenizer(tokenizer, system)
+
+    def register(self, chunk: str | Sequence[int], namespace: str) -> RegisteredChunk:
+        """Compute a chunk's KV once and keep it as a chunk node (no-op if already resident)."""
+        ids = self.layout.tokens(chunk) if isinstance(chunk, str) else list(chunk)
+        prompt = self.layout.registration(ids)
+        self._post("/generate", {"input_ids": prompt.input_ids, "sampling_params": {"max_new_tokens": 0},
+                                 "kv_hints": build_kv_hints(namespace, prompt.spans, register=True)})
+        return RegisteredChunk(namespace, ids)
+
+    def generate(self, prompt: ComposedPrompt, namespace: str | None = None, *, max_new_tokens: int = 32,
+                 isolated: bool = False) -> Generation:
+        """Greedy generation. With ``namespace`` the chunk spans are declared (spliced where resident);
+        ``isolated`` runs it under a fresh cache salt: a full prefill that shares no KV with anything."""
+        body = {"input_ids": prompt.input_ids,
+                "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0}}
+        if namespace is not None and prompt.spans:
+            body["kv_hints"] = build_kv_hints(namespace, prompt.spans)
+        if isolated:
+            body["cache_salt"] = uuid.uuid4().hex
+        t0 = time.perf_counter()
+        out = self._post("/generate", body)
+        meta = out["meta_info"]
+        return Generation(out["text"], list(out.get("output_ids") or []), meta["prompt_tokens"],
+                          meta.get("cached_tokens", 0), time.perf_counter() - t0)
+
+    def _post(self, path: str, body: dict) -> dict:
+        reply = requests.post(self.url + path, json=body, timeout=self.timeout)
+        if reply.status_code != 200:
+            raise AmemRequestError(reply.status_code, error_message(reply))
+        return reply.json()
+
+    def _get(self, path: str) -> dict:
+        reply = requests.get(self.url + path, timeout=self.timeout)
+        if reply.status_code != 200:
+            raise AmemRequestError(reply.status_code, error_message(reply))
+        return reply.json()
+
+
+def error_message(reply: requests.Response) -> str:
+    """The server's error message: OpenAI routes put it at the top level, /generate under "error"."""
+    try:
+        data = reply.json()
+    except ValueError:
+        return reply.text
+    nested = data.get("error") if isinstance(data.get("error"), dict) else {}
+    return data.get("message") or nested.get("message") or reply.text

@@ -1,0 +1,82 @@
+"""Chunk splicing on the real server: register chunks once, reuse them in any order."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from amem_sgl.chunks import build_kv_hints
+from amem_sgl.chunks.client import AmemRequestError, ChunkClient, error_message
+
+pytestmark = pytest.mark.slow
+
+FACTS = ["Maria, Alice's sister, lives in Denver.\n", "Alice works at Boeing in Seattle.\n",
+         "Bob, Alice's cousin, is a chef in Portland.\n"]
+QUESTION = "Where does Alice's sister live?"
+
+
+@pytest.fixture(scope="module")
+def client(amem_server):
+    return ChunkClient(amem_server.url)
+
+
+def test_chunks_registered_once_are_spliced_in_another_order_and_answer_like_a_full_prefill(
+        client, amem_server):
+    before = amem_server.amem_state()
+    assert before["chunk_reuse"], before["chunk_reuse_reason"]
+    chunks = [client.register(fact, "e2e-alice") for fact in FACTS]
+    after_register = amem_server.amem_state()
+    assert after_register["stats"]["chunks_registered"] - before["stats"]["chunks_registered"] == 3
+
+    first = client.layout.compose([c.token_ids for c in chunks], QUESTION)
+    client.generate(first, "e2e-alice", max_new_tokens=24)
+    second = client.layout.compose([chunks[i].token_ids for i in (2, 0, 1)], QUESTION)
+    spliced = client.generate(second, "e2e-alice", max_new_tokens=24)
+    full = client.generate(second, max_new_tokens=24, isolated=True)
+
+    preamble = len(client.layout.preamble)
+    assert spliced.cached_tokens >= preamble + second.chunk_tokens  # every chunk token from the cache
+    assert full.cached_tokens == 0  # the reference really prefilled everything
+    assert spliced.output_ids == full.output_ids and "Denver" in spliced.text
+    stats = amem_server.amem_state()["stats"]
+    assert stats["spliced_tokens"] - after_register["stats"]["spliced_tokens"] >= 2 * second.chunk_tokens - 1
+
+
+def test_another_namespace_gets_no_chunk_kv(client, amem_server):
+    chunk = client.register("The vault code is 4817.\n", "e2e-carol")
+    prompt = client.layout.compose([chunk.token_ids], "What is the vault code?")
+    other = client.generate(prompt, "e2e-dave", max_new_tokens=8)
+    assert other.cached_tokens <= len(client.layout.preamble)  # the preamble only
+
+
+def test_malformed_chunk_hints_get_a_400_with_a_message(amem_server):
+    body = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 1},
+            "kv_hints": {"protocol_version": "1"}}  # missing message_id: SGLang refuses the envelope
+    reply = requests.post(f"{amem_server.url}/generate", json=body, timeout=60)
+    assert reply.status_code == 400 and "kv_hints" in error_message(reply)
+    bad = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 1},
+           "kv_hints": build_kv_hints("x", [(0, 10)])}
+    reply = requests.post(f"{amem_server.url}/generate", json=bad, timeout=60)
+    assert reply.status_code == 400 and "runs past the prompt" in error_message(reply)
+    assert requests.get(f"{amem_server.url}/health", timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({"namespace": "bad name!", "spans": [[0, 2]]}, "namespace"),
+    ({"namespace": "x", "spans": [[2, 1]]}, "empty or negative"),
+    ({"namespace": "x", "spans": [[0, 2], [1, 3]]}, "must not overlap"),
+    ({"namespace": "x", "spans": "0-2"}, "list of"),
+    ({"namespace": "x", "spans": [[0, 2]], "extra": 1}, "unknown payload field"),
+])
+def test_bad_amem_actions_are_refused_with_the_reason(amem_server, payload, message):
+    envelope = build_kv_hints("x", [(0, 1)])
+    envelope["actions"][0]["payload"] = payload
+    body = {"input_ids": [1, 2, 3, 4], "sampling_params": {"max_new_tokens": 1}, "kv_hints": envelope}
+    reply = requests.post(f"{amem_server.url}/generate", json=body, timeout=60)
+    assert reply.status_code == 400 and message in error_message(reply)
+
+
+def test_the_client_raises_the_servers_message(client):
+    with pytest.raises(AmemRequestError, match="runs past the prompt") as err:
+        client.generate(type(client.layout.compose([], "hi"))([1, 2], [(0, 5)]), "x")
+    assert err.value.status == 400
