@@ -226,3 +226,24 @@ def test_splicing_stops_at_plain_tokens_between_chunks():
     assert torch.equal(pools.v_at(row_slots(pools, req, b_start, b_start + len(B))),
                        kv_signature(B, range(b_start, b_start + len(B))))
     finish(cache, req)
+
+
+def test_a_prefix_that_runs_into_a_chunk_span_is_cut_back_to_the_span_start():
+    """An earlier spliced sequence [PRE][A...] is an ordinary prefix; A2 starts with A's first token,
+    so the ordinary match runs one token into A2's span. Registering and splicing A2 must still use
+    A2's own KV, and no slot may end up owned twice (found by SGLang's idle leak check)."""
+    cache, pools = make()
+    register(cache, pools, A)
+    prompt, spans = compose([A])
+    serve(cache, pools, prompt, kv_hints=build_kv_hints("alice", spans))  # [PRE][A][Q] now a prefix
+    a2 = [A[0]] + list(range(140, 150))
+    register(cache, pools, a2)
+    assert cache.resident_chunks() == 2
+    prompt2, spans2 = compose([a2])
+    req = start(cache, pools, prompt2, build_kv_hints("alice", spans2))
+    assert req.prefix_len == len(PRE) + len(a2)
+    assert_chunk_kv_at(pools, req, a2, len(PRE))
+    finish(cache, req)
+    cache.evict(sgl.EvictParams(num_tokens=10_000))
+    assert cache.total_size() == 0 and pools.allocator.available_size() == pools.size
+    assert torch.unique(pools.allocator.free_pages).numel() == pools.size  # no slot freed twice

@@ -129,7 +129,16 @@ class ChunkRadixCache(RadixCache):
         if req is None or not self.chunk_reuse_enabled:
             return result
         request = self._chunk_request(req)
-        if request is None or request.register:
+        if request is None:
+            self._drop_splice(req.rid)
+            return result
+        # A chunk span's KV is its chunk's own (registered or spliced), never a stretch of some other
+        # prefix that happens to start with the same tokens: cut a match ending inside a span back
+        # to the span's start (the re-match splits the node there).
+        inside = [s for s in request.spans if s.start < result.device_prefix_len < s.end]
+        if inside:
+            result = RadixCache.match_prefix(self, dataclasses.replace(params, key=params.key[: inside[0].start]))
+        if request.register:
             self._drop_splice(req.rid)
             return result
         splice = self._splice_for(req, request, result, len(params.key))

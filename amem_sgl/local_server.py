@@ -1,0 +1,77 @@
+"""Run an amem server as a child process on this machine (tests, benchmarks, the CLI).
+
+The command is a shell line (so the README's own command can be run as written); the child gets its
+own process group, so stopping it stops SGLang's scheduler and detokenizer processes too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class LocalServer:
+    url: str
+    log_path: Path
+    startup_s: float
+    proc: subprocess.Popen
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def amem_state(self) -> dict:
+        """The amem tree's report from /get_server_info (internal_states[0].amem)."""
+        info = requests.get(f"{self.url}/get_server_info", timeout=30).json()
+        (state,) = [s["amem"] for s in info["internal_states"]]
+        return state
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+
+    def __enter__(self) -> "LocalServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_server(command: str, *, port: int, log_path: Path, cwd: Path | None = None,
+                 env: dict | None = None, timeout_s: float = 420) -> LocalServer:
+    """Run ``command`` (which must serve on ``port``) and wait until /health answers 200."""
+    t0 = time.monotonic()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=dict(os.environ, **(env or {})),
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = LocalServer(f"http://127.0.0.1:{port}", Path(log_path), 0.0, proc)
+    while time.monotonic() - t0 < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-4000:]}")
+        try:
+            if requests.get(f"{server.url}/health", timeout=5).status_code == 200:
+                server.startup_s = time.monotonic() - t0
+                return server
+        except requests.RequestException:
+            pass
+        time.sleep(2)
+    server.stop()
+    raise TimeoutError(f"server not ready in {timeout_s:.0f}s:\n{server.log()[-4000:]}")

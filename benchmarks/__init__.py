@@ -1,0 +1,1 @@
+"""Benchmarks users can rerun: fidelity, cost curve, kernel microbenchmarks (results/ holds figures with the device named)."""

@@ -1,0 +1,106 @@
+"""Synthetic multi-chunk questions with gold answers, generated deterministically from a seed.
+
+Every question comes with 4 memory chunks in shuffled order: the chunk(s) holding the answer and
+distractors about other people. Two kinds:
+
+* one-hop: "Where does Nadia Okafor live?" -- the answer is in one chunk;
+* two-hop: "Where does Nadia Okafor's cousin live?" -- one chunk says who the cousin is, another
+  where that person lives, so the answer needs facts from two different chunks.
+
+Length bands set how much text surrounds each fact: ``short`` (the bare fact, ~10-20 tokens),
+``medium`` (~100 tokens of narrative around it) and ``long`` (~300 tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+FIRST = ["Nadia", "Tomas", "Priya", "Kenji", "Amara", "Lukas", "Sofia", "Mateo", "Ingrid", "Yusuf",
+         "Elena", "Rafael", "Mei", "Oskar", "Leila", "Dmitri", "Chloe", "Anders", "Fatima", "Hugo",
+         "Zara", "Emil", "Noor", "Felix", "Aiko", "Bruno", "Greta", "Omar", "Lucia", "Viktor"]
+LAST = ["Okafor", "Lindqvist", "Ramanathan", "Watanabe", "Mensah", "Hoffmann", "Rossi", "Alvarez",
+        "Berg", "Demir", "Petrova", "Costa", "Zhang", "Nowak", "Haddad", "Ivanov", "Dubois", "Nilsen",
+        "Rahman", "Laurent", "Karimi", "Fischer", "Siddiqui", "Moreau", "Tanaka", "Silva", "Jansen",
+        "Aziz", "Romano", "Kowalski"]
+CITIES = ["Denver", "Lisbon", "Osaka", "Nairobi", "Toronto", "Krakow", "Lima", "Oslo", "Cairo", "Perth",
+          "Dublin", "Seoul", "Austin", "Bergen", "Tunis", "Porto", "Quito", "Hanoi", "Zurich", "Adelaide",
+          "Valencia", "Tbilisi", "Calgary", "Bologna", "Accra", "Sapporo", "Tallinn", "Cusco", "Malmo",
+          "Halifax"]
+RELATIONS = ["sister", "brother", "cousin", "neighbor", "manager", "roommate", "mentor", "uncle"]
+FILLER = [
+    "The morning had been quiet, with a light rain that stopped before noon.",
+    "Most weekends are spent reading, cooking, or walking along the river path.",
+    "The local market opens early and sells bread, cheese, and fresh vegetables.",
+    "Last spring there was a long trip by train through several small towns.",
+    "Friends describe the household as busy, friendly, and a little chaotic.",
+    "An old bicycle leans against the wall next to a stack of library books.",
+    "The kitchen window looks out over a small garden with tomatoes and herbs.",
+    "Evenings usually end with tea and a phone call to an old school friend.",
+    "A new hobby this year has been learning to play the acoustic guitar.",
+    "The neighborhood has a bakery, a hardware store, and a tiny cinema.",
+    "There is a framed map on the hallway wall with pins in visited places.",
+    "On holidays the whole family gathers for a long lunch that lasts for hours.",
+    "The apartment is on the third floor, and the elevator is often broken.",
+    "A favorite recipe is a slow-cooked stew that takes most of a Sunday.",
+    "Work has been demanding lately, with several deadlines in the same week.",
+    "The winter was colder than usual, and the lake froze for two weeks.",
+    "A stray cat visits the back porch most evenings and waits for scraps.",
+    "The car needs new tires, but the repair has been postponed twice already.",
+    "Saturday football games in the park attract a small but loyal crowd.",
+    "The bookshelf is full of travel guides, cookbooks, and detective novels.",
+    "A power cut last month lasted the whole night and spoiled the freezer.",
+    "Coffee is always made in an old stovetop pot that whistles when ready.",
+    "The family dog is elderly now and prefers short, slow walks.",
+    "Plans for the summer include painting the fence and fixing the shed roof.",
+]
+BAND_FILLER_SENTENCES = {"short": 0, "medium": 6, "long": 21}
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    qid: str
+    band: str
+    hops: int
+    question: str
+    gold: str
+    chunks: tuple[str, ...]  # in the order the prompt places them (shuffled)
+
+    @property
+    def prompt(self) -> str:
+        """What follows the chunks in the user turn. This instruction form lifted SmolLM2-135M's
+        full-prefill accuracy from 1/12 to 4/12 (one- and two-hop) over the bare question."""
+        return (f"Using the notes above, answer the question. {self.question} "
+                "Answer with the name of the city only.")
+
+
+def _passage(rng: random.Random, fact: str, band: str) -> str:
+    sentences = rng.sample(FILLER, BAND_FILLER_SENTENCES[band])
+    sentences.insert(rng.randrange(len(sentences) + 1), fact)
+    return " ".join(sentences) + "\n"
+
+
+def make_questions(n: int, *, seed: int = 0, bands=("short", "medium", "long"),
+                   two_hop_fraction: float = 0.5) -> list[Question]:
+    rng = random.Random(seed)
+    people = [f"{f} {l}" for f in FIRST for l in LAST]
+    rng.shuffle(people)
+    questions = []
+    for i in range(n):
+        band = bands[i % len(bands)]
+        person, relative, other1, other2, other3 = people[5 * i: 5 * i + 5]
+        city, wrong1, wrong2 = rng.sample(CITIES, 3)
+        relation = rng.choice(RELATIONS)
+        lives = f"{relative} lives in {city}."
+        if rng.random() < two_hop_fraction:
+            hops, question = 2, f"Where does {person}'s {relation} live?"
+            facts = [f"{person}'s {relation} is {relative}.", lives,
+                     f"{other1} lives in {wrong1}.", f"{other2}'s {rng.choice(RELATIONS)} is {other3}."]
+        else:
+            hops, question = 1, f"Where does {relative} live?"
+            facts = [lives, f"{other1} lives in {wrong1}.", f"{other2} lives in {wrong2}.",
+                     f"{person}'s {relation} is {other3}."]
+        rng.shuffle(facts)
+        questions.append(Question(f"q{i:04d}", band, hops, question, city,
+                                  tuple(_passage(rng, fact, band) for fact in facts)))
+    return questions
