@@ -19,11 +19,15 @@ X = list(range(70, 75))  # never registered
 Q = [90, 91, 92]  # the question after the chunks
 
 
-def make(size: int = 512):
+def make(size: int = 512, registered=()):
+    """A chunk-enabled cache on fresh pools, with ``registered`` chunks registered in "alice"."""
     pools = Pools.create(size=size)
     support = ChunkSupport(kv_pool=pools.kv, rope=find_rope(pools.rope), model_id="test-model",
                            enabled=True, max_chunk_tokens=64)
-    return ChunkRadixCache(pools.init_params(), chunks=support), pools
+    cache = ChunkRadixCache(pools.init_params(), chunks=support)
+    for chunk in registered:
+        register(cache, pools, chunk)
+    return cache, pools
 
 
 def register(cache, pools, chunk, namespace="alice", pre=PRE):
@@ -66,9 +70,7 @@ def test_registration_keeps_the_span_as_a_chunk_node_and_the_context_as_a_prefix
 
 @pytest.mark.parametrize("order", [(A, B, C), (C, A, B), (B, C, A)], ids=["abc", "cab", "bca"])
 def test_spliced_in_any_order_keys_are_rotated_to_the_new_positions(order):
-    cache, pools = make()
-    for chunk in (A, B, C):
-        register(cache, pools, chunk)
+    cache, pools = make(registered=(A, B, C))
     prompt, spans = compose(order)
     req = start(cache, pools, prompt, build_kv_hints("alice", spans))
     assert req.prefix_len == len(PRE) + len(A) + len(B) + len(C)
@@ -79,9 +81,7 @@ def test_spliced_in_any_order_keys_are_rotated_to_the_new_positions(order):
 
 
 def test_the_next_request_over_the_same_chunks_is_an_exact_prefix_hit():
-    cache, pools = make()
-    for chunk in (A, B):
-        register(cache, pools, chunk)
+    cache, pools = make(registered=(A, B))
     prompt, spans = compose([B, A])
     serve(cache, pools, prompt, output=[5, 6], kv_hints=build_kv_hints("alice", spans))
     spliced = cache.stats.spliced_tokens
@@ -104,9 +104,7 @@ def test_repeated_chunk_at_offset_zero():
 
 
 def test_an_unregistered_chunk_falls_back_to_prefill_from_there():
-    cache, pools = make()
-    for chunk in (A, B):
-        register(cache, pools, chunk)
+    cache, pools = make(registered=(A, B))
     prompt, spans = compose([A, X, B])
     req = start(cache, pools, prompt, build_kv_hints("alice", spans))
     assert req.prefix_len == len(PRE) + len(A)  # X and everything after it are prefilled
@@ -182,9 +180,7 @@ def test_matching_again_reuses_the_splice_and_an_abort_frees_it():
 
 
 def test_a_running_spliced_request_keeps_its_kv_when_chunk_nodes_are_evicted():
-    cache, pools = make()
-    for chunk in (A, B):
-        register(cache, pools, chunk)
+    cache, pools = make(registered=(A, B))
     prompt, spans = compose([A, B])
     req = start(cache, pools, prompt, build_kv_hints("alice", spans))
     cache.evict(sgl.EvictParams(num_tokens=10_000))
@@ -214,9 +210,7 @@ def test_splicing_evicts_other_entries_for_space_but_never_the_chunks_it_reads()
 
 
 def test_splicing_stops_at_plain_tokens_between_chunks():
-    cache, pools = make()
-    for chunk in (A, B):
-        register(cache, pools, chunk)
+    cache, pools = make(registered=(A, B))
     gap = [77, 78, 79]
     prompt = PRE + A + gap + B + Q
     spans = [(len(PRE), len(PRE) + len(A)), (len(PRE) + len(A) + len(gap), len(PRE) + len(A) + len(gap) + len(B))]
