@@ -52,10 +52,18 @@ class ChunkConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    # Replace torch_native's extend attention (quadratic in the cached length) with one that queries
+    # only the new rows, masked by position (amem_sgl.blend.attention). CPU engine only.
+    linear_extend: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
 class AmemConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
     chunks: ChunkConfig = dataclasses.field(default_factory=ChunkConfig)
+    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "AmemConfig":

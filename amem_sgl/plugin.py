@@ -9,12 +9,13 @@ readback. Nothing here imports the model or allocates memory.
 from __future__ import annotations
 
 import logging
+import os
 
 from amem_sgl import sglang_compat as sgl
 from amem_sgl.cache import ChunkRadixCache
 from amem_sgl.cache.chunk_radix_cache import ChunkSupport
 from amem_sgl.cache.splice import find_rope, self_check
-from amem_sgl.config import AmemConfig
+from amem_sgl.config import CONFIG_ENV, AmemConfig
 
 logger = logging.getLogger(__name__)
 
@@ -99,4 +100,10 @@ def load() -> None:
     if sgl.get_radix_cache_factory(BACKEND_NAME) is None:
         sgl.register_radix_cache_backend(BACKEND_NAME, build_chunk_radix_cache)
     sgl.add_internal_state_hook(_publish_tree_state)
+    # Behaviour changes only in servers amem's launcher started (it sets CONFIG_ENV): a plain
+    # `python -m sglang.launch_server` in the same environment stays stock SGLang.
+    if os.environ.get(CONFIG_ENV) and AmemConfig.from_env().attention.linear_extend:
+        from amem_sgl.blend.attention import around_torch_native_extend
+
+        sgl.add_around_hook(sgl.TORCH_NATIVE_EXTEND_TARGET, around_torch_native_extend)
     _loaded = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sglang
 from sglang.launch_server import run_server
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.layers.rotary_embedding.factory import get_rope
 from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req
 from sglang.srt.managers.scheduler_components.internal_state import (
@@ -45,6 +46,11 @@ from sglang.srt.utils import kill_process_tree
 SGLANG_VERSION = sglang.__version__
 SUPPORTED_SGLANG_VERSION = "0.5.23"
 
+# Dotted path of torch_native's extend attention (the CPU engine's prefill/extend path).
+TORCH_NATIVE_EXTEND_TARGET = (
+    f"{TorchNativeAttnBackend.__module__}.{TorchNativeAttnBackend.__qualname__}._run_sdpa_forward_extend"
+)
+
 # Dotted path of the scheduler's internal-state readback (served by /get_server_info).
 INTERNAL_STATE_TARGET = (
     f"{SchedulerInternalStateController.__module__}."
@@ -80,6 +86,11 @@ def publish_scheduler_context(server_args: ServerArgs) -> None:
     _publish_runtime_context(server_args, role="scheduler")
 
 
+def add_around_hook(target: str, hook) -> None:
+    """``hook(original, *args, **kwargs)`` wraps ``target`` in every SGLang process that loads plugins."""
+    HookRegistry.register(target, hook, HookType.AROUND)
+
+
 def http_app():
     """SGLang's FastAPI application object (middleware and routes may be added before start)."""
     from sglang.srt.entrypoints.http_server import app
@@ -105,12 +116,15 @@ __all__ = [
     "Req",
     "ReqToTokenPool",
     "SamplingParams",
+    "TORCH_NATIVE_EXTEND_TARGET",
+    "TorchNativeAttnBackend",
     "ServerArgs",
     "SGLANG_VERSION",
     "TokenToKVPoolAllocator",
     "TreeCacheBuildContext",
     "TreeLock",
     "TreeNode",
+    "add_around_hook",
     "add_internal_state_hook",
     "check_sglang_version",
     "get_radix_cache_factory",

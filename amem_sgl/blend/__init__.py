@@ -1,0 +1,1 @@
+"""Blend: recompute inside the model forward, and the attention that serves extends over cached or spliced KV."""

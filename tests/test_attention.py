@@ -1,0 +1,74 @@
+"""The linear-cost extend attention against SGLang's torch_native method and an fp64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from amem_sgl import sglang_compat as sgl
+from amem_sgl.blend.attention import around_torch_native_extend, extend_attention
+
+HEADS, KV_HEADS, DIM = 9, 3, 64  # SmolLM2's GQA layout
+BATCH = [(0, 7), (37, 5), (100, 1), (12, 30)]  # (cached prefix, extended tokens) per sequence
+
+
+def make_batch(dtype, gen):
+    slots = 512
+    k_cache = torch.randn(slots, KV_HEADS, DIM, generator=gen).to(dtype)
+    v_cache = torch.randn(slots, KV_HEADS, DIM, generator=gen).to(dtype)
+    req_to_token = torch.zeros(len(BATCH) + 1, 256, dtype=torch.int32)
+    perm = torch.randperm(slots - 1, generator=gen) + 1
+    used = 0
+    for i, (prefix, q_len) in enumerate(BATCH):
+        n = prefix + q_len
+        req_to_token[i + 1, :n] = perm[used: used + n].int()
+        used += n
+    q = torch.randn(sum(q for _, q in BATCH), HEADS, DIM, generator=gen).to(dtype)
+    return dict(query=q, k_cache=k_cache, v_cache=v_cache, req_to_token=req_to_token,
+                req_pool_indices=torch.arange(1, len(BATCH) + 1),
+                seq_lens=torch.tensor([p + q for p, q in BATCH]),
+                extend_prefix_lens=torch.tensor([p for p, _ in BATCH]),
+                extend_seq_lens=torch.tensor([q for _, q in BATCH]))
+
+
+def reference(b, scale):
+    out, start = [], 0
+    for i, (prefix, q_len) in enumerate(BATCH):
+        q = b["query"][start: start + q_len].double()
+        slots = b["req_to_token"][i + 1, : prefix + q_len].long()
+        k = b["k_cache"][slots].double().repeat_interleave(HEADS // KV_HEADS, dim=1)
+        v = b["v_cache"][slots].double().repeat_interleave(HEADS // KV_HEADS, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        visible = torch.arange(prefix + q_len)[None, :] <= torch.arange(prefix, prefix + q_len)[:, None]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v))
+        start += q_len
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_same_rows_as_sglang_torch_native_and_the_fp64_reference(dtype, tol):
+    gen = torch.Generator().manual_seed(torch.seed())
+    b = make_batch(dtype, gen)
+    scale = DIM ** -0.5
+    ours = extend_attention(output=torch.full_like(b["query"], float("nan")), scaling=scale, enable_gqa=True, **b)
+    stock = sgl.TorchNativeAttnBackend._run_sdpa_forward_extend(
+        None, b["query"], torch.full_like(b["query"], float("nan")), b["k_cache"], b["v_cache"],
+        b["req_to_token"], b["req_pool_indices"], b["seq_lens"], b["extend_prefix_lens"],
+        b["extend_seq_lens"], None, scaling=scale, enable_gqa=True, causal=True)
+    assert not torch.isnan(ours).any()
+    torch.testing.assert_close(ours, stock, rtol=tol, atol=tol, msg=f"seed {gen.initial_seed()}")
+    torch.testing.assert_close(ours.double(), reference(b, scale), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kwargs", [dict(sliding_window_size=16), dict(is_cross_attn=True),
+                                    dict(causal=False)], ids=["sliding-window", "cross-attn", "non-causal"])
+def test_other_attention_kinds_go_to_the_original(kwargs):
+    calls = []
+    b = make_batch(torch.float32, torch.Generator().manual_seed(0))
+    args = dict(causal=True) | kwargs
+    around_torch_native_extend(lambda *a, **k: calls.append(k) or "original", "backend", b["query"],
+                               torch.empty_like(b["query"]), b["k_cache"], b["v_cache"], b["req_to_token"],
+                               b["req_pool_indices"], b["seq_lens"], b["extend_prefix_lens"],
+                               b["extend_seq_lens"], **args)
+    assert len(calls) == 1 and all(calls[0][k] == v for k, v in args.items())
