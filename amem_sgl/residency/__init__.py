@@ -1,0 +1,1 @@
+"""Residency: chunk KV tiers (device pool -> CPU -> disk) and the policy that moves it."""
