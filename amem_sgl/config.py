@@ -52,6 +52,13 @@ class ChunkConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class BlendConfig:
+    # Default blend policy for spliced requests (amem_sgl.blend.policy); requests may override it.
+    policy: str = "none"
+    sink_tokens: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     # Replace torch_native's extend attention (quadratic in the cached length) with one that queries
     # only the new rows, masked by position (amem_sgl.blend.attention). CPU engine only.
@@ -64,6 +71,7 @@ class AmemConfig:
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
     chunks: ChunkConfig = dataclasses.field(default_factory=ChunkConfig)
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+    blend: BlendConfig = dataclasses.field(default_factory=BlendConfig)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "AmemConfig":

@@ -40,6 +40,10 @@ def build_chunk_radix_cache(ctx: sgl.TreeCacheBuildContext) -> ChunkRadixCache:
             f"not supported here: {', '.join(unsupported)}"
         )
     cache = ChunkRadixCache(ctx.params, chunks=chunk_support(ctx, AmemConfig.from_env()))
+    if cache.chunks.blend_available:
+        from amem_sgl.blend.runner import RUNNERS, BlendRunner
+
+        RUNNERS[id(ctx.tp_worker)] = BlendRunner(cache)
     logger.info(
         "amem: ChunkRadixCache built (model=%s, page_size=%d, kv pool=%s tokens, radix cache %s)",
         ctx.model_config.model_path if ctx.model_config is not None else "?",
@@ -64,6 +68,11 @@ def chunk_support(ctx: sgl.TreeCacheBuildContext, config: AmemConfig) -> ChunkSu
         reason = f"KV pool {type(kv_pool).__name__} / model runner {type(model_runner).__name__} unsupported"
         logger.warning("amem: chunk reuse disabled: %s", reason)
         return ChunkSupport(kv_pool, None, model_id, False, reason, max_tokens)
+    from amem_sgl.blend.policy import BlendPolicy
+
+    blend_default = BlendPolicy(config.blend.policy, config.blend.sink_tokens).validate()
+    blend_available = bool(os.environ.get(CONFIG_ENV)) and config.attention.linear_extend and isinstance(
+        getattr(model_runner, "attn_backend", None), sgl.TorchNativeAttnBackend)
     rope = find_rope(model_runner.model)
     check = self_check(rope, kv_pool.dtype, kv_pool.head_num)
     if not check.passed:
@@ -71,10 +80,13 @@ def chunk_support(ctx: sgl.TreeCacheBuildContext, config: AmemConfig) -> ChunkSu
                   f"{check.max_relative_error:.3g} > {check.tolerance:.3g} ({check.detail})")
         logger.error("amem: %s; chunk reuse disabled", reason)
         return ChunkSupport(kv_pool, rope, model_id, False, reason, max_tokens)
+    logger.info("amem: blend %s (default policy %s)", "available" if blend_available else
+                "unavailable: needs the CPU engine's torch_native attention with amem.attention.linear_extend",
+                blend_default)
     reason = (f"RoPE re-rotation self-check passed: max relative error {check.max_relative_error:.3g} "
               f"<= {check.tolerance:.3g} ({check.detail})")
     logger.info("amem: %s; chunk reuse enabled", reason)
-    return ChunkSupport(kv_pool, rope, model_id, True, reason, max_tokens)
+    return ChunkSupport(kv_pool, rope, model_id, True, reason, max_tokens, blend_default, blend_available)
 
 
 def _model_id(ctx: sgl.TreeCacheBuildContext) -> str:
@@ -103,7 +115,10 @@ def load() -> None:
     # Behaviour changes only in servers amem's launcher started (it sets CONFIG_ENV): a plain
     # `python -m sglang.launch_server` in the same environment stays stock SGLang.
     if os.environ.get(CONFIG_ENV) and AmemConfig.from_env().attention.linear_extend:
-        from amem_sgl.blend.attention import around_torch_native_extend
+        from amem_sgl.blend.attention import around_torch_native_extend, around_torch_native_forward_extend
+        from amem_sgl.blend.runner import around_forward
 
         sgl.add_around_hook(sgl.TORCH_NATIVE_EXTEND_TARGET, around_torch_native_extend)
+        sgl.add_around_hook(sgl.TORCH_NATIVE_FORWARD_EXTEND_TARGET, around_torch_native_forward_extend)
+        sgl.add_around_hook(sgl.WORKER_FORWARD_TARGET, around_forward)
     _loaded = True

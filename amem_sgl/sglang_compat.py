@@ -12,6 +12,7 @@ from sglang.launch_server import run_server
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.layers.rotary_embedding.factory import get_rope
 from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req
+from sglang.srt.managers.tp_worker import TpModelWorker
 from sglang.srt.managers.scheduler_components.internal_state import (
     SchedulerInternalStateController,
 )
@@ -36,6 +37,7 @@ from sglang.srt.mem_cache.registry import (
     register_radix_cache_backend,
     registered_radix_cache_backends,
 )
+from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch
 from sglang.srt.plugins import load_plugins
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 from sglang.srt.sampling.sampling_params import SamplingParams
@@ -45,6 +47,12 @@ from sglang.srt.utils import kill_process_tree
 
 SGLANG_VERSION = sglang.__version__
 SUPPORTED_SGLANG_VERSION = "0.5.23"
+
+# Dotted path of the worker's forward of one batch (where a blend pass runs first).
+WORKER_FORWARD_TARGET = f"{TpModelWorker.__module__}.{TpModelWorker.__qualname__}.forward_batch_generation"
+TORCH_NATIVE_FORWARD_EXTEND_TARGET = (
+    f"{TorchNativeAttnBackend.__module__}.{TorchNativeAttnBackend.__qualname__}.forward_extend"
+)
 
 # Dotted path of torch_native's extend attention (the CPU engine's prefill/extend path).
 TORCH_NATIVE_EXTEND_TARGET = (
@@ -100,6 +108,8 @@ def http_app():
 
 __all__ = [
     "CacheInitParams",
+    "CaptureHiddenMode",
+    "ForwardBatch",
     "CacheRequestHandle",
     "EvictParams",
     "FINISH_LENGTH",
@@ -117,7 +127,10 @@ __all__ = [
     "ReqToTokenPool",
     "SamplingParams",
     "TORCH_NATIVE_EXTEND_TARGET",
+    "TORCH_NATIVE_FORWARD_EXTEND_TARGET",
     "TorchNativeAttnBackend",
+    "TpModelWorker",
+    "WORKER_FORWARD_TARGET",
     "ServerArgs",
     "SGLANG_VERSION",
     "TokenToKVPoolAllocator",

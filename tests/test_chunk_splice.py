@@ -60,9 +60,14 @@ def test_registration_keeps_the_span_as_a_chunk_node_and_the_context_as_a_prefix
     register(cache, pools, A)
     assert cache.resident_chunks() == 1 and cache.stats.chunks_registered == 1
     assert pools.allocator.available_size() == pools.size - len(PRE) - len(A)
-    probe = make_req(PRE + [1])
+    # The context is an ordinary prefix under alice's salted key; the chunk itself is not in it.
+    probe = make_req(PRE + [1, 2], build_kv_hints("alice", [(len(PRE), len(PRE) + 2)]))
     match(cache, probe)
-    assert probe.prefix_len == len(PRE)  # the context is an ordinary prefix; the chunk is not
+    assert probe.prefix_len == len(PRE)
+    cache.release_aborted_request(sgl.CacheRequestHandle(probe.rid, 0))
+    plain = make_req(PRE + [1])
+    match(cache, plain)
+    assert plain.prefix_len == 0  # a request without chunk spans never sees amem's entries
     register(cache, pools, A)  # again: nothing new is kept, nothing leaks
     assert cache.resident_chunks() == 1 and cache.stats.chunks_registered == 1
     assert pools.allocator.available_size() == pools.size - len(PRE) - len(A)
@@ -132,9 +137,9 @@ def test_malformed_spans_are_ignored_and_the_request_is_prefilled(hints):
     prompt, _ = compose([A])
     before = pools.allocator.available_size()
     req = start(cache, pools, prompt, hints)
-    assert req.prefix_len == len(PRE) and cache.stats.spliced_tokens == 0
+    assert req.prefix_len == 0 and cache.stats.spliced_tokens == 0  # served as a plain request
     finish(cache, req)
-    assert pools.allocator.available_size() == before - len(A) - len(Q)
+    assert pools.allocator.available_size() == before - len(prompt)
 
 
 def test_a_chunk_longer_than_the_limit_is_not_registered():
@@ -146,13 +151,31 @@ def test_a_chunk_longer_than_the_limit_is_not_registered():
     assert pools.allocator.available_size() == pools.size
 
 
-def test_another_namespace_never_sees_the_chunk():
+def test_another_namespace_never_sees_the_chunk_or_its_context():
     cache, pools = make()
     register(cache, pools, A, namespace="alice")
     prompt, spans = compose([A])
-    req = start(cache, pools, prompt, build_kv_hints("bob", spans))
-    assert req.prefix_len == len(PRE) and cache.stats.chunk_misses == 1
+    req = start(cache, pools, prompt, build_kv_hints("carol", spans))
+    assert req.prefix_len == 0 and cache.stats.spliced_tokens == 0  # not even alice's context
     finish(cache, req)
+    register(cache, pools, B, namespace="bob")  # bob's own context is cached now...
+    req = start(cache, pools, prompt, build_kv_hints("bob", spans))
+    assert req.prefix_len == len(PRE) and cache.stats.chunk_misses == 1  # ...but alice's chunk is not his
+    finish(cache, req)
+
+
+def test_spliced_sequences_serve_only_their_namespace_and_never_plain_requests():
+    cache, pools = make(registered=(A, B))
+    prompt, spans = compose([A, B])
+    serve(cache, pools, prompt, kv_hints=build_kv_hints("alice", spans))  # now an (alice) prefix
+    plain = start(cache, pools, prompt)
+    assert plain.prefix_len == 0  # same tokens, but it asked for a full prefill
+    finish(cache, plain)
+    other = start(cache, pools, prompt, build_kv_hints("bob", spans))
+    assert other.prefix_len == 0
+    finish(cache, other)
+    again = start(cache, pools, prompt, build_kv_hints("alice", spans))
+    assert again.prefix_len == len(prompt) - 1
 
 
 def test_an_id_collision_never_serves_another_chunks_kv(monkeypatch):

@@ -9,22 +9,32 @@ and also makes attention over spliced or recomputed tokens correct by position.
 
 It is installed as an AROUND hook on that method (SGLang's plugin hook registry, see
 amem_sgl.plugin) only in servers started by amem's launcher; cross-attention, sliding-window and
-non-causal calls go to the original.
+non-causal calls go to the original. A second AROUND hook on ``forward_extend`` hands the batch's
+query positions (``forward_batch.positions``) to it, so a blend pass -- scattered tokens recomputed
+at their true positions -- attends causally by position over the whole spliced sequence.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
 
+_batch_positions = threading.local()
+
+
 def extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
-                     extend_prefix_lens, extend_seq_lens, *, scaling=None, enable_gqa=False) -> torch.Tensor:
-    """Causal extend attention for a batch; the argument contract of SGLang's torch_native method.
+                     extend_prefix_lens, extend_seq_lens, *, scaling=None, enable_gqa=False,
+                     positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal-by-position extend attention for a batch (SGLang's torch_native argument contract).
 
     query/output: [num_extend_tokens, heads, head_dim]; k_cache/v_cache: [slots, kv_heads, head_dim];
     row ``req_pool_indices[i]`` of ``req_to_token`` holds the slots of sequence i's
-    ``seq_lens[i]`` tokens, of which the last ``extend_seq_lens[i]`` are being extended.
+    ``seq_lens[i]`` tokens. A query at position p sees keys at positions <= p. ``positions`` gives
+    every query row's position; without it sequence i's queries sit at the end of its row
+    (``extend_prefix_lens[i] + arange(extend_seq_lens[i])``), as in an ordinary extend.
     """
     query = query.movedim(0, -2)  # [heads, tokens, head_dim]
     start = 0
@@ -36,11 +46,15 @@ def extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_ind
         v = v_cache[slots].movedim(0, -2)
         if k.dtype != q.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if prefix == 0:
+        q_pos = positions[start: start + q_len].to(torch.int64) if positions is not None else None
+        contiguous = q_pos is None or (q_len > 0 and int(q_pos[0]) == prefix and int(q_pos[-1]) == kv_len - 1
+                                       and bool((q_pos[1:] - q_pos[:-1] == 1).all()))
+        if prefix == 0 and contiguous:
             out = scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                                is_causal=True, scale=scaling, enable_gqa=enable_gqa)
         else:
-            q_pos = torch.arange(prefix, prefix + q_len, device=q.device)
+            if q_pos is None:
+                q_pos = torch.arange(prefix, prefix + q_len, device=q.device)
             mask = torch.arange(kv_len, device=q.device)[None, :] <= q_pos[:, None]
             out = scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                                attn_mask=mask, scale=scaling, enable_gqa=enable_gqa)
@@ -61,4 +75,14 @@ def around_torch_native_extend(original, backend, query, output, k_cache, v_cach
                         scaling=scaling, enable_gqa=enable_gqa, causal=causal, is_cross_attn=is_cross_attn,
                         sliding_window_size=sliding_window_size)
     return extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
-                            extend_prefix_lens, extend_seq_lens, scaling=scaling, enable_gqa=enable_gqa)
+                            extend_prefix_lens, extend_seq_lens, scaling=scaling, enable_gqa=enable_gqa,
+                            positions=getattr(_batch_positions, "value", None))
+
+
+def around_torch_native_forward_extend(original, backend, q, k, v, layer, forward_batch, *args, **kwargs):
+    """AROUND hook for ``TorchNativeAttnBackend.forward_extend``: exposes the batch's positions."""
+    _batch_positions.value = forward_batch.positions
+    try:
+        return original(backend, q, k, v, layer, forward_batch, *args, **kwargs)
+    finally:
+        _batch_positions.value = None

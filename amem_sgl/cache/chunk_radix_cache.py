@@ -38,6 +38,8 @@ from typing import Any, Optional
 
 import torch
 
+from amem_sgl.blend.policy import BlendPolicy
+from amem_sgl.blend.runner import BlendPlan
 from amem_sgl.cache.splice import RopeSpec, splice_kv
 from amem_sgl.chunks.hints import ChunkRequest, ChunkSpan, parse_kv_hints
 from amem_sgl.chunks.identity import chunk_id
@@ -55,6 +57,7 @@ from amem_sgl.sglang_compat import (
 logger = logging.getLogger(__name__)
 
 CHUNK_KEY_PREFIX = "amem:chunk:"
+NAMESPACE_KEY_PREFIX = "amem:ns:"
 
 
 @dataclasses.dataclass
@@ -71,6 +74,8 @@ class CacheStats:
     chunk_misses: int = 0
     spliced_tokens: int = 0
     spliced_requests: int = 0
+    recomputed_tokens: int = 0
+    blend_passes: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -86,6 +91,9 @@ class ChunkSupport:
     enabled: bool
     reason: str = ""
     max_chunk_tokens: int = 2048
+    blend_default: BlendPolicy = BlendPolicy()
+    # A blend pass needs the position-masked attention (CPU engine); without it nothing is recomputed.
+    blend_available: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +111,7 @@ class _Splice:
     slots: torch.Tensor  # int64, owned by the request once handed over
     request: ChunkRequest
     key_len: int
+    segments: list[tuple[int, int]]  # (start, length) of each spliced chunk
 
 
 class ChunkRadixCache(RadixCache):
@@ -115,6 +124,7 @@ class ChunkRadixCache(RadixCache):
         self.chunks = chunks
         self.chunk_meta: dict[str, ChunkMeta] = {}
         self._splices: dict[str, _Splice] = {}
+        self.pending_blends: dict[str, BlendPlan] = {}  # handed-over splices awaiting their blend pass
         super().__init__(params)
 
     # ------------------------------------------------------------------ prefix-tree overrides
@@ -132,6 +142,15 @@ class ChunkRadixCache(RadixCache):
         if request is None:
             self._drop_splice(req.rid)
             return result
+        salted = self._salt_request(req, request)
+        if salted != params.key.extra_key:
+            # Spliced (and blended) sequences go into the tree under a namespace-salted key, so they
+            # serve only requests of that namespace that declare chunks: never another namespace,
+            # never a plain request expecting a full prefill of the same tokens.
+            params = dataclasses.replace(params, key=RadixKey(
+                params.key.token_ids, extra_key=salted, limit=params.key.limit,
+                cache_salt=params.key.cache_salt))
+            result = RadixCache.match_prefix(self, params)
         # A chunk span's KV is its chunk's own (registered or spliced), never a stretch of some other
         # prefix that happens to start with the same tokens: cut a match ending inside a span back
         # to the span's start (the re-match splits the node there).
@@ -154,6 +173,10 @@ class ChunkRadixCache(RadixCache):
             raise RuntimeError(f"amem: request {req.rid} prefix_len {req.prefix_len} != spliced "
                                f"prefix {splice.end}")
         self.stats.spliced_requests += 1
+        policy = splice.request.blend or self.chunks.blend_default
+        positions = policy.select(splice.segments) if self.chunks.blend_available else []
+        if positions:
+            self.pending_blends[req.rid] = BlendPlan(splice.end, tuple(positions))
         base = self.path_device_indices(req.last_node)[: splice.base_len]
         return torch.cat([base.to(torch.int64), splice.slots])
 
@@ -184,6 +207,7 @@ class ChunkRadixCache(RadixCache):
     def on_release(self, req, *, checkpointed: bool) -> None:
         super().on_release(req, checkpointed=checkpointed)
         self._drop_splice(req.rid)
+        self.pending_blends.pop(req.rid, None)
 
     # ------------------------------------------------------------------ chunk nodes
 
@@ -226,6 +250,15 @@ class ChunkRadixCache(RadixCache):
             # The node owns these slots now: the release that follows must not free them.
             req.kv.cache_protected_len = span.end
 
+    @staticmethod
+    def _salt_request(req, request: ChunkRequest) -> str:
+        """Give the request a namespace-salted radix key (its checkpoint inserts under it too)."""
+        salt = f"{NAMESPACE_KEY_PREFIX}{request.namespace}"
+        original = getattr(req, "_amem_original_extra_key", req.extra_key)
+        req._amem_original_extra_key = original
+        req.extra_key = salt if original is None else f"{original}|{salt}"
+        return req.extra_key
+
     def _chunk_request(self, req) -> ChunkRequest | None:
         envelope = getattr(req, "kv_hints", None)
         if envelope is None:
@@ -263,24 +296,24 @@ class ChunkRadixCache(RadixCache):
                 self.stats.chunk_misses += 1
                 break
             self.stats.chunk_hits += 1
-            plan.append((node, span.start - meta.canonical_start, len(span)))
+            plan.append((node, span.start - meta.canonical_start, len(span), span.start))
             pos = span.end
         if not plan:
             return None
 
         # Hold the chunk nodes and the ordinary prefix while slots are found (that may evict).
-        held = [self.lock(node) for node, _, _ in plan] + [self.lock(result.last_device_node)]
+        held = [self.lock(node) for node, _, _, _ in plan] + [self.lock(result.last_device_node)]
         try:
             slots = self._alloc(pos - base)
             if slots is None:
                 return None
-            src = torch.cat([node.value for node, _, _ in plan]).to(torch.int64)
-            delta = torch.cat([torch.full((n,), d, dtype=torch.int64) for _, d, n in plan]).to(src.device)
+            src = torch.cat([node.value for node, _, _, _ in plan]).to(torch.int64)
+            delta = torch.cat([torch.full((n,), d, dtype=torch.int64) for _, d, n, _ in plan]).to(src.device)
             splice_kv(self.chunks.kv_pool, src, slots, delta, self.chunks.rope)
         finally:
             for lock in held:
                 self.unlock(lock)
-        splice = _Splice(base, pos, slots, request, key_len)
+        splice = _Splice(base, pos, slots, request, key_len, [(start, n) for _, _, n, start in plan])
         self._splices[req.rid] = splice
         self.stats.spliced_tokens += pos - base
         return splice
@@ -316,5 +349,7 @@ class ChunkRadixCache(RadixCache):
             "chunk_reuse_reason": self.chunks.reason if self.chunks else "no chunk support attached",
             "resident_chunks": self.resident_chunks(),
             "pending_splices": len(self._splices),
+            "blend_available": bool(self.chunks and self.chunks.blend_available),
+            "blend_default": dataclasses.asdict(self.chunks.blend_default) if self.chunks else None,
             "stats": self.stats.as_dict(),
         }

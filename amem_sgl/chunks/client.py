@@ -23,6 +23,7 @@ from typing import Sequence
 
 import requests
 
+from amem_sgl.blend.policy import BlendPolicy
 from amem_sgl.chunks.hints import build_kv_hints
 
 _SPLIT = "AMEMSPLITMARKER"
@@ -116,13 +117,14 @@ class ChunkClient:
         return RegisteredChunk(namespace, ids)
 
     def generate(self, prompt: ComposedPrompt, namespace: str | None = None, *, max_new_tokens: int = 32,
-                 isolated: bool = False) -> Generation:
-        """Greedy generation. With ``namespace`` the chunk spans are declared (spliced where resident);
-        ``isolated`` runs it under a fresh cache salt: a full prefill that shares no KV with anything."""
+                 isolated: bool = False, blend: BlendPolicy | None = None) -> Generation:
+        """Greedy generation. With ``namespace`` the chunk spans are declared (spliced where resident,
+        blended by ``blend`` or the server's policy); ``isolated`` runs it under a fresh cache salt:
+        a full prefill that shares no KV with anything."""
         body = {"input_ids": prompt.input_ids,
                 "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0}}
         if namespace is not None and prompt.spans:
-            body["kv_hints"] = build_kv_hints(namespace, prompt.spans)
+            body["kv_hints"] = build_kv_hints(namespace, prompt.spans, blend=blend)
         if isolated:
             body["cache_salt"] = uuid.uuid4().hex
         t0 = time.perf_counter()

@@ -13,6 +13,8 @@ actions they do not implement". amem's action::
   Splicing continues from the ordinary prefix match while spans are contiguous with it.
 * ``register: true`` -- exactly one span: after this request's prefill, that span's KV (computed
   behind the tokens before it, the canonical context) is kept as the chunk's node.
+* ``blend`` (optional, splice only) -- ``{"policy": "none" | "sink" | "all", "sink_tokens": k}``
+  overrides the server's blend policy (amem.blend) for this request.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import dataclasses
 import uuid
 from typing import Any, Iterable
 
+from amem_sgl.blend.policy import BlendPolicy
 from amem_sgl.chunks.identity import validate_namespace
 
 ACTION_TYPE = "amem.chunks"
@@ -42,6 +45,7 @@ class ChunkRequest:
     namespace: str
     spans: tuple[ChunkSpan, ...]
     register: bool = False
+    blend: BlendPolicy | None = None  # None: the server's default policy
 
     def validate(self, num_tokens: int | None = None, max_chunk_tokens: int | None = None) -> "ChunkRequest":
         validate_namespace(self.namespace)
@@ -49,6 +53,13 @@ class ChunkRequest:
             raise ValueError("amem.chunks: spans must not be empty")
         if self.register and len(self.spans) != 1:
             raise ValueError("amem.chunks: a register action takes exactly one span")
+        if self.blend is not None:
+            if self.register:
+                raise ValueError("amem.chunks: blend applies to splicing, not to a register action")
+            try:
+                self.blend.validate()
+            except ValueError as err:
+                raise ValueError(f"amem.chunks: {err}") from None
         previous_end = 0
         for span in self.spans:
             if not (0 <= span.start < span.end):
@@ -65,9 +76,15 @@ class ChunkRequest:
         return self
 
 
-def build_kv_hints(namespace: str, spans: Iterable[tuple[int, int]], *, register: bool = False) -> dict:
+def build_kv_hints(namespace: str, spans: Iterable[tuple[int, int]], *, register: bool = False,
+                   blend: BlendPolicy | None = None) -> dict:
     """The ``kv_hints`` value for a ``/generate`` request (JSON-ready)."""
-    request = ChunkRequest(namespace, tuple(ChunkSpan(int(s), int(e)) for s, e in spans), register).validate()
+    request = ChunkRequest(namespace, tuple(ChunkSpan(int(s), int(e)) for s, e in spans), register,
+                           blend).validate()
+    payload = {"namespace": request.namespace, "register": request.register,
+               "spans": [[s.start, s.end] for s in request.spans]}
+    if blend is not None:
+        payload["blend"] = dataclasses.asdict(blend)
     return {
         "protocol_version": PROTOCOL_VERSION,
         "message_id": uuid.uuid4().hex,
@@ -75,8 +92,7 @@ def build_kv_hints(namespace: str, spans: Iterable[tuple[int, int]], *, register
             "action_id": uuid.uuid4().hex,
             "action_type": ACTION_TYPE,
             "action_version": ACTION_VERSION,
-            "payload": {"namespace": request.namespace, "register": request.register,
-                        "spans": [[s.start, s.end] for s in request.spans]},
+            "payload": payload,
         }],
     }
 
@@ -101,7 +117,7 @@ def parse_kv_hints(envelope: Any) -> ChunkRequest | None:
     payload = _field(action, "payload") or {}
     if not isinstance(payload, dict):
         raise ValueError("amem.chunks: payload must be an object")
-    unknown = sorted(set(payload) - {"namespace", "spans", "register"})
+    unknown = sorted(set(payload) - {"namespace", "spans", "register", "blend"})
     if unknown:
         raise ValueError(f"amem.chunks: unknown payload field(s) {', '.join(unknown)}")
     spans = payload.get("spans")
@@ -111,7 +127,13 @@ def parse_kv_hints(envelope: Any) -> ChunkRequest | None:
     register = payload.get("register", False)
     if not isinstance(register, bool):
         raise ValueError("amem.chunks: register must be true or false")
-    return ChunkRequest(payload.get("namespace"), tuple(ChunkSpan(s, e) for s, e in spans), register).validate()
+    blend = payload.get("blend")
+    if blend is not None:
+        if not isinstance(blend, dict) or set(blend) - {"policy", "sink_tokens"}:
+            raise ValueError("amem.chunks: blend must be an object with 'policy' and optional 'sink_tokens'")
+        blend = BlendPolicy(**blend)
+    return ChunkRequest(payload.get("namespace"), tuple(ChunkSpan(s, e) for s, e in spans), register,
+                        blend).validate()
 
 
 def _field(obj: Any, name: str) -> Any:
