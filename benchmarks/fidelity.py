@@ -2,10 +2,12 @@
 
 For every question (benchmarks.fidelity_data): its chunks are registered (KV computed once, behind
 the chat preamble), the prompt [preamble][chunks in shuffled order][question] is composed, and the
-same input_ids are generated twice, greedy:
+same input_ids are generated greedily:
 
-* ``reuse`` -- chunk spans declared: resident chunks are spliced (KV copied, keys re-rotated);
-* ``full`` -- under a fresh cache salt: a full prefill that shares no KV with anything.
+* ``full`` -- once, under a fresh cache salt: a full prefill that shares no KV with anything;
+* ``reuse`` -- once per blend policy (each in its own namespace, so each splices afresh): chunk
+  spans declared, resident chunks spliced (KV copied, keys re-rotated) and the policy's tokens
+  recomputed in a blend pass.
 
 Reported overall, per length band and per hop count: first-token agreement, identical greedy
 answers, correctness (gold city in the answer) of both arms and their agreement, and prompt tokens
@@ -14,6 +16,7 @@ the model computed in each arm.
     python -m benchmarks.fidelity                  # starts a server with configs/default.yaml
     python -m benchmarks.fidelity --url http://127.0.0.1:30000 --n 120
     python -m benchmarks.fidelity --quick          # 6 questions, for a smoke run
+    python -m benchmarks.fidelity --policies none sink:4 sink:16 all --n 60
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from amem_sgl.blend.policy import BlendPolicy
 from amem_sgl.chunks.client import ChunkClient
 from benchmarks.fidelity_data import Question, make_questions
 
@@ -40,6 +44,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 @dataclasses.dataclass
 class Row:
+    policy: str
     qid: str
     band: str
     hops: int
@@ -55,22 +60,40 @@ class Row:
     full_answer: str
     reuse_latency_s: float
     full_latency_s: float
+    recomputed_chunk_tokens: int
 
 
-def evaluate(client: ChunkClient, questions: list[Question], namespace: str, max_new_tokens: int) -> list[Row]:
+def parse_policy(text: str) -> BlendPolicy:
+    """'none', 'all', or 'sink:K'."""
+    name, _, k = text.partition(":")
+    return BlendPolicy(name, int(k) if k else 4).validate()
+
+
+def policy_label(policy: BlendPolicy) -> str:
+    return f"sink:{policy.sink_tokens}" if policy.policy == "sink" else policy.policy
+
+
+def evaluate(client: ChunkClient, questions: list[Question], namespace: str, max_new_tokens: int,
+             policies: list[BlendPolicy]) -> list[Row]:
     rows = []
     for q in tqdm(questions, desc="fidelity", unit="question", file=sys.stderr):
-        chunks = [client.register(text, namespace).token_ids for text in q.chunks]
-        prompt = client.layout.compose(chunks, q.prompt)
-        reuse = client.generate(prompt, namespace, max_new_tokens=max_new_tokens)
-        full = client.generate(prompt, max_new_tokens=max_new_tokens, isolated=True)
-        gold = q.gold.lower()
-        rows.append(Row(
-            q.qid, q.band, q.hops, len(prompt.input_ids), prompt.chunk_tokens,
-            reuse.computed_prompt_tokens, full.computed_prompt_tokens,
-            reuse.output_ids[:1] == full.output_ids[:1], reuse.output_ids == full.output_ids,
-            gold in reuse.text.lower(), gold in full.text.lower(), reuse.text, full.text,
-            reuse.latency_s, full.latency_s))
+        full = None
+        for policy in policies:
+            label = policy_label(policy)
+            ns = f"{namespace}-{label.replace(':', '-')}"
+            chunks = [client.register(text, ns).token_ids for text in q.chunks]
+            prompt = client.layout.compose(chunks, q.prompt)
+            if full is None:
+                full = client.generate(prompt, max_new_tokens=max_new_tokens, isolated=True)
+            reuse = client.generate(prompt, ns, max_new_tokens=max_new_tokens, blend=policy)
+            recomputed = len(policy.select([(s, e - s) for s, e in prompt.spans]))
+            gold = q.gold.lower()
+            rows.append(Row(
+                label, q.qid, q.band, q.hops, len(prompt.input_ids), prompt.chunk_tokens,
+                reuse.computed_prompt_tokens + recomputed, full.computed_prompt_tokens,
+                reuse.output_ids[:1] == full.output_ids[:1], reuse.output_ids == full.output_ids,
+                gold in reuse.text.lower(), gold in full.text.lower(), reuse.text, full.text,
+                reuse.latency_s, full.latency_s, recomputed))
     return rows
 
 
@@ -88,6 +111,8 @@ def summarize(rows: list[Row]) -> dict:
             "correctness_agreement": sum(r.reuse_correct == r.full_correct for r in group) / n,
             "mean_prompt_tokens": sum(r.prompt_tokens for r in group) / n,
             "mean_chunk_tokens": sum(r.chunk_tokens for r in group) / n,
+            "recomputed_fraction": sum(r.recomputed_chunk_tokens for r in group)
+            / max(sum(r.chunk_tokens for r in group), 1),
             "reuse_computed_tokens": reuse_tokens,
             "full_computed_tokens": full_tokens,
             "prefill_ratio_full_over_reuse": full_tokens / max(reuse_tokens, 1),
@@ -95,11 +120,15 @@ def summarize(rows: list[Row]) -> dict:
             / max(sum(r.reuse_latency_s for r in group), 1e-9),
         }
 
-    by: dict[str, list[Row]] = defaultdict(list)
+    by: dict[tuple, list[Row]] = defaultdict(list)
+    bands = {"short": 0, "medium": 1, "long": 2}
+    policies = list(dict.fromkeys(r.policy for r in rows))
     for r in rows:
-        by[f"band={r.band}"].append(r)
-        by[f"hops={r.hops}"].append(r)
-    return {"overall": stats(rows), **{key: stats(group) for key, group in sorted(by.items())}}
+        p = policies.index(r.policy)
+        by[(p, 0, 0, f"{r.policy} overall")].append(r)
+        by[(p, 1, bands.get(r.band, 9), f"{r.policy} band={r.band}")].append(r)
+        by[(p, 2, r.hops, f"{r.policy} hops={r.hops}")].append(r)
+    return {key[-1]: stats(by[key]) for key in sorted(by)}
 
 
 def device_name() -> str:
@@ -117,7 +146,8 @@ def write_report(summary: dict, rows: list[Row], meta: dict, out_dir: Path, tag:
     json_path.write_text(json.dumps({"meta": meta, "summary": summary,
                                      "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
     cols = ["n", "first_token_agreement", "identical_answers", "reuse_accuracy", "full_accuracy",
-            "correctness_agreement", "mean_chunk_tokens", "prefill_ratio_full_over_reuse"]
+            "correctness_agreement", "recomputed_fraction", "mean_chunk_tokens", "prefill_ratio_full_over_reuse",
+            "latency_ratio_full_over_reuse"]
     lines = [f"# Fidelity: {meta['policy']} vs full re-prefill ({meta['model']}, {meta['device']})", "",
              f"Command: `{meta['command']}`  ", f"Date: {meta['date']}, {meta['seconds']:.0f} s", "",
              "| group | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -135,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="6 questions: a smoke run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--policies", nargs="+", default=["none"],
+                        help="blend policies to compare: none, all, sink:K (each against the same full prefill)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     n = 6 if args.quick else args.n
@@ -151,13 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.monotonic()
         client = ChunkClient(args.url)
-        rows = evaluate(client, make_questions(n, seed=args.seed), f"fidelity-{args.seed}", args.max_new_tokens)
+        policies = [parse_policy(p) for p in args.policies]
+        rows = evaluate(client, make_questions(n, seed=args.seed), f"fidelity-{args.seed}", args.max_new_tokens,
+                        policies)
         summary = summarize(rows)
-        meta = {"policy": "splice, no recompute", "model": "SmolLM2-135M-Instruct (bf16)",
+        meta = {"policy": ", ".join(policy_label(p) for p in policies), "model": "SmolLM2-135M-Instruct (bf16)",
                 "device": device_name(), "date": dt.datetime.now().isoformat(timespec="seconds"),
                 "seconds": time.monotonic() - t0, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
                 "command": "python -m benchmarks.fidelity " + " ".join(argv if argv is not None else sys.argv[1:])}
-        json_path, md_path = write_report(summary, rows, meta, args.out, "fidelity-splice" + ("-quick" if args.quick else ""))
+        tag = "fidelity-" + "-".join(policy_label(p).replace(":", "") for p in policies)
+        json_path, md_path = write_report(summary, rows, meta, args.out, tag + ("-quick" if args.quick else ""))
         print(md_path.read_text())
         print(f"wrote {json_path} and {md_path}")
     finally:

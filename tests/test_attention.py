@@ -72,3 +72,25 @@ def test_other_attention_kinds_go_to_the_original(kwargs):
                                b["req_pool_indices"], b["seq_lens"], b["extend_prefix_lens"],
                                b["extend_seq_lens"], **args)
     assert len(calls) == 1 and all(calls[0][k] == v for k, v in args.items())
+
+
+def test_scattered_query_positions_attend_causally_by_position():
+    """The blend pass's shape: queries for a few positions inside a 40-token sequence."""
+    gen = torch.Generator().manual_seed(torch.seed())
+    kv_len, picked = 40, [0, 3, 17, 18, 39]
+    k_cache = torch.randn(64, KV_HEADS, DIM, generator=gen)
+    v_cache = torch.randn(64, KV_HEADS, DIM, generator=gen)
+    row = torch.randperm(63, generator=gen)[:kv_len] + 1
+    req_to_token = torch.zeros(2, 64, dtype=torch.int32)
+    req_to_token[1, :kv_len] = row.int()
+    q = torch.randn(len(picked), HEADS, DIM, generator=gen)
+    out = extend_attention(q, torch.empty_like(q), k_cache, v_cache, req_to_token, torch.tensor([1]),
+                           torch.tensor([kv_len]), torch.tensor([kv_len - len(picked)]),
+                           torch.tensor([len(picked)]), scaling=DIM ** -0.5, enable_gqa=True,
+                           positions=torch.tensor(picked))
+    k = k_cache[row.long()].double().repeat_interleave(HEADS // KV_HEADS, dim=1)
+    v = v_cache[row.long()].double().repeat_interleave(HEADS // KV_HEADS, dim=1)
+    for i, p in enumerate(picked):
+        scores = torch.einsum("hd,khd->hk", q[i].double(), k[: p + 1]) * DIM ** -0.5
+        want = torch.einsum("hk,khd->hd", scores.softmax(-1), v[: p + 1])
+        torch.testing.assert_close(out[i].double(), want, rtol=1e-5, atol=1e-5, msg=f"position {p}")

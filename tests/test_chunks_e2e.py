@@ -80,3 +80,27 @@ def test_the_client_raises_the_servers_message(client):
     with pytest.raises(AmemRequestError, match="runs past the prompt") as err:
         client.generate(type(client.layout.compose([], "hi"))([1, 2], [(0, 5)]), "x")
     assert err.value.status == 400
+
+
+def test_blend_all_reproduces_the_full_prefill_and_sink_recomputes_k_per_chunk(client, amem_server):
+    from amem_sgl.blend.policy import BlendPolicy
+
+    if not amem_server.amem_state()["blend_available"]:
+        pytest.fail("blend unavailable on the CPU engine: " + amem_server.amem_state()["chunk_reuse_reason"])
+    facts = ["Maria, Alice's sister, lives in Denver and teaches chemistry at a high school.\n",
+             "Alice works at Boeing in Seattle as an engineer on the wing team.\n",
+             "Bob, Alice's cousin, is a chef in Portland who runs a small bistro.\n"]
+    question = "Which city does Alice's sister live in, and what does she teach?"
+    results, prompts = {}, {}
+    for policy in (BlendPolicy("all"), BlendPolicy("sink", 4)):
+        namespace = f"e2e-blend-{policy.policy}"
+        chunks = [client.register(f, namespace).token_ids for f in facts]
+        prompt = prompts[policy.policy] = client.layout.compose([chunks[i] for i in (2, 1, 0)], question)
+        before = amem_server.amem_state()["stats"]
+        results[policy.policy] = client.generate(prompt, namespace, max_new_tokens=24, blend=policy)
+        after = amem_server.amem_state()["stats"]
+        expected = prompt.chunk_tokens if policy.policy == "all" else 4 * len(chunks)
+        assert after["recomputed_tokens"] - before["recomputed_tokens"] == expected
+        assert after["blend_passes"] - before["blend_passes"] == 1
+    full = client.generate(prompts["all"], max_new_tokens=24, isolated=True)
+    assert results["all"].output_ids == full.output_ids
