@@ -104,6 +104,12 @@ def _publish_tree_state(scheduler, state: dict) -> None:
         state["amem"] = {"tree_cache": type(tree).__name__, "active": False}
 
 
+def _request_level_usage(original, streamer, key: str) -> bool:
+    from amem_sgl.cache.chunk_radix_cache import USAGE_KEY
+
+    return key == USAGE_KEY or original(streamer, key)
+
+
 def load() -> None:
     """Register amem with SGLang; idempotent within a process."""
     global _loaded
@@ -112,6 +118,7 @@ def load() -> None:
     if sgl.get_radix_cache_factory(BACKEND_NAME) is None:
         sgl.register_radix_cache_backend(BACKEND_NAME, build_chunk_radix_cache)
     sgl.add_internal_state_hook(_publish_tree_state)
+    sgl.add_around_hook(sgl.REQUEST_LEVEL_INFO_TARGET, _request_level_usage)
     # Behaviour changes only in servers amem's launcher started (it sets CONFIG_ENV): a plain
     # `python -m sglang.launch_server` in the same environment stays stock SGLang.
     if os.environ.get(CONFIG_ENV) and AmemConfig.from_env().attention.linear_extend:

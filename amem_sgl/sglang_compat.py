@@ -12,6 +12,7 @@ from sglang.launch_server import run_server
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.layers.rotary_embedding.factory import get_rope
 from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req
+from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
 from sglang.srt.managers.tp_worker import TpModelWorker
 from sglang.srt.managers.scheduler_components.internal_state import (
     SchedulerInternalStateController,
@@ -47,6 +48,12 @@ from sglang.srt.utils import kill_process_tree
 
 SGLANG_VERSION = sglang.__version__
 SUPPORTED_SGLANG_VERSION = "0.5.23"
+
+# Whether a req.customized_info key is reported once per request (not sliced per output token).
+REQUEST_LEVEL_INFO_TARGET = (
+    f"{SchedulerOutputStreamer.__module__}.{SchedulerOutputStreamer.__qualname__}"
+    ".is_request_level_customized_info_key"
+)
 
 # Dotted path of the worker's forward of one batch (where a blend pass runs first).
 WORKER_FORWARD_TARGET = f"{TpModelWorker.__module__}.{TpModelWorker.__qualname__}.forward_batch_generation"
@@ -121,6 +128,7 @@ __all__ = [
     "MHATokenToKVPool",
     "MatchPrefixParams",
     "MatchResult",
+    "REQUEST_LEVEL_INFO_TARGET",
     "RadixCache",
     "RadixKey",
     "Req",

@@ -38,6 +38,9 @@ def test_chunks_registered_once_are_spliced_in_another_order_and_answer_like_a_f
     assert spliced.cached_tokens >= preamble + second.chunk_tokens  # every chunk token from the cache
     assert full.cached_tokens == 0  # the reference really prefilled everything
     assert spliced.output_ids == full.output_ids and "Denver" in spliced.text
+    # The response reports what the cache did for this request (meta_info["amem"]).
+    assert spliced.amem["namespace"] == "e2e-alice" and spliced.amem["recomputed_tokens"] == 0
+    assert 0 < spliced.amem["spliced_tokens"] <= second.chunk_tokens and full.amem == {}
     stats = amem_server.amem_state()["stats"]
     assert stats["spliced_tokens"] - after_register["stats"]["spliced_tokens"] >= 2 * second.chunk_tokens - 1
 
@@ -101,6 +104,8 @@ def test_blend_all_reproduces_the_full_prefill_and_sink_recomputes_k_per_chunk(c
         after = amem_server.amem_state()["stats"]
         expected = prompt.chunk_tokens if policy.policy == "all" else 4 * len(chunks)
         assert after["recomputed_tokens"] - before["recomputed_tokens"] == expected
+        assert results[policy.policy].amem == {"namespace": namespace, "spliced_tokens": prompt.chunk_tokens,
+                                               "recomputed_tokens": expected, "blend_policy": policy.policy}
         assert after["blend_passes"] - before["blend_passes"] == 1
     full = client.generate(prompts["all"], max_new_tokens=24, isolated=True)
     assert results["all"].output_ids == full.output_ids

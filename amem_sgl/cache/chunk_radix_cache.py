@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 CHUNK_KEY_PREFIX = "amem:chunk:"
 NAMESPACE_KEY_PREFIX = "amem:ns:"
+USAGE_KEY = "amem"  # req.customized_info key -> meta_info["amem"] of the response
 
 
 @dataclasses.dataclass
@@ -177,6 +178,11 @@ class ChunkRadixCache(RadixCache):
         positions = policy.select(splice.segments) if self.chunks.blend_available else []
         if positions:
             self.pending_blends[req.rid] = BlendPlan(splice.end, tuple(positions))
+        # Reported once in the response's meta_info["amem"] (see amem_sgl.plugin).
+        req.customized_info = {**(req.customized_info or {}), USAGE_KEY: [{
+            "namespace": splice.request.namespace, "spliced_tokens": splice.end - splice.base_len,
+            "recomputed_tokens": len(positions), "blend_policy": policy.policy if positions else "none",
+        }]}
         base = self.path_device_indices(req.last_node)[: splice.base_len]
         return torch.cat([base.to(torch.int64), splice.slots])
 

@@ -93,6 +93,8 @@ class Generation:
     prompt_tokens: int
     cached_tokens: int
     latency_s: float
+    # The server's per-request report (meta_info["amem"]): spliced_tokens, recomputed_tokens, ...
+    amem: dict = dataclasses.field(default_factory=dict)
 
     @property
     def computed_prompt_tokens(self) -> int:
@@ -130,8 +132,10 @@ class ChunkClient:
         t0 = time.perf_counter()
         out = self._post("/generate", body)
         meta = out["meta_info"]
+        usage = meta.get("amem") or [{}]
         return Generation(out["text"], list(out.get("output_ids") or []), meta["prompt_tokens"],
-                          meta.get("cached_tokens", 0), time.perf_counter() - t0)
+                          meta.get("cached_tokens", 0), time.perf_counter() - t0,
+                          usage[0] if isinstance(usage, list) else usage)
 
     def _post(self, path: str, body: dict) -> dict:
         reply = requests.post(self.url + path, json=body, timeout=self.timeout)
