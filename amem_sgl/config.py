@@ -22,6 +22,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from amem_sgl.blend.policy import BlendPolicy
+
 CONFIG_ENV = "AMEM_SGL_CONFIG_JSON"
 CACHE_DIR_ENV = "AMEM_SGL_CACHE_DIR"
 
@@ -75,7 +77,12 @@ class AmemConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "AmemConfig":
-        return _build(cls, data or {}, "amem")
+        config = _build(cls, data or {}, "amem")
+        try:
+            BlendPolicy(config.blend.policy, config.blend.sink_tokens).validate()
+        except ValueError as err:
+            raise ValueError(f"config section 'amem.blend': {err}") from None
+        return config
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -12,6 +12,7 @@ import logging
 import os
 
 from amem_sgl import sglang_compat as sgl
+from amem_sgl.blend.policy import BlendPolicy
 from amem_sgl.cache import ChunkRadixCache
 from amem_sgl.cache.chunk_radix_cache import ChunkSupport
 from amem_sgl.cache.splice import find_rope, self_check
@@ -68,8 +69,6 @@ def chunk_support(ctx: sgl.TreeCacheBuildContext, config: AmemConfig) -> ChunkSu
         reason = f"KV pool {type(kv_pool).__name__} / model runner {type(model_runner).__name__} unsupported"
         logger.warning("amem: chunk reuse disabled: %s", reason)
         return ChunkSupport(kv_pool, None, model_id, False, reason, max_tokens)
-    from amem_sgl.blend.policy import BlendPolicy
-
     blend_default = BlendPolicy(config.blend.policy, config.blend.sink_tokens).validate()
     blend_available = bool(os.environ.get(CONFIG_ENV)) and config.attention.linear_extend and isinstance(
         getattr(model_runner, "attn_backend", None), sgl.TorchNativeAttnBackend)

@@ -92,6 +92,8 @@ def test_model_config_reaches_the_resolver(tmp_path):
     ("other: 1\n", "unknown top-level"),
     ("- a\n- b\n", "top level must be a mapping"),
     ("sglang: [1, 2]\n", "'sglang' must be a mapping"),
+    ("amem:\n  blend: {policy: magic}\n", "amem.blend.*policy must be one of"),
+    ("amem:\n  blend: {policy: sink, sink_tokens: 0}\n", "sink_tokens must be an integer"),
 ])
 def test_bad_config_files_are_refused_with_a_message(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):

@@ -131,35 +131,32 @@ class ChunkRadixCache(RadixCache):
     # ------------------------------------------------------------------ prefix-tree overrides
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
+        req = params.req
+        request = self._chunk_request(req) if req is not None and self.chunk_reuse_enabled else None
+        if request is not None:
+            # Spliced (and blended) sequences go into the tree under a namespace-salted key, so they
+            # serve only requests of that namespace that declare chunks: never another namespace,
+            # never a plain request expecting a full prefill of the same tokens.
+            salted = self._salt_request(req, request)
+            if salted != params.key.extra_key:
+                params = dataclasses.replace(params, key=RadixKey(
+                    params.key.token_ids, extra_key=salted, limit=params.key.limit,
+                    cache_salt=params.key.cache_salt))
         result = super().match_prefix(params)
+        if request is not None:
+            # A chunk span's KV is its chunk's own (registered or spliced), never a stretch of some
+            # other prefix that happens to start with the same tokens: cut a match ending inside a
+            # span back to the span's start (the re-match splits the node there).
+            inside = [s for s in request.spans if s.start < result.device_prefix_len < s.end]
+            if inside:
+                result = super().match_prefix(dataclasses.replace(params, key=params.key[: inside[0].start]))
         if not self.disable:
             self.stats.match_calls += 1
             self.stats.match_query_tokens += len(params.key)
             self.stats.match_hit_tokens += result.device_prefix_len
-        req = params.req
-        if req is None or not self.chunk_reuse_enabled:
-            return result
-        request = self._chunk_request(req)
-        if request is None:
-            self._drop_splice(req.rid)
-            return result
-        salted = self._salt_request(req, request)
-        if salted != params.key.extra_key:
-            # Spliced (and blended) sequences go into the tree under a namespace-salted key, so they
-            # serve only requests of that namespace that declare chunks: never another namespace,
-            # never a plain request expecting a full prefill of the same tokens.
-            params = dataclasses.replace(params, key=RadixKey(
-                params.key.token_ids, extra_key=salted, limit=params.key.limit,
-                cache_salt=params.key.cache_salt))
-            result = RadixCache.match_prefix(self, params)
-        # A chunk span's KV is its chunk's own (registered or spliced), never a stretch of some other
-        # prefix that happens to start with the same tokens: cut a match ending inside a span back
-        # to the span's start (the re-match splits the node there).
-        inside = [s for s in request.spans if s.start < result.device_prefix_len < s.end]
-        if inside:
-            result = RadixCache.match_prefix(self, dataclasses.replace(params, key=params.key[: inside[0].start]))
-        if request.register:
-            self._drop_splice(req.rid)
+        if request is None or request.register:
+            if req is not None:
+                self._drop_splice(req.rid)
             return result
         splice = self._splice_for(req, request, result, len(params.key))
         if splice is None:
