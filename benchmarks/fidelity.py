@@ -64,13 +64,13 @@ class Row:
 
 
 def parse_policy(text: str) -> BlendPolicy:
-    """'none', 'all', or 'sink:K'."""
+    """'none', 'all', or 'sink:K' / 'tail:K' / 'edges:K'."""
     name, _, k = text.partition(":")
     return BlendPolicy(name, int(k) if k else 4).validate()
 
 
 def policy_label(policy: BlendPolicy) -> str:
-    return f"sink:{policy.sink_tokens}" if policy.policy == "sink" else policy.policy
+    return policy.policy if policy.policy in ("none", "all") else f"{policy.policy}:{policy.sink_tokens}"
 
 
 def evaluate(client: ChunkClient, questions: list[Question], namespace: str, max_new_tokens: int,

@@ -80,3 +80,16 @@ def _json(obj) -> bytes:
     import json
 
     return json.dumps(obj).encode()
+
+
+def test_blend_policies_pick_the_documented_positions():
+    from amem_sgl.blend.policy import BlendPolicy
+
+    segments = [(10, 6), (16, 2)]  # a 6-token chunk at 10, a 2-token chunk at 16
+    assert BlendPolicy("none").select(segments) == []
+    assert BlendPolicy("all").select(segments) == list(range(10, 18))
+    assert BlendPolicy("sink", 3).select(segments) == [10, 11, 12, 16, 17]
+    assert BlendPolicy("tail", 2).select(segments) == [14, 15, 16, 17]
+    assert BlendPolicy("edges", 2).select(segments) == [10, 11, 14, 15, 16, 17]
+    with pytest.raises(ValueError, match="must be one of"):
+        BlendPolicy("random").validate()

@@ -6,6 +6,8 @@ to everything before them) restores part of that cross-attention:
 
 * ``none`` -- pure splice, nothing recomputed;
 * ``sink`` -- the first ``sink_tokens`` tokens of every spliced chunk (EPIC-style);
+* ``tail`` -- the last ``sink_tokens`` tokens of every spliced chunk;
+* ``edges`` -- both: the first and the last ``sink_tokens`` tokens of every spliced chunk;
 * ``all``  -- every spliced token: equal to a full prefill up to numerics (a correctness check of
   the blend pass, and the upper bound of the trade-off).
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
-POLICIES = ("none", "sink", "all")
+POLICIES = ("none", "sink", "tail", "edges", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +35,16 @@ class BlendPolicy:
         """Positions to recompute, ascending; ``segments`` are the spliced chunks' (start, length)."""
         if self.policy == "none":
             return []
-        if self.policy == "all":
-            return [p for start, length in segments for p in range(start, start + length)]
-        return [p for start, length in segments for p in range(start, start + min(self.sink_tokens, length))]
+        k, picked = self.sink_tokens, []
+        for start, length in segments:
+            end = start + length
+            if self.policy == "all":
+                picked.extend(range(start, end))
+                continue
+            chosen = set()
+            if self.policy in ("sink", "edges"):
+                chosen.update(range(start, min(start + k, end)))
+            if self.policy in ("tail", "edges"):
+                chosen.update(range(max(end - k, start), end))
+            picked.extend(sorted(chosen))
+        return picked
