@@ -114,7 +114,9 @@ def test_rerotated_keys_equal_sglang_rotary_embedding_at_the_new_position(rng, s
     idx = torch.arange(n)
     moved = rope_rerotate(k_old.view(n, heads, 64).clone(), idx, idx, new_pos - old_pos, table,
                           rotary_dim=64, backend=backend)
-    torch.testing.assert_close(moved, k_new.view(n, heads, 64), rtol=1e-4, atol=1e-4,
+    # Both sides use fp32 angles up to ~1000 rad (ulp 6e-5) on keys up to ~4: measured worst case
+    # 1.8e-4 over seeds, identical for both backends; a wrong rotation or layout errs by O(1).
+    torch.testing.assert_close(moved, k_new.view(n, heads, 64), rtol=1e-3, atol=1e-3,
                                msg=f"seed {rng.initial_seed()}")
 
 
