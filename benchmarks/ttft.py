@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from amem_sgl.chunks.client import ChunkClient
+from amem_sgl.chunks.client import ChunkClient, ComposedPrompt
 from amem_sgl.local_server import free_port, start_server
 from benchmarks.fidelity import device_name
 from benchmarks.fidelity_data import FILLER
@@ -54,7 +54,7 @@ def measure(url: str, tokens: int, repeats: int, tag: str) -> dict:
     texts = chunk_texts(tokens, client)
     chunks = [client.register(text, f"ttft-{tag}") for text in texts]
     prompt = client.layout.compose([c.token_ids for c in chunks], "Summarize the notes in one sentence.")
-    plain = type(prompt)(prompt.input_ids, [])  # same tokens, no spans declared
+    plain = ComposedPrompt(prompt.input_ids, [])  # same tokens, no spans declared
     # Spliced first: right after registration only the preamble is an ordinary prefix, so the
     # chunks are truly spliced. Later spliced requests with another question are plain hits on the
     # sequence the first one left in the tree (reported as spliced_again).

@@ -6,7 +6,7 @@ import pytest
 import requests
 
 from amem_sgl.chunks import build_kv_hints
-from amem_sgl.chunks.client import AmemRequestError, ChunkClient, error_message
+from amem_sgl.chunks.client import AmemRequestError, ChunkClient, ComposedPrompt, error_message
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ def test_bad_amem_actions_are_refused_with_the_reason(amem_server, payload, mess
 
 def test_the_client_raises_the_servers_message(client):
     with pytest.raises(AmemRequestError, match="runs past the prompt") as err:
-        client.generate(type(client.layout.compose([], "hi"))([1, 2], [(0, 5)]), "x")
+        client.generate(ComposedPrompt([1, 2], [(0, 5)]), "x")
     assert err.value.status == 400
 
 

@@ -33,28 +33,42 @@ class RequestBodyLimit:
             return await self._refuse(send, int(declared))
 
         # No (or a small) declared length: read the body, counting, and replay it downstream.
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return await self.app(scope, _replay(b"", receive, first=message), send)
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await self._refuse(send, size, at_least=True)
-            more = message.get("more_body", False)
-        return await self.app(scope, _replay(b"".join(chunks), receive), send)
+        body, interrupted, size = await _read_body(receive, limit=self.max_bytes)
+        if interrupted is not None:
+            return await self.app(scope, _replay(b"", receive, first=interrupted), send)
+        if body is None:
+            return await self._refuse(send, size, at_least=True)
+        return await self.app(scope, _replay(body, receive), send)
 
     async def _refuse(self, send, size: int, at_least: bool = False) -> None:
-        body = error_body(
+        await _send_json(send, 413, error_body(
             f"request body is {'over ' if at_least else ''}{size} bytes; this server accepts at most "
             f"{self.max_bytes} bytes (amem.server.max_request_bytes)",
             413, "RequestTooLarge",
-        )
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        ))
+
+
+async def _read_body(receive, limit: int | None = None):
+    """Read a request body: (body, None, size); (None, None, size) once it passes ``limit``;
+    (None, message, size) when a non-body message (a disconnect) arrives first."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None, message, size
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if limit is not None and size > limit:
+            return None, None, size
+        more = message.get("more_body", False)
+    return b"".join(chunks), None, size
+
+
+async def _send_json(send, status: int, payload: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
 
 
 def _replay(body: bytes, receive, first=None):
@@ -85,21 +99,12 @@ class ChunkHintsGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.PATHS:
             return await self.app(scope, receive, send)
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return await self.app(scope, _replay(b"", receive, first=message), send)
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
+        body, interrupted, _ = await _read_body(receive)
+        if interrupted is not None:
+            return await self.app(scope, _replay(b"", receive, first=interrupted), send)
         error = self.check(body) if ACTION_TYPE.encode() in body else None
         if error:  # in the shape SGLang's native /generate uses for its own 400s
-            payload = json.dumps({"error": {"message": error}}).encode()
-            await send({"type": "http.response.start", "status": 400,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(payload)).encode())]})
-            return await send({"type": "http.response.body", "body": payload})
+            return await _send_json(send, 400, json.dumps({"error": {"message": error}}).encode())
         return await self.app(scope, _replay(body, receive), send)
 
     def check(self, body: bytes) -> str | None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.fidelity import device_name
 from kernels.rope_rerotate import rope_rerotate
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -126,15 +127,6 @@ def run(tokens: list[int], device: torch.device, sets: int = 3) -> list[dict]:
     return rows
 
 
-def device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device).replace(" ", "-")
-    import os
-    import platform
-
-    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
@@ -144,15 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args.tokens, device)
     head = ["tokens", "backend", "rel_error_vs_fp64", "rerotate_ms", "rerotate_GBps", "gather_copy_GBps",
             "contiguous_copy_GBps", "pct_of_contiguous_copy", "pct_of_gather_copy"]
-    lines = [f"# rope_rerotate on {device_label(device)} (8 KV heads x 128, bf16)", "",
+    lines = [f"# rope_rerotate on {device_name()} (8 KV heads x 128, bf16)", "",
              "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
         lines.append("| " + " | ".join(f"{r[h]:.4g}" if isinstance(r[h], float) else str(r[h]) for h in head) + " |")
     print("\n".join(lines))
     if args.save:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        stem = RESULTS / f"{dt.date.today().isoformat()}-{device_label(device)}-rope-rerotate"
-        stem.with_suffix(".json").write_text(json.dumps({"device": device_label(device), "rows": rows}, indent=2))
+        stem = RESULTS / f"{dt.date.today().isoformat()}-{device_name()}-rope-rerotate"
+        stem.with_suffix(".json").write_text(json.dumps({"device": device_name(), "rows": rows}, indent=2))
         stem.with_suffix(".md").write_text("\n".join(lines) + "\n\nCommand: `python -m benchmarks.kernels."
                                            "bench_rope_rerotate --save`\n")
     return 0
