@@ -58,6 +58,11 @@ class BlendConfig:
     # Default blend policy for spliced requests (amem_sgl.blend.policy); requests may override it.
     policy: str = "none"
     sink_tokens: int = 4
+    ratio: float = 0.15
+    check_layer: int = 1
+
+    def to_policy(self) -> BlendPolicy:
+        return BlendPolicy(self.policy, self.sink_tokens, self.ratio, self.check_layer).validate()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +84,7 @@ class AmemConfig:
     def from_dict(cls, data: Mapping[str, Any] | None) -> "AmemConfig":
         config = _build(cls, data or {}, "amem")
         try:
-            BlendPolicy(config.blend.policy, config.blend.sink_tokens).validate()
+            config.blend.to_policy()
         except ValueError as err:
             raise ValueError(f"config section 'amem.blend': {err}") from None
         return config
@@ -109,6 +114,8 @@ def _build(cls, data: Mapping[str, Any], where: str):
             kwargs[name] = _build(sub, value, f"{where}.{name}")
         else:
             expected = type(f.default)
+            if expected is float and type(value) is int:
+                value = float(value)
             if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
                 raise ValueError(f"config key '{where}.{name}' must be {expected.__name__}, "
                                  f"got {value!r}")

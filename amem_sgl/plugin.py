@@ -12,9 +12,8 @@ import logging
 import os
 
 from amem_sgl import sglang_compat as sgl
-from amem_sgl.blend.policy import BlendPolicy
 from amem_sgl.cache import ChunkRadixCache
-from amem_sgl.cache.chunk_radix_cache import ChunkSupport
+from amem_sgl.cache.chunk_radix_cache import USAGE_KEY, ChunkSupport
 from amem_sgl.cache.splice import find_rope, self_check
 from amem_sgl.config import CONFIG_ENV, AmemConfig
 
@@ -41,6 +40,10 @@ def build_chunk_radix_cache(ctx: sgl.TreeCacheBuildContext) -> ChunkRadixCache:
             f"not supported here: {', '.join(unsupported)}"
         )
     cache = ChunkRadixCache(ctx.params, chunks=chunk_support(ctx, AmemConfig.from_env()))
+    if getattr(ctx.server_args, "enable_metrics", False):
+        from amem_sgl.metrics import AmemMetrics
+
+        cache.metrics = AmemMetrics(_model_id(ctx))
     if cache.chunks.blend_available:
         from amem_sgl.blend.runner import RUNNERS, BlendRunner
 
@@ -69,7 +72,7 @@ def chunk_support(ctx: sgl.TreeCacheBuildContext, config: AmemConfig) -> ChunkSu
         reason = f"KV pool {type(kv_pool).__name__} / model runner {type(model_runner).__name__} unsupported"
         logger.warning("amem: chunk reuse disabled: %s", reason)
         return ChunkSupport(kv_pool, None, model_id, False, reason, max_tokens)
-    blend_default = BlendPolicy(config.blend.policy, config.blend.sink_tokens).validate()
+    blend_default = config.blend.to_policy()
     blend_available = bool(os.environ.get(CONFIG_ENV)) and config.attention.linear_extend and isinstance(
         getattr(model_runner, "attn_backend", None), sgl.TorchNativeAttnBackend)
     rope = find_rope(model_runner.model)
@@ -104,9 +107,21 @@ def _publish_tree_state(scheduler, state: dict) -> None:
 
 
 def _request_level_usage(original, streamer, key: str) -> bool:
-    from amem_sgl.cache.chunk_radix_cache import USAGE_KEY
-
     return key == USAGE_KEY or original(streamer, key)
+
+
+def _response_usage(original, *args, **kwargs):
+    """AROUND hook for the OpenAI routes' usage: adds ``usage.amem`` (spliced / recomputed / probed /
+    extended tokens, namespace, policy) when the request used chunk KV."""
+    from amem_sgl.metrics import merge_usage
+
+    usage = original(*args, **kwargs)
+    responses = kwargs.get("responses", args[0] if args else [])
+    n = kwargs.get("n_choices", args[1] if len(args) > 1 else 1) or 1
+    merged = merge_usage([responses[i]["meta_info"].get(USAGE_KEY) for i in range(0, len(responses), n)])
+    if merged is not None:
+        usage.amem = merged
+    return usage
 
 
 def load() -> None:
@@ -127,4 +142,7 @@ def load() -> None:
         sgl.add_around_hook(sgl.TORCH_NATIVE_EXTEND_TARGET, around_torch_native_extend)
         sgl.add_around_hook(sgl.TORCH_NATIVE_FORWARD_EXTEND_TARGET, around_torch_native_forward_extend)
         sgl.add_around_hook(sgl.WORKER_FORWARD_TARGET, around_forward)
+    if os.environ.get(CONFIG_ENV):
+        sgl.allow_usage_extension_fields()
+        sgl.add_around_hook(sgl.RESPONSE_USAGE_TARGET, _response_usage)
     _loaded = True

@@ -13,6 +13,8 @@ from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBack
 from sglang.srt.layers.rotary_embedding.factory import get_rope
 from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req
 from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
+from sglang.srt.entrypoints.openai import protocol as _openai_protocol
+from sglang.srt.entrypoints.openai.usage_processor import UsageProcessor
 from sglang.srt.managers.tp_worker import TpModelWorker
 from sglang.srt.managers.scheduler_components.internal_state import (
     SchedulerInternalStateController,
@@ -54,6 +56,23 @@ REQUEST_LEVEL_INFO_TARGET = (
     f"{SchedulerOutputStreamer.__module__}.{SchedulerOutputStreamer.__qualname__}"
     ".is_request_level_customized_info_key"
 )
+
+# Dotted path of the OpenAI routes' non-streaming usage builder (responses carry meta_info).
+RESPONSE_USAGE_TARGET = f"{UsageProcessor.__module__}.{UsageProcessor.__qualname__}.calculate_response_usage"
+
+
+def allow_usage_extension_fields() -> None:
+    """Let OpenAI ``usage`` objects carry extra fields (``usage.amem``) through serialisation."""
+    usage = _openai_protocol.UsageInfo
+    if usage.model_config.get("extra") == "allow":
+        return
+    usage.model_config["extra"] = "allow"
+    usage.model_rebuild(force=True)
+    for model in vars(_openai_protocol).values():
+        if isinstance(model, type) and issubclass(model, _openai_protocol.BaseModel) and "usage" in getattr(
+                model, "model_fields", {}):
+            model.model_rebuild(force=True)
+
 
 # Dotted path of the worker's forward of one batch (where a blend pass runs first).
 WORKER_FORWARD_TARGET = f"{TpModelWorker.__module__}.{TpModelWorker.__qualname__}.forward_batch_generation"
@@ -129,6 +148,8 @@ __all__ = [
     "MatchPrefixParams",
     "MatchResult",
     "REQUEST_LEVEL_INFO_TARGET",
+    "RESPONSE_USAGE_TARGET",
+    "allow_usage_extension_fields",
     "RadixCache",
     "RadixKey",
     "Req",

@@ -10,13 +10,16 @@ same input_ids are generated greedily:
   recomputed in a blend pass.
 
 Reported overall, per length band and per hop count: first-token agreement, identical greedy
-answers, correctness (gold city in the answer) of both arms and their agreement, and prompt tokens
-the model computed in each arm.
+answers, correctness (gold city in the answer) of both arms and their agreement, exact match (the
+first city the answer names is the gold one) and token F1 against the gold answer for both arms,
+the recomputed fraction of chunk tokens (recompute cost in full-depth token equivalents: the
+deviation probe's layers count too), prompt tokens the model computed in each arm, and TTFT (both
+arms streamed, timed to the first output) as full ÷ reuse.
 
     python -m benchmarks.fidelity                  # starts a server with configs/default.yaml
     python -m benchmarks.fidelity --url http://127.0.0.1:30000 --n 120
     python -m benchmarks.fidelity --quick          # 6 questions, for a smoke run
-    python -m benchmarks.fidelity --policies none sink:4 sink:16 all --n 60
+    python -m benchmarks.fidelity --policies none sink:4 hkvd:0.15 sink+hkvd:4:0.1 all --n 60
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import sys
 import time
 from collections import defaultdict
@@ -36,7 +40,9 @@ from tqdm.auto import tqdm
 
 from amem_sgl.blend.policy import BlendPolicy
 from amem_sgl.chunks.client import ChunkClient
-from benchmarks.fidelity_data import Question, make_questions
+from benchmarks.fidelity_data import CITIES, Question, make_questions
+
+CITY_WORDS = {c.lower() for c in CITIES}
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -61,39 +67,68 @@ class Row:
     reuse_latency_s: float
     full_latency_s: float
     recomputed_chunk_tokens: int
+    recompute_cost_tokens: float  # recomputed + probe layers, in full-depth token equivalents
+    reuse_ttft_s: float
+    full_ttft_s: float
+    reuse_em: bool
+    full_em: bool
+    reuse_f1: float
+    full_f1: float
 
 
 def parse_policy(text: str) -> BlendPolicy:
-    """'none', 'all', or 'sink:K' / 'tail:K' / 'edges:K'."""
-    name, _, k = text.partition(":")
-    return BlendPolicy(name, int(k) if k else 4).validate()
+    return BlendPolicy.parse(text)
 
 
 def policy_label(policy: BlendPolicy) -> str:
-    return policy.policy if policy.policy in ("none", "all") else f"{policy.policy}:{policy.sink_tokens}"
+    return policy.label
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def exact_match(answer: str, gold: str) -> bool:
+    """The first city the answer names is the gold city."""
+    named = [w for w in _words(answer) if w in CITY_WORDS]
+    return bool(named) and named[0] == gold.lower()
+
+
+def token_f1(answer: str, gold: str) -> float:
+    """SQuAD-style token F1 of the answer against the gold answer."""
+    pred, ref = _words(answer), _words(gold)
+    common = sum(min(pred.count(w), ref.count(w)) for w in set(ref))
+    if not pred or not ref or common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
 
 
 def evaluate(client: ChunkClient, questions: list[Question], namespace: str, max_new_tokens: int,
-             policies: list[BlendPolicy]) -> list[Row]:
+             policies: list[BlendPolicy], num_layers: int) -> list[Row]:
     rows = []
     for q in tqdm(questions, desc="fidelity", unit="question", file=sys.stderr):
         full = None
         for policy in policies:
             label = policy_label(policy)
-            ns = f"{namespace}-{label.replace(':', '-')}"
+            ns = f"{namespace}-" + re.sub(r"[^A-Za-z0-9_.:@-]", "-", label)
             chunks = [client.register(text, ns).token_ids for text in q.chunks]
             prompt = client.layout.compose(chunks, q.prompt)
             if full is None:
-                full = client.generate(prompt, max_new_tokens=max_new_tokens, isolated=True)
-            reuse = client.generate(prompt, ns, max_new_tokens=max_new_tokens, blend=policy)
-            recomputed = len(policy.select([(s, e - s) for s, e in prompt.spans]))
+                full = client.generate(prompt, max_new_tokens=max_new_tokens, isolated=True, ttft=True)
+            reuse = client.generate(prompt, ns, max_new_tokens=max_new_tokens, blend=policy, ttft=True)
+            # The server's own report of what it recomputed (0 when nothing was spliced).
+            recomputed = int(reuse.amem.get("recomputed_tokens", 0))
+            cost = recomputed + reuse.amem.get("probed_tokens", 0) * reuse.amem.get("probe_layers", 0) / num_layers
             gold = q.gold.lower()
             rows.append(Row(
                 label, q.qid, q.band, q.hops, len(prompt.input_ids), prompt.chunk_tokens,
                 reuse.computed_prompt_tokens + recomputed, full.computed_prompt_tokens,
                 reuse.output_ids[:1] == full.output_ids[:1], reuse.output_ids == full.output_ids,
                 gold in reuse.text.lower(), gold in full.text.lower(), reuse.text, full.text,
-                reuse.latency_s, full.latency_s, recomputed))
+                reuse.latency_s, full.latency_s, recomputed, cost, reuse.ttft_s, full.ttft_s,
+                exact_match(reuse.text, gold), exact_match(full.text, gold),
+                token_f1(reuse.text, gold), token_f1(full.text, gold)))
     return rows
 
 
@@ -111,8 +146,16 @@ def summarize(rows: list[Row]) -> dict:
             "correctness_agreement": sum(r.reuse_correct == r.full_correct for r in group) / n,
             "mean_prompt_tokens": sum(r.prompt_tokens for r in group) / n,
             "mean_chunk_tokens": sum(r.chunk_tokens for r in group) / n,
-            "recomputed_fraction": sum(r.recomputed_chunk_tokens for r in group)
+            "reuse_em": sum(r.reuse_em for r in group) / n,
+            "full_em": sum(r.full_em for r in group) / n,
+            "reuse_f1": sum(r.reuse_f1 for r in group) / n,
+            "full_f1": sum(r.full_f1 for r in group) / n,
+            "recomputed_fraction": sum(r.recompute_cost_tokens for r in group)
             / max(sum(r.chunk_tokens for r in group), 1),
+            "recomputed_token_fraction": sum(r.recomputed_chunk_tokens for r in group)
+            / max(sum(r.chunk_tokens for r in group), 1),
+            "ttft_ratio_full_over_reuse": sum(r.full_ttft_s for r in group)
+            / max(sum(r.reuse_ttft_s for r in group), 1e-9),
             "reuse_computed_tokens": reuse_tokens,
             "full_computed_tokens": full_tokens,
             "prefill_ratio_full_over_reuse": full_tokens / max(reuse_tokens, 1),
@@ -131,6 +174,12 @@ def summarize(rows: list[Row]) -> dict:
     return {key[-1]: stats(by[key]) for key in sorted(by)}
 
 
+def model_layers(client: ChunkClient) -> int:
+    """The served model's layer count (from its config.json)."""
+    info = client._get("/get_model_info")
+    return int(json.loads((Path(info["model_path"]) / "config.json").read_text())["num_hidden_layers"])
+
+
 def device_name() -> str:
     import torch
 
@@ -145,9 +194,9 @@ def write_report(summary: dict, rows: list[Row], meta: dict, out_dir: Path, tag:
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps({"meta": meta, "summary": summary,
                                      "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
-    cols = ["n", "first_token_agreement", "identical_answers", "reuse_accuracy", "full_accuracy",
-            "correctness_agreement", "recomputed_fraction", "mean_chunk_tokens", "prefill_ratio_full_over_reuse",
-            "latency_ratio_full_over_reuse"]
+    cols = ["n", "identical_answers", "first_token_agreement", "correctness_agreement", "reuse_accuracy",
+            "full_accuracy", "reuse_em", "full_em", "reuse_f1", "full_f1", "recomputed_fraction",
+            "mean_chunk_tokens", "prefill_ratio_full_over_reuse", "ttft_ratio_full_over_reuse"]
     lines = [f"# Fidelity: {meta['policy']} vs full re-prefill ({meta['model']}, {meta['device']})", "",
              f"Command: `{meta['command']}`  ", f"Date: {meta['date']}, {meta['seconds']:.0f} s", "",
              "| group | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -166,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--policies", nargs="+", default=["none"],
-                        help="blend policies to compare: none, all, sink:K (each against the same full prefill)")
+                        help="blend policies to compare (each against the same full prefill): none, all, sink:K, "
+                             "tail:K, edges:K, hkvd:R[@L], sink+hkvd:K:R[@L], edges+hkvd:K:R[@L]")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     n = 6 if args.quick else args.n
@@ -185,13 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         client = ChunkClient(args.url)
         policies = [parse_policy(p) for p in args.policies]
         rows = evaluate(client, make_questions(n, seed=args.seed), f"fidelity-{args.seed}", args.max_new_tokens,
-                        policies)
+                        policies, model_layers(client))
         summary = summarize(rows)
         meta = {"policy": ", ".join(policy_label(p) for p in policies), "model": "SmolLM2-135M-Instruct (bf16)",
                 "device": device_name(), "date": dt.datetime.now().isoformat(timespec="seconds"),
                 "seconds": time.monotonic() - t0, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
                 "command": "python -m benchmarks.fidelity " + " ".join(argv if argv is not None else sys.argv[1:])}
-        tag = "fidelity-" + "-".join(policy_label(p).replace(":", "") for p in policies)
+        tag = "fidelity-" + "-".join(re.sub(r"[^a-z0-9.]", "", policy_label(p)) for p in policies)
+        tag = tag if len(tag) <= 80 else f"fidelity-{len(policies)}policies"
         json_path, md_path = write_report(summary, rows, meta, args.out, tag + ("-quick" if args.quick else ""))
         print(md_path.read_text())
         print(f"wrote {json_path} and {md_path}")

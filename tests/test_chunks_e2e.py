@@ -104,8 +104,71 @@ def test_blend_all_reproduces_the_full_prefill_and_sink_recomputes_k_per_chunk(c
         after = amem_server.amem_state()["stats"]
         expected = prompt.chunk_tokens if policy.policy == "all" else 4 * len(chunks)
         assert after["recomputed_tokens"] - before["recomputed_tokens"] == expected
-        assert results[policy.policy].amem == {"namespace": namespace, "spliced_tokens": prompt.chunk_tokens,
-                                               "recomputed_tokens": expected, "blend_policy": policy.policy}
+        assert results[policy.policy].amem == {
+            "namespace": namespace, "spliced_tokens": prompt.chunk_tokens, "recomputed_tokens": expected,
+            "probed_tokens": 0, "probe_layers": 0, "blend_policy": policy.label,
+            "extended_tokens": len(prompt.input_ids) - prompt.spans[-1][1]}
         assert after["blend_passes"] - before["blend_passes"] == 1
     full = client.generate(prompts["all"], max_new_tokens=24, isolated=True)
     assert results["all"].output_ids == full.output_ids
+
+
+def test_hkvd_probes_every_spliced_token_then_recomputes_its_budget(client, amem_server):
+    """hkvd:1.0 picks every token by deviation (so it must equal the full prefill); hkvd:0.3 runs the
+    probe over all spliced tokens and recomputes 30% of them."""
+    from amem_sgl.blend.policy import BlendPolicy
+
+    facts = ["Maria, Alice's sister, lives in Denver and teaches chemistry at a high school.\n",
+             "Alice works at Boeing in Seattle as an engineer on the wing team.\n",
+             "Bob, Alice's cousin, is a chef in Portland who runs a small bistro.\n"]
+    question = "Which city does Alice's sister live in?"
+    for policy in (BlendPolicy.parse("hkvd:1.0"), BlendPolicy.parse("sink+hkvd:2:0.3@2")):
+        namespace = "e2e-" + policy.policy.replace("+", "-") + f"-{policy.ratio:g}"
+        chunks = [client.register(f, namespace).token_ids for f in facts]
+        prompt = client.layout.compose([chunks[i] for i in (1, 2, 0)], question)
+        before = amem_server.amem_state()["stats"]
+        got = client.generate(prompt, namespace, max_new_tokens=16, blend=policy)
+        after = amem_server.amem_state()["stats"]
+        n = prompt.chunk_tokens
+        expected = min(n, 2 * len(chunks) + round(policy.ratio * n)) if policy.policy == "sink+hkvd" else n
+        assert got.amem["recomputed_tokens"] == expected and got.amem["probed_tokens"] == n
+        assert got.amem["probe_layers"] == policy.check_layer + 1
+        assert after["recomputed_tokens"] - before["recomputed_tokens"] == expected
+        assert after["probed_tokens"] - before["probed_tokens"] == n
+        assert after["probe_passes"] - before["probe_passes"] == 1 and after["blend_failures"] == 0
+        if policy.ratio == 1.0:
+            assert got.output_ids == client.generate(prompt, max_new_tokens=16, isolated=True).output_ids
+
+
+def test_splice_and_blend_counters_reach_sglang_metrics(client, amem_server):
+    chunk = client.register("The lighthouse keeper's name is Ottoline.\n", "e2e-metrics")
+    prompt = client.layout.compose([chunk.token_ids], "What is the keeper's name?")
+    client.generate(prompt, "e2e-metrics", max_new_tokens=4)
+    text = requests.get(f"{amem_server.url}/metrics", timeout=30).text
+    spliced = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("amem:spliced_tokens_total{")]
+    assert spliced and sum(spliced) >= len(chunk.token_ids), text[:2000]
+    assert "amem:spliced_requests_total{" in text and "sglang:" in text
+
+
+def test_a_30_turn_session_over_a_stable_working_set_recomputes_nothing_after_turn_one(client, amem_server):
+    """Turn 1 splices and blends the working set; its blended sequence goes back into the tree, so
+    turns 2..30 (same chunks, same order, new questions) are plain prefix hits: 0 spliced, 0 recomputed."""
+    from amem_sgl.blend.policy import BlendPolicy
+
+    namespace = "e2e-session"
+    facts = ["Nadia lives in Lisbon and keeps bees on her roof.\n",
+             "Tomas, Nadia's brother, repairs clocks in Osaka.\n",
+             "Priya, Nadia's manager, swims every morning in Oslo.\n"]
+    chunks = [client.register(f, namespace).token_ids for f in facts]
+    policy = BlendPolicy.parse("sink+hkvd:4:0.1")
+    reports = []
+    for turn in range(30):
+        prompt = client.layout.compose(chunks, f"Question {turn + 1}: who lives in which city?")
+        got = client.generate(prompt, namespace, max_new_tokens=2, blend=policy)
+        reports.append((got.amem, got.cached_tokens, len(client.layout.preamble) + prompt.chunk_tokens))
+    first, _, _ = reports[0]
+    assert first["spliced_tokens"] > 0 and first["recomputed_tokens"] > 0
+    for turn, (usage, cached, working_set) in enumerate(reports[1:], start=2):
+        assert usage.get("spliced_tokens", 0) == 0 and usage.get("recomputed_tokens", 0) == 0, (turn, usage)
+        assert cached >= working_set, (turn, cached, working_set)

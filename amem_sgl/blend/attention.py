@@ -16,6 +16,8 @@ at their true positions -- attends causally by position over the whole spliced s
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import threading
 
 import torch
@@ -23,6 +25,35 @@ from torch.nn.functional import scaled_dot_product_attention
 
 
 _batch_positions = threading.local()
+_probe = threading.local()
+
+
+class ProbeDone(Exception):
+    """Raised at the probe's check layer to end a blend probe forward there."""
+
+
+@dataclasses.dataclass
+class Probe:
+    layer: int
+    deviation: torch.Tensor | None = None  # [tokens] sum of squared key differences
+
+
+@contextlib.contextmanager
+def probe_at(layer: int):
+    """While active, the forward's attention at ``layer`` records each token's key deviation
+    (fresh key vs the key in its KV slot, before it is overwritten) and raises :class:`ProbeDone`."""
+    probe = Probe(layer)
+    _probe.value = probe
+    try:
+        yield probe
+    finally:
+        _probe.value = None
+
+
+def key_deviation(k_new: torch.Tensor, k_cached: torch.Tensor) -> torch.Tensor:
+    """Per-token sum over heads and dims of (k_new - k_cached)^2, in fp32."""
+    diff = k_new.reshape(k_cached.shape[0], -1).float() - k_cached.reshape(k_cached.shape[0], -1).float()
+    return diff.pow(2).sum(dim=-1)
 
 
 def extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
@@ -80,7 +111,13 @@ def around_torch_native_extend(original, backend, query, output, k_cache, v_cach
 
 
 def around_torch_native_forward_extend(original, backend, q, k, v, layer, forward_batch, *args, **kwargs):
-    """AROUND hook for ``TorchNativeAttnBackend.forward_extend``: exposes the batch's positions."""
+    """AROUND hook for ``TorchNativeAttnBackend.forward_extend``: exposes the batch's positions and
+    ends a blend probe at its check layer."""
+    probe = getattr(_probe, "value", None)
+    if probe is not None and layer.layer_id == probe.layer:
+        cached = backend.token_to_kv_pool.get_key_buffer(layer.layer_id)[forward_batch.out_cache_loc]
+        probe.deviation = key_deviation(k, cached)
+        raise ProbeDone()
     _batch_positions.value = forward_batch.positions
     try:
         return original(backend, q, k, v, layer, forward_batch, *args, **kwargs)

@@ -77,6 +77,9 @@ class CacheStats:
     spliced_requests: int = 0
     recomputed_tokens: int = 0
     blend_passes: int = 0
+    probed_tokens: int = 0  # spliced tokens run through a deviation probe (layers < check layer)
+    probe_passes: int = 0
+    blend_failures: int = 0  # blend passes that raised (logged; requests served on spliced KV)
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -126,6 +129,7 @@ class ChunkRadixCache(RadixCache):
         self.chunk_meta: dict[str, ChunkMeta] = {}
         self._splices: dict[str, _Splice] = {}
         self.pending_blends: dict[str, BlendPlan] = {}  # handed-over splices awaiting their blend pass
+        self.metrics = None  # amem_sgl.metrics.AmemMetrics when the server runs with --enable-metrics
         super().__init__(params)
 
     # ------------------------------------------------------------------ prefix-tree overrides
@@ -172,14 +176,29 @@ class ChunkRadixCache(RadixCache):
                                f"prefix {splice.end}")
         self.stats.spliced_requests += 1
         policy = splice.request.blend or self.chunks.blend_default
-        positions = policy.select(splice.segments) if self.chunks.blend_available else []
-        if positions:
-            self.pending_blends[req.rid] = BlendPlan(splice.end, tuple(positions))
-        # Reported once in the response's meta_info["amem"] (see amem_sgl.plugin).
-        req.customized_info = {**(req.customized_info or {}), USAGE_KEY: [{
-            "namespace": splice.request.namespace, "spliced_tokens": splice.end - splice.base_len,
-            "recomputed_tokens": len(positions), "blend_policy": policy.policy if positions else "none",
-        }]}
+        if not self.chunks.blend_available:
+            policy = BlendPolicy("none")
+        layers = self.chunks.kv_pool.layer_num
+        positions = policy.select(splice.segments)
+        budget = policy.deviation_budget(splice.segments) if layers > 1 else 0
+        check_layer = min(policy.check_layer, layers - 1)
+        if positions or budget:
+            self.pending_blends[req.rid] = BlendPlan(splice.end, tuple(positions), tuple(splice.segments),
+                                                     budget, check_layer)
+        spliced = splice.end - splice.base_len
+        probed = spliced if budget else 0
+        recomputed = len(positions) + budget
+        usage = {
+            "namespace": splice.request.namespace, "spliced_tokens": spliced,
+            "recomputed_tokens": recomputed, "probed_tokens": probed,
+            "probe_layers": check_layer + 1 if probed else 0,
+            "extended_tokens": len(req.origin_input_ids) - splice.end,
+            "blend_policy": policy.label if recomputed else "none",
+        }
+        # Reported once in the response's meta_info["amem"] and the OpenAI usage (amem_sgl.plugin).
+        req.customized_info = {**(req.customized_info or {}), USAGE_KEY: [usage]}
+        if self.metrics is not None:
+            self.metrics.record(usage)
         base = self.path_device_indices(req.last_node)[: splice.base_len]
         return torch.cat([base.to(torch.int64), splice.slots])
 

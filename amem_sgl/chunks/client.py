@@ -17,6 +17,7 @@ continues through the spliced chunks::
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import uuid
 from typing import Sequence
@@ -93,6 +94,8 @@ class Generation:
     prompt_tokens: int
     cached_tokens: int
     latency_s: float
+    # Time to the first streamed output (only when generated with ttft=True).
+    ttft_s: float | None = None
     # The server's per-request report (meta_info["amem"]): spliced_tokens, recomputed_tokens, ...
     amem: dict = dataclasses.field(default_factory=dict)
 
@@ -119,10 +122,11 @@ class ChunkClient:
         return RegisteredChunk(namespace, ids)
 
     def generate(self, prompt: ComposedPrompt, namespace: str | None = None, *, max_new_tokens: int = 32,
-                 isolated: bool = False, blend: BlendPolicy | None = None) -> Generation:
+                 isolated: bool = False, blend: BlendPolicy | None = None, ttft: bool = False) -> Generation:
         """Greedy generation. With ``namespace`` the chunk spans are declared (spliced where resident,
         blended by ``blend`` or the server's policy); ``isolated`` runs it under a fresh cache salt:
-        a full prefill that shares no KV with anything."""
+        a full prefill that shares no KV with anything; ``ttft`` streams it and records the time to
+        the first output."""
         body = {"input_ids": prompt.input_ids,
                 "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0}}
         if namespace is not None and prompt.spans:
@@ -130,12 +134,39 @@ class ChunkClient:
         if isolated:
             body["cache_salt"] = uuid.uuid4().hex
         t0 = time.perf_counter()
-        out = self._post("/generate", body)
+        first = None
+        if ttft:
+            out, first = self._stream("/generate", {**body, "stream": True})
+        else:
+            out = self._post("/generate", body)
         meta = out["meta_info"]
         usage = meta.get("amem") or [{}]
         return Generation(out["text"], list(out.get("output_ids") or []), meta["prompt_tokens"],
                           meta.get("cached_tokens", 0), time.perf_counter() - t0,
+                          first - t0 if first is not None else None,
                           usage[0] if isinstance(usage, list) else usage)
+
+    def _stream(self, path: str, body: dict) -> tuple[dict, float | None]:
+        """POST a streaming request; the last event (with all output ids) and the first event's time."""
+        first, last, ids = None, None, []
+        with requests.post(self.url + path, json=body, timeout=self.timeout, stream=True) as reply:
+            if reply.status_code != 200:
+                raise AmemRequestError(reply.status_code, error_message(reply))
+            for line in reply.iter_lines():
+                if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
+                    continue
+                if first is None:
+                    first = time.perf_counter()
+                last = json.loads(line[5:])
+                if "error" in last:
+                    raise AmemRequestError(500, str(last["error"]))
+                ids.extend(last.get("output_ids") or [])
+        if last is None:
+            raise AmemRequestError(502, "stream ended without output")
+        total = last["meta_info"].get("completion_tokens", len(ids))
+        if len(last.get("output_ids") or []) != total:  # incremental events: join them
+            last = {**last, "output_ids": ids}
+        return last, first
 
     def _post(self, path: str, body: dict) -> dict:
         reply = requests.post(self.url + path, json=body, timeout=self.timeout)

@@ -13,8 +13,9 @@ actions they do not implement". amem's action::
   Splicing continues from the ordinary prefix match while spans are contiguous with it.
 * ``register: true`` -- exactly one span: after this request's prefill, that span's KV (computed
   behind the tokens before it, the canonical context) is kept as the chunk's node.
-* ``blend`` (optional, splice only) -- ``{"policy": "none" | "sink" | "all", "sink_tokens": k}``
-  overrides the server's blend policy (amem.blend) for this request.
+* ``blend`` (optional, splice only) -- ``{"policy": ..., "sink_tokens": k, "ratio": r,
+  "check_layer": l}`` (see amem_sgl.blend.policy; all but ``policy`` optional) overrides the
+  server's blend policy (amem.blend) for this request.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import uuid
 from typing import Any, Iterable
 
 from amem_sgl.blend.policy import BlendPolicy
+
+BLEND_KEYS = {field.name for field in dataclasses.fields(BlendPolicy)}
 from amem_sgl.chunks.identity import validate_namespace
 
 ACTION_TYPE = "amem.chunks"
@@ -129,8 +132,9 @@ def parse_kv_hints(envelope: Any) -> ChunkRequest | None:
         raise ValueError("amem.chunks: register must be true or false")
     blend = payload.get("blend")
     if blend is not None:
-        if not isinstance(blend, dict) or set(blend) - {"policy", "sink_tokens"}:
-            raise ValueError("amem.chunks: blend must be an object with 'policy' and optional 'sink_tokens'")
+        if not isinstance(blend, dict) or "policy" not in blend or set(blend) - BLEND_KEYS:
+            raise ValueError("amem.chunks: blend must be an object with 'policy' and optional "
+                             "'sink_tokens', 'ratio', 'check_layer'")
         blend = BlendPolicy(**blend)
     return ChunkRequest(payload.get("namespace"), tuple(ChunkSpan(s, e) for s, e in spans), register,
                         blend).validate()
