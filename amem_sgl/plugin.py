@@ -40,6 +40,13 @@ def build_chunk_radix_cache(ctx: sgl.TreeCacheBuildContext) -> ChunkRadixCache:
             f"not supported here: {', '.join(unsupported)}"
         )
     cache = ChunkRadixCache(ctx.params, chunks=chunk_support(ctx, AmemConfig.from_env()))
+    address = os.environ.get("AMEM_SGL_RESIDENCY_ADDR")
+    if address and cache.chunk_reuse_enabled:
+        from amem_sgl.residency.client import ResidencyClient
+
+        config = AmemConfig.from_env().residency
+        cache.residency = ResidencyClient(address, os.environ["AMEM_SGL_RESIDENCY_SHM"], timeout_s=config.timeout_s)
+        logger.info("amem: residency service at %s (chunk KV written through to CPU/disk tiers)", address)
     if getattr(ctx.server_args, "enable_metrics", False):
         from amem_sgl.metrics import AmemMetrics
 
@@ -115,10 +122,15 @@ def _response_usage(original, *args, **kwargs):
     extended tokens, namespace, policy) when the request used chunk KV."""
     from amem_sgl.metrics import merge_usage
 
+    from amem_sgl.memory.api import memory_usage
+
     usage = original(*args, **kwargs)
     responses = kwargs.get("responses", args[0] if args else [])
     n = kwargs.get("n_choices", args[1] if len(args) > 1 else 1) or 1
     merged = merge_usage([responses[i]["meta_info"].get(USAGE_KEY) for i in range(0, len(responses), n)])
+    recalled = memory_usage(responses[0]["meta_info"].get("id")) if responses else None
+    if recalled is not None:
+        merged = {**(merged or {"spliced_tokens": 0, "recomputed_tokens": 0}), "memory": recalled}
     if merged is not None:
         usage.amem = merged
     return usage
@@ -145,4 +157,8 @@ def load() -> None:
     if os.environ.get(CONFIG_ENV):
         sgl.allow_usage_extension_fields()
         sgl.add_around_hook(sgl.RESPONSE_USAGE_TARGET, _response_usage)
+        from amem_sgl.memory.api import around_chat_conversion, around_completion_conversion
+
+        sgl.add_around_hook(sgl.CHAT_CONVERSION_TARGET, around_chat_conversion)
+        sgl.add_around_hook(sgl.COMPLETION_CONVERSION_TARGET, around_completion_conversion)
     _loaded = True

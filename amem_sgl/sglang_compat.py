@@ -74,6 +74,13 @@ def allow_usage_extension_fields() -> None:
             model.model_rebuild(force=True)
 
 
+# Dotted paths of the OpenAI routes' request conversion (where a memory turn's prompt is composed).
+CHAT_CONVERSION_TARGET = (
+    "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._convert_to_internal_request")
+COMPLETION_CONVERSION_TARGET = (
+    "sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._convert_to_internal_request")
+
+
 # Dotted path of the worker's forward of one batch (where a blend pass runs first).
 WORKER_FORWARD_TARGET = f"{TpModelWorker.__module__}.{TpModelWorker.__qualname__}.forward_batch_generation"
 TORCH_NATIVE_FORWARD_EXTEND_TARGET = (
@@ -149,6 +156,8 @@ __all__ = [
     "MatchResult",
     "REQUEST_LEVEL_INFO_TARGET",
     "RESPONSE_USAGE_TARGET",
+    "CHAT_CONVERSION_TARGET",
+    "COMPLETION_CONVERSION_TARGET",
     "allow_usage_extension_fields",
     "RadixCache",
     "RadixKey",

@@ -88,7 +88,9 @@ def make_questions(n: int, *, seed: int = 0, bands=("short", "medium", "long"),
     questions = []
     for i in range(n):
         band = bands[i % len(bands)]
-        person, relative, other1, other2, other3 = people[5 * i: 5 * i + 5]
+        # Distinct people per question: 900 names give 180 disjoint sets, then random draws.
+        group = people[5 * i: 5 * i + 5] if 5 * i + 5 <= len(people) else rng.sample(people, 5)
+        person, relative, other1, other2, other3 = group
         city, wrong1, wrong2 = rng.sample(CITIES, 3)
         relation = rng.choice(RELATIONS)
         lives = f"{relative} lives in {city}."

@@ -31,5 +31,8 @@ def start_readme_server(workdir: Path) -> RunningServer:
     kernel_call_log = workdir / "sgl_kernel_calls.log"
     server = start_server(f"{readme_serve_command()} --port {port}", port=port,
                           log_path=workdir / "server.log", cwd=ROOT, timeout_s=STARTUP_BOUND_S,
-                          env={"AMEM_SGL_KERNEL_CALL_LOG": str(kernel_call_log), "PYTHONUNBUFFERED": "1"})
+                          env={"AMEM_SGL_KERNEL_CALL_LOG": str(kernel_call_log), "PYTHONUNBUFFERED": "1",
+                               # a fresh disk tier per test session: no chunks from earlier runs
+                               "AMEM_SGL_RESIDENCY_DIR": str(workdir / "residency"),
+                               "AMEM_SGL_MEMORY_DIR": str(workdir / "memory")})
     return RunningServer(server.url, server.log_path, server.startup_s, server.proc, kernel_call_log)

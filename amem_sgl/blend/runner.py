@@ -39,14 +39,17 @@ class BlendPlan:
     segments: tuple[tuple[int, int], ...] = ()  # spliced chunks (start, length): the probe's tokens
     budget: int = 0  # tokens to add by key deviation at check_layer (0: no probe pass)
     check_layer: int = 1
+    gaps: tuple[int, ...] = ()  # uncached non-chunk positions inside the region (always computed)
 
     def probe_positions(self) -> list[int]:
-        return [p for start, length in self.segments for p in range(start, start + length)]
+        """Every spliced chunk token and gap token, ascending: a probe computes the early layers of
+        all of them (a gap has no KV at all until it is computed)."""
+        return sorted({p for start, length in self.segments for p in range(start, start + length)} | set(self.gaps))
 
     def with_deviation(self, deviation: torch.Tensor) -> "BlendPlan":
         """The plan with the ``budget`` highest-deviation probe tokens added to its positions."""
         probe = self.probe_positions()
-        fixed = set(self.positions)
+        fixed = set(self.positions) | set(self.gaps)
         score = deviation.float().clone()
         score[[i for i, p in enumerate(probe) if p in fixed]] = float("-inf")
         top = torch.topk(score, min(self.budget, len(probe) - len(fixed))).indices.tolist()
@@ -75,7 +78,8 @@ class BlendRunner:
         if not picked:
             return
         self._forward(runner, batch, [(i, plan.end, plan.positions) for i, plan in picked])
-        self.cache.stats.recomputed_tokens += sum(len(plan.positions) for _, plan in picked)
+        self.cache.stats.recomputed_tokens += sum(len(set(plan.positions) - set(plan.gaps)) for _, plan in picked)
+        self.cache.stats.gap_tokens += sum(len(plan.gaps) for _, plan in picked)
         self.cache.stats.blend_passes += 1
 
     def _forward(self, runner, batch, rows) -> None:
@@ -98,7 +102,7 @@ class BlendRunner:
                 pass
         if probe.deviation is None:
             raise RuntimeError(f"amem: blend probe never reached layer {layer}")
-        self.cache.stats.probed_tokens += sum(len(r[2]) for r in rows)
+        self.cache.stats.probed_tokens += sum(len(r[2]) - len(plan.gaps) for r, (_, plan) in zip(rows, probing))
         self.cache.stats.probe_passes += 1
         return list(torch.split(probe.deviation, [len(r[2]) for r in rows]))
 

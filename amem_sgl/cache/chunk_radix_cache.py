@@ -79,7 +79,13 @@ class CacheStats:
     blend_passes: int = 0
     probed_tokens: int = 0  # spliced tokens run through a deviation probe (layers < check layer)
     probe_passes: int = 0
-    blend_failures: int = 0  # blend passes that raised (logged; requests served on spliced KV)
+    blend_failures: int = 0
+    forgotten_tokens: int = 0  # freed by forget actions (memory API deletes)
+    gap_tokens: int = 0  # uncached non-chunk tokens computed by blend passes (e.g. the preamble)
+    chunks_stored: int = 0  # handed to the residency service (write-through)
+    chunks_restored: int = 0  # loaded back from the CPU/disk tiers instead of recomputed
+    restored_tokens: int = 0
+    restore_rejected: int = 0  # stored KV that did not fit this server (layout/dtype): recomputed  # blend passes that raised (logged; requests served on spliced KV)
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -116,6 +122,8 @@ class _Splice:
     request: ChunkRequest
     key_len: int
     segments: list[tuple[int, int]]  # (start, length) of each spliced chunk
+    loaded_tokens: int = 0  # of those, restored from the residency tiers (not on the device before)
+    gaps: list[int] = dataclasses.field(default_factory=list)  # uncached non-chunk positions: blend pass computes
 
 
 class ChunkRadixCache(RadixCache):
@@ -130,6 +138,7 @@ class ChunkRadixCache(RadixCache):
         self._splices: dict[str, _Splice] = {}
         self.pending_blends: dict[str, BlendPlan] = {}  # handed-over splices awaiting their blend pass
         self.metrics = None  # amem_sgl.metrics.AmemMetrics when the server runs with --enable-metrics
+        self.residency = None  # amem_sgl.residency.client.ResidencyClient when the service runs
         super().__init__(params)
 
     # ------------------------------------------------------------------ prefix-tree overrides
@@ -137,6 +146,9 @@ class ChunkRadixCache(RadixCache):
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         req = params.req
         request = self._chunk_request(req) if req is not None and self.chunk_reuse_enabled else None
+        if request is not None and request.forget is not None:
+            self.forget(request.namespace, None if "*" in request.forget else set(request.forget))
+            request = None  # then an ordinary request
         if request is not None:
             # Spliced (and blended) sequences go into the tree under a namespace-salted key, so they
             # serve only requests of that namespace that declare chunks: never another namespace,
@@ -179,20 +191,23 @@ class ChunkRadixCache(RadixCache):
         if not self.chunks.blend_available:
             policy = BlendPolicy("none")
         layers = self.chunks.kv_pool.layer_num
-        positions = policy.select(splice.segments)
+        chunk_positions = policy.select(splice.segments)
         budget = policy.deviation_budget(splice.segments) if layers > 1 else 0
         check_layer = min(policy.check_layer, layers - 1)
+        positions = sorted(set(chunk_positions) | set(splice.gaps))
         if positions or budget:
             self.pending_blends[req.rid] = BlendPlan(splice.end, tuple(positions), tuple(splice.segments),
-                                                     budget, check_layer)
-        spliced = splice.end - splice.base_len
+                                                     budget, check_layer, tuple(splice.gaps))
+        spliced = splice.end - splice.base_len - len(splice.gaps)
         probed = spliced if budget else 0
-        recomputed = len(positions) + budget
+        recomputed = len(chunk_positions) + budget
         usage = {
             "namespace": splice.request.namespace, "spliced_tokens": spliced,
             "recomputed_tokens": recomputed, "probed_tokens": probed,
             "probe_layers": check_layer + 1 if probed else 0,
             "extended_tokens": len(req.origin_input_ids) - splice.end,
+            "loaded_tokens": splice.loaded_tokens,
+            "gap_tokens": len(splice.gaps),
             "blend_policy": policy.label if recomputed else "none",
         }
         # Reported once in the response's meta_info["amem"] and the OpenAI usage (amem_sgl.plugin).
@@ -210,6 +225,13 @@ class ChunkRadixCache(RadixCache):
         super().checkpoint(req, up_to=min(up_to, span.start))
         if req.finished() and up_to >= span.end:
             self._capture_chunk(req, request.namespace, span)
+
+    def reset(self):
+        """SGLang's cache flush: the device tree (chunk nodes included) is emptied. Chunks the
+        residency service holds come back from its tiers on their next use."""
+        super().reset()
+        if hasattr(self, "chunk_meta"):
+            self.chunk_meta.clear()
 
     def insert(self, params: InsertParams) -> InsertResult:
         size_before = self.evictable_size_ + self.protected_size_
@@ -268,9 +290,92 @@ class ChunkRadixCache(RadixCache):
     def _capture_chunk(self, req, namespace: str, span: ChunkSpan) -> None:
         tokens = req.origin_input_ids[span.start: span.end]
         row = self.req_to_token_pool.req_to_token[req.kv.req_pool_idx, span.start: span.end]
-        if self.register_chunk_slots(namespace, tokens, row.to(torch.int64).clone(), span.start):
+        slots = row.to(torch.int64).clone()
+        if self.register_chunk_slots(namespace, tokens, slots, span.start):
             # The node owns these slots now: the release that follows must not free them.
             req.kv.cache_protected_len = span.end
+            self._write_through(namespace, tokens, slots, span.start)
+
+    def forget(self, namespace: str, chunk_ids: set[str] | None = None) -> int:
+        """Drop a namespace's chunk nodes (all, or ``chunk_ids``) and its blended prefixes from the
+        device tree, freeing their slots. Nodes a running request holds stay until it ends (then
+        evictable as usual). Returns the tokens freed."""
+        salt = f"{NAMESPACE_KEY_PREFIX}{namespace}"
+        targets = []
+        for node in list(self.root_node.children.values()):
+            extra = node.key.extra_key or ""
+            if extra.startswith(CHUNK_KEY_PREFIX):
+                cid = extra[len(CHUNK_KEY_PREFIX):]
+                meta = self.chunk_meta.get(cid)
+                if meta is not None and meta.namespace == namespace and (chunk_ids is None or cid in chunk_ids):
+                    targets.append(node)
+                    self.chunk_meta.pop(cid, None)
+            elif extra == salt or extra.endswith("|" + salt):
+                targets.append(node)
+        freed = sum(self._drop_subtree(node) for node in targets)
+        self.stats.forgotten_tokens += freed
+        return freed
+
+    def _drop_subtree(self, node) -> int:
+        freed = sum(self._drop_subtree(child) for child in list(node.children.values()))
+        if node.children or node.lock_ref > 0 or node is self.root_node:
+            return freed
+        self.token_to_kv_pool_allocator.free_segment(node.value, start_pos=0)  # as RadixCache.evict does
+        self._delete_leaf(node)
+        return freed + len(node.value)
+
+    # ------------------------------------------------------------------ residency tiers
+
+    def _kv_layout(self) -> dict[str, str]:
+        pool = self.chunks.kv_pool
+        k = pool.get_key_buffer(pool.start_layer)
+        return {"layers": str(pool.layer_num), "kv_heads": str(k.shape[1]), "head_dim": str(k.shape[2]),
+                "dtype": str(k.dtype)}
+
+    def _write_through(self, namespace: str, tokens, slots: torch.Tensor, canonical_start: int) -> None:
+        """Hand a new chunk's KV (every layer, copied now: the slots may be reused later) to the
+        residency service, which stores it on disk and maybe in CPU memory, in the background."""
+        if self.residency is None:
+            return
+        pool = self.chunks.kv_pool
+        layers = range(pool.start_layer, pool.start_layer + pool.layer_num)
+        k = torch.stack([pool.get_key_buffer(layer)[slots] for layer in layers]).cpu()
+        v = torch.stack([pool.get_value_buffer(layer)[slots] for layer in layers]).cpu()
+        cid = chunk_id(namespace, self.chunks.model_id, tokens)
+        self.residency.store(cid, namespace, self.chunks.model_id,
+                             {"k": k, "v": v, "tokens": torch.tensor(list(tokens), dtype=torch.int64)},
+                             {"canonical_start": canonical_start, **self._kv_layout()})
+        self.stats.chunks_stored += 1
+
+    def _restore_chunk(self, namespace: str, cid: str, tokens):
+        """Load a chunk the device pool no longer holds from the residency tiers into fresh slots and
+        make it a chunk node again; returns (node, tier) or None (not stored, or not usable here)."""
+        if self.residency is None:
+            return None
+        got = self.residency.fetch(cid, namespace, self.chunks.model_id)
+        if got is None:
+            return None
+        tensors, meta, tier = got
+        layout = self._kv_layout()
+        stored_tokens = tensors.get("tokens")
+        if (stored_tokens is None or stored_tokens.tolist() != list(tokens)
+                or any(meta.get(key) != value for key, value in layout.items())):
+            logger.warning("amem: stored chunk %s does not fit this server (%s vs %s); recomputing", cid,
+                           {k: meta.get(k) for k in layout}, layout)
+            self.stats.restore_rejected += 1
+            return None
+        slots = self._alloc(len(tokens))
+        if slots is None:
+            return None
+        pool = self.chunks.kv_pool
+        k, v = tensors["k"], tensors["v"]
+        for i, layer in enumerate(range(pool.start_layer, pool.start_layer + pool.layer_num)):
+            pool.get_key_buffer(layer)[slots] = k[i].to(pool.get_key_buffer(layer).device)
+            pool.get_value_buffer(layer)[slots] = v[i].to(pool.get_value_buffer(layer).device)
+        self.register_chunk_slots(namespace, tokens, slots, int(meta["canonical_start"]))
+        self.stats.chunks_restored += 1
+        self.stats.restored_tokens += len(tokens)
+        return self.find_chunk(cid, tokens), tier
 
     @staticmethod
     def _salt_request(req, request: ChunkRequest) -> str:
@@ -304,38 +409,51 @@ class ChunkRadixCache(RadixCache):
                 return existing
             self._drop_splice(req.rid)
 
-        plan, pos = [], base
+        plan, pos, loaded, device_hits = [], base, 0, []
         tokens = req.origin_input_ids
-        for span in request.spans:
-            if span.end <= base:
-                continue  # already in the ordinary prefix (e.g. a previous blended turn)
-            if span.start != pos or span.end > key_len:
-                break
-            span_tokens = tokens[span.start: span.end]
-            cid = chunk_id(request.namespace, self.chunks.model_id, span_tokens)
-            meta, node = self.chunk_meta.get(cid), self.find_chunk(cid, span_tokens)
-            if meta is None or node is None:
-                self.stats.chunk_misses += 1
-                break
-            self.stats.chunk_hits += 1
-            plan.append((node, span.start - meta.canonical_start, len(span), span.start))
-            pos = span.end
-        if not plan:
-            return None
-
-        # Hold the chunk nodes and the ordinary prefix while slots are found (that may evict).
-        held = [self.lock(node) for node, _, _, _ in plan] + [self.lock(result.last_device_node)]
+        # Hold the ordinary prefix and every planned chunk node while slots are found (that may evict).
+        held = [self.lock(result.last_device_node)]
         try:
+            for span in request.spans:
+                if span.end <= base:
+                    continue  # already in the ordinary prefix (e.g. a previous blended turn)
+                if span.start < pos or span.end > key_len:
+                    break
+                if span.start > pos and not self.chunks.blend_available:
+                    break  # a gap (uncached text before the chunk) is filled by the blend pass only
+                span_tokens = tokens[span.start: span.end]
+                cid = chunk_id(request.namespace, self.chunks.model_id, span_tokens)
+                meta, node = self.chunk_meta.get(cid), self.find_chunk(cid, span_tokens)
+                if meta is None or node is None:
+                    restored = self._restore_chunk(request.namespace, cid, span_tokens)
+                    if restored is None:
+                        self.stats.chunk_misses += 1
+                        break
+                    node, meta, loaded = restored[0], self.chunk_meta[cid], loaded + len(span)
+                else:
+                    device_hits.append(cid)
+                self.stats.chunk_hits += 1
+                held.append(self.lock(node))
+                plan.append((node, span.start - meta.canonical_start, len(span), span.start))
+                pos = span.end
+            if not plan:
+                return None
+            if self.residency is not None:
+                self.residency.hit(device_hits)
             slots = self._alloc(pos - base)
             if slots is None:
                 return None
             src = torch.cat([node.value for node, _, _, _ in plan]).to(torch.int64)
             delta = torch.cat([torch.full((n,), d, dtype=torch.int64) for _, d, n, _ in plan]).to(src.device)
-            splice_kv(self.chunks.kv_pool, src, slots, delta, self.chunks.rope)
+            dst = torch.cat([slots[start - base: start - base + n] for _, _, n, start in plan])
+            splice_kv(self.chunks.kv_pool, src, dst, delta, self.chunks.rope)
         finally:
             for lock in held:
                 self.unlock(lock)
-        splice = _Splice(base, pos, slots, request, key_len, [(start, n) for _, _, n, start in plan])
+        segments = [(start, n) for _, _, n, start in plan]
+        covered = {p for start, n in segments for p in range(start, start + n)}
+        gaps = [p for p in range(base, pos) if p not in covered]
+        splice = _Splice(base, pos, slots, request, key_len, segments, loaded, gaps)
         self._splices[req.rid] = splice
         self.stats.spliced_tokens += pos - base
         return splice

@@ -122,17 +122,19 @@ class ChunkClient:
         return RegisteredChunk(namespace, ids)
 
     def generate(self, prompt: ComposedPrompt, namespace: str | None = None, *, max_new_tokens: int = 32,
-                 isolated: bool = False, blend: BlendPolicy | None = None, ttft: bool = False) -> Generation:
+                 isolated: bool = False, blend: BlendPolicy | None = None, ttft: bool = False,
+                 cache_salt: str | None = None) -> Generation:
         """Greedy generation. With ``namespace`` the chunk spans are declared (spliced where resident,
         blended by ``blend`` or the server's policy); ``isolated`` runs it under a fresh cache salt:
-        a full prefill that shares no KV with anything; ``ttft`` streams it and records the time to
-        the first output."""
+        a full prefill that shares no KV with anything; ``cache_salt`` keeps its ordinary prefix
+        apart from other requests' (chunk nodes are still shared); ``ttft`` streams it and records
+        the time to the first output."""
         body = {"input_ids": prompt.input_ids,
                 "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0}}
         if namespace is not None and prompt.spans:
             body["kv_hints"] = build_kv_hints(namespace, prompt.spans, blend=blend)
-        if isolated:
-            body["cache_salt"] = uuid.uuid4().hex
+        if isolated or cache_salt is not None:
+            body["cache_salt"] = uuid.uuid4().hex if isolated else cache_salt
         t0 = time.perf_counter()
         first = None
         if ttft:
@@ -187,5 +189,11 @@ def error_message(reply: requests.Response) -> str:
         data = reply.json()
     except ValueError:
         return reply.text
+    if not isinstance(data, dict):
+        return reply.text
     nested = data.get("error") if isinstance(data.get("error"), dict) else {}
-    return data.get("message") or nested.get("message") or reply.text
+    detail = data.get("detail")
+    if isinstance(detail, list):  # FastAPI validation errors: where and what
+        detail = "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}"
+                           for d in detail if isinstance(d, dict))
+    return data.get("message") or nested.get("message") or detail or reply.text

@@ -49,9 +49,18 @@ class ChunkRequest:
     spans: tuple[ChunkSpan, ...]
     register: bool = False
     blend: BlendPolicy | None = None  # None: the server's default policy
+    # Drop these chunks (ids; ("*",) = the whole namespace) and the namespace's blended prefixes
+    # from the device tree. A forget action declares no spans.
+    forget: tuple[str, ...] | None = None
 
     def validate(self, num_tokens: int | None = None, max_chunk_tokens: int | None = None) -> "ChunkRequest":
         validate_namespace(self.namespace)
+        if self.forget is not None:
+            if self.spans or self.register or self.blend is not None:
+                raise ValueError("amem.chunks: a forget action takes no spans, register or blend")
+            if not self.forget or not all(isinstance(c, str) and c for c in self.forget):
+                raise ValueError("amem.chunks: forget must be a non-empty list of chunk ids or ['*']")
+            return self
         if not self.spans:
             raise ValueError("amem.chunks: spans must not be empty")
         if self.register and len(self.spans) != 1:
@@ -80,14 +89,16 @@ class ChunkRequest:
 
 
 def build_kv_hints(namespace: str, spans: Iterable[tuple[int, int]], *, register: bool = False,
-                   blend: BlendPolicy | None = None) -> dict:
+                   blend: BlendPolicy | None = None, forget: Iterable[str] | None = None) -> dict:
     """The ``kv_hints`` value for a ``/generate`` request (JSON-ready)."""
     request = ChunkRequest(namespace, tuple(ChunkSpan(int(s), int(e)) for s, e in spans), register,
-                           blend).validate()
+                           blend, tuple(forget) if forget is not None else None).validate()
     payload = {"namespace": request.namespace, "register": request.register,
                "spans": [[s.start, s.end] for s in request.spans]}
     if blend is not None:
         payload["blend"] = dataclasses.asdict(blend)
+    if request.forget is not None:
+        payload["forget"] = list(request.forget)
     return {
         "protocol_version": PROTOCOL_VERSION,
         "message_id": uuid.uuid4().hex,
@@ -120,7 +131,7 @@ def parse_kv_hints(envelope: Any) -> ChunkRequest | None:
     payload = _field(action, "payload") or {}
     if not isinstance(payload, dict):
         raise ValueError("amem.chunks: payload must be an object")
-    unknown = sorted(set(payload) - {"namespace", "spans", "register", "blend"})
+    unknown = sorted(set(payload) - {"namespace", "spans", "register", "blend", "forget"})
     if unknown:
         raise ValueError(f"amem.chunks: unknown payload field(s) {', '.join(unknown)}")
     spans = payload.get("spans")
@@ -136,8 +147,11 @@ def parse_kv_hints(envelope: Any) -> ChunkRequest | None:
             raise ValueError("amem.chunks: blend must be an object with 'policy' and optional "
                              "'sink_tokens', 'ratio', 'check_layer'")
         blend = BlendPolicy(**blend)
+    forget = payload.get("forget")
+    if forget is not None and not isinstance(forget, list):
+        raise ValueError("amem.chunks: forget must be a list of chunk ids or ['*']")
     return ChunkRequest(payload.get("namespace"), tuple(ChunkSpan(s, e) for s, e in spans), register,
-                        blend).validate()
+                        blend, tuple(forget) if forget is not None else None).validate()
 
 
 def _field(obj: Any, name: str) -> Any:

@@ -1,0 +1,117 @@
+"""``amem``: the command line.
+
+    amem serve [--config configs/default.yaml] [sglang flags...]   # = python -m amem_sgl.launch_server
+    amem remember NAMESPACE TEXT... [--file F]                      # against a running server
+    amem ask NAMESPACE QUESTION
+    amem search NAMESPACE QUERY [-k 4]
+    amem forget NAMESPACE [CHUNK_ID]
+    amem bench [fidelity|ttft|residency|kernels|...] [args...]      # python -m benchmarks.<name>
+    amem mcp                                                        # MCP stdio server
+    amem version
+
+The server URL comes from ``--url`` or ``$AMEM_URL`` (default http://127.0.0.1:30000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import sys
+
+BENCHES = {"fidelity": "benchmarks.fidelity", "ttft": "benchmarks.ttft", "residency": "benchmarks.residency",
+           "numeric-floor": "benchmarks.numeric_floor", "cost-curve": "benchmarks.cost_curve",
+           "kernels": "benchmarks.kernels.bench_rope_rerotate",
+           "blend-attention": "benchmarks.kernels.bench_blend_attention"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        from amem_sgl.launch_server import main as serve
+
+        serve(argv[1:])
+        return 0
+    if argv[:1] == ["bench"]:
+        name = argv[1] if len(argv) > 1 and not argv[1].startswith("-") else "cost-curve"
+        rest = argv[2:] if len(argv) > 1 and not argv[1].startswith("-") else argv[1:]
+        if name not in BENCHES:
+            print(f"amem bench: unknown benchmark {name!r}; one of {', '.join(BENCHES)}", file=sys.stderr)
+            return 2
+        sys.argv = [BENCHES[name], *rest]
+        try:
+            runpy.run_module(BENCHES[name], run_name="__main__")
+        except SystemExit as done:
+            return int(done.code or 0)
+        return 0
+
+    parser = argparse.ArgumentParser(prog="amem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=os.environ.get("AMEM_URL", "http://127.0.0.1:30000"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="start the server (all sglang.launch_server flags)")
+    sub.add_parser("bench", help="run a benchmark")
+    p = sub.add_parser("remember", help="remember texts")
+    p.add_argument("namespace")
+    p.add_argument("texts", nargs="*")
+    p.add_argument("--file", action="append", default=[], help="a text file to remember (repeatable)")
+    p = sub.add_parser("ask", help="ask with a namespace's memory")
+    p.add_argument("namespace")
+    p.add_argument("question")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p = sub.add_parser("search", help="recall only")
+    p.add_argument("namespace")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=4)
+    p = sub.add_parser("forget", help="forget a chunk or a namespace")
+    p.add_argument("namespace")
+    p.add_argument("chunk_id", nargs="?")
+    sub.add_parser("mcp", help="MCP stdio server for a running amem server")
+    sub.add_parser("version", help="print versions")
+    args = parser.parse_args(argv)
+
+    if args.command == "version":
+        import importlib.metadata as md
+
+        import amem_sgl
+
+        versions = {"amem_sgl": amem_sgl.__version__}
+        for dist in ("sglang", "torch", "triton", "transformers"):
+            try:
+                versions[dist] = md.version(dist)
+            except md.PackageNotFoundError:
+                versions[dist] = None
+        print(json.dumps(versions))
+        return 0
+    if args.command == "mcp":
+        from amem_sgl.mcp_server import main as mcp_main
+
+        return mcp_main(args.url)
+
+    from amem_sgl.sdk import Amem, AmemError
+
+    client = Amem(args.url)
+    try:
+        if args.command == "remember":
+            texts = list(args.texts) + [open(f, encoding="utf-8").read() for f in args.file]
+            if not texts:
+                parser.error("remember: give texts or --file")
+            done = client.remember(args.namespace, texts)
+            print(json.dumps({"namespace": done.namespace, "ids": done.ids, "new": done.new}))
+        elif args.command == "ask":
+            answer = client.ask(args.namespace, args.question, max_tokens=args.max_tokens)
+            print(answer.text)
+            print(json.dumps({"chunks": answer.chunk_ids, "usage": answer.usage}), file=sys.stderr)
+        elif args.command == "search":
+            for c in client.search(args.namespace, args.query, args.k):
+                print(json.dumps({"id": c.id, "score": c.score, "text": c.text}))
+        elif args.command == "forget":
+            print(json.dumps({"forgotten": client.forget(args.namespace, args.chunk_id)}))
+    except AmemError as err:
+        print(f"amem {args.command}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""MCP stdio server (``amem mcp``): memory tools for agents, talking to a running amem server.
+
+Tools, each scoped by namespace: ``remember`` (store texts), ``recall`` (search, with scores),
+``ask`` (a chat turn with the namespace's memory), ``forget`` (one chunk or the whole namespace).
+stdout carries the MCP protocol only; logs go to stderr.
+
+    amem mcp --url http://127.0.0.1:30000
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from amem_sgl.sdk import Amem, AmemError
+
+logger = logging.getLogger("amem_sgl.mcp")
+
+
+def build_server(url: str):
+    from mcp.server.mcpserver import MCPServer
+
+    client = Amem(url)
+    server = MCPServer("amem", instructions="Long-term memory for agents, kept as reused KV in an amem server. "
+                       "Pick one namespace per user or project.")
+
+    @server.tool(description="Remember texts in a namespace; returns the chunk ids.")
+    def remember(namespace: str, texts: list[str]) -> dict:
+        done = client.remember(namespace, texts)
+        return {"namespace": namespace, "ids": done.ids, "new": done.new}
+
+    @server.tool(description="Recall: the chunks of a namespace most similar to a query, with scores.")
+    def recall(namespace: str, query: str, k: int = 4) -> dict:
+        return {"namespace": namespace, "results": [
+            {"id": c.id, "text": c.text, "score": c.score} for c in client.search(namespace, query, k)]}
+
+    @server.tool(description="Ask a question answered with the namespace's memory.")
+    def ask(namespace: str, question: str, max_tokens: int = 64) -> dict:
+        answer = client.ask(namespace, question, max_tokens=max_tokens)
+        return {"answer": answer.text, "chunks": answer.chunk_ids, "spliced_tokens": answer.spliced_tokens}
+
+    @server.tool(description="Forget one chunk (chunk_id) or, without it, the whole namespace.")
+    def forget(namespace: str, chunk_id: str | None = None) -> dict:
+        return {"namespace": namespace, "forgotten": client.forget(namespace, chunk_id)}
+
+    return server
+
+
+def main(url: str) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="[amem mcp] %(levelname)s %(message)s")
+    logger.info("serving MCP over stdio for %s", url)
+    try:
+        build_server(url).run("stdio")
+    except AmemError as err:  # pragma: no cover -- surfaced per tool call by MCP itself
+        logger.error("%s", err)
+        return 1
+    return 0

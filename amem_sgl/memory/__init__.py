@@ -1,0 +1,1 @@
+"""The memory layer: recall per namespace, the memory API, sessions, OpenAI `user` = namespace."""

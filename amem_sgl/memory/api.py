@@ -1,0 +1,277 @@
+"""The memory API on SGLang's FastAPI app (listed in its OpenAPI schema at /openapi.json), and the
+OpenAI integration: ``user`` (or the ``X-Amem-Namespace`` header) names the memory namespace.
+
+Routes (JSON):
+* ``POST   /amem/v1/remember``                    {namespace, texts? | documents?, metadata?}
+* ``GET    /amem/v1/namespaces``                  the namespaces with memory
+* ``GET    /amem/v1/namespaces/{ns}/chunks``      list
+* ``GET    /amem/v1/namespaces/{ns}/chunks/{id}`` get
+* ``DELETE /amem/v1/namespaces/{ns}/chunks/{id}`` forget one chunk
+* ``DELETE /amem/v1/namespaces/{ns}``             forget the namespace
+* ``POST   /amem/v1/search``                      {namespace, query, k?} -> chunks with scores
+* ``POST   /amem/v1/sessions``                    {namespace, query? | chunk_ids?, k?}
+* ``DELETE /amem/v1/sessions/{id}``
+
+Errors are ``{"error": {"message", "type", "code"}}`` with a 4xx status (unknown namespace or chunk
+404, bad values 400, wrong types 422, too large 413).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any, Optional
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.routing import APIRoute
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+from amem_sgl.memory import layer as memory
+from amem_sgl.memory.store import UnknownChunk, UnknownNamespace
+from amem_sgl.server.limits import _read_body, _replay
+
+_CHUNK_ID = re.compile(r"^[0-9a-f]{64}$")
+NAMESPACE_HEADER = "x-amem-namespace"
+SESSION_HEADER = "x-amem-session"
+CHUNKS_HEADER = "x-amem-chunks"
+
+
+class Document(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: StrictStr
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class RememberRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    namespace: StrictStr
+    texts: Optional[list[StrictStr]] = None
+    documents: Optional[list[Document]] = None
+    metadata: dict[str, Any] = Field(default_factory=dict, description="applied to every text")
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    namespace: StrictStr
+    query: StrictStr
+    k: int = Field(default=4, ge=1, le=100)
+
+
+class SessionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    namespace: StrictStr
+    query: Optional[StrictStr] = None
+    chunk_ids: Optional[list[StrictStr]] = None
+    k: Optional[int] = Field(default=None, ge=1, le=100)
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": status}},
+                        status_code=status)
+
+
+def _layer() -> memory.MemoryLayer:
+    if memory.ACTIVE is None:
+        raise memory.MemoryError_(503, "the memory layer is disabled on this server (amem.memory.enabled)")
+    return memory.ACTIVE
+
+
+def _check_ids(ids) -> None:
+    bad = [i for i in ids if not _CHUNK_ID.match(i)]
+    if bad:
+        raise memory.MemoryError_(400, f"invalid chunk id {bad[0][:80]!r}: expected 64 hex characters")
+
+
+class _MemoryRoute(APIRoute):
+    """Memory routes answer a ValueError (a bad namespace, text, id) with 400 and its message."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request):
+            try:
+                return await handler(request)
+            except (UnknownNamespace, UnknownChunk, memory.MemoryError_):
+                raise
+            except ValueError as err:
+                return error(400, str(err))
+
+        return guarded
+
+
+router = APIRouter(prefix="/amem/v1", tags=["amem memory"], route_class=_MemoryRoute)
+
+
+@router.post("/remember", summary="Remember texts or documents in a namespace")
+async def remember(body: RememberRequest):
+    docs = [(t, dict(body.metadata)) for t in body.texts or []]
+    docs += [(d.text, {**body.metadata, **d.metadata}) for d in body.documents or []]
+    if not docs:
+        raise memory.MemoryError_(400, "nothing to remember: give 'texts' or 'documents'")
+    rows = await _layer().remember(body.namespace, docs)
+    return {"namespace": body.namespace, "chunks": rows, "ids": [r["id"] for r in rows],
+            "new": sum(r["new"] for r in rows)}
+
+
+@router.get("/namespaces", summary="Namespaces that hold memory")
+async def namespaces():
+    return {"namespaces": _layer().store.namespaces()}
+
+
+@router.get("/namespaces/{namespace}/chunks", summary="List a namespace's chunks")
+async def list_chunks(namespace: str):
+    return {"namespace": namespace, "chunks": [c.to_json() for c in _layer().store.list(namespace)]}
+
+
+@router.get("/namespaces/{namespace}/chunks/{chunk_id}", summary="One chunk")
+async def get_chunk(namespace: str, chunk_id: str):
+    _check_ids([chunk_id])
+    return _layer().store.get(namespace, chunk_id).to_json()
+
+
+@router.delete("/namespaces/{namespace}/chunks/{chunk_id}", summary="Forget one chunk (text, index, KV)")
+async def forget_chunk(namespace: str, chunk_id: str):
+    _check_ids([chunk_id])
+    return {"namespace": namespace, "forgotten": await _layer().forget(namespace, [chunk_id])}
+
+
+@router.delete("/namespaces/{namespace}", summary="Forget a namespace (texts, index, KV on every tier)")
+async def forget_namespace(namespace: str):
+    return {"namespace": namespace, "forgotten": await _layer().forget(namespace, None)}
+
+
+@router.post("/search", summary="Recall only: the chunks most similar to a query, with scores")
+async def search(body: SearchRequest):
+    hits = _layer().recall(body.namespace, body.query, body.k)
+    return {"namespace": body.namespace, "results": [{**c.to_json(), "score": s} for c, s in hits]}
+
+
+@router.post("/sessions", summary="Start a session: pin and warm a working set")
+async def start_session(body: SessionRequest):
+    if body.chunk_ids:
+        _check_ids(body.chunk_ids)
+    session = await _layer().start_session(body.namespace, body.query, body.chunk_ids, body.k)
+    return session.to_json()
+
+
+@router.delete("/sessions/{session_id}", summary="End a session")
+async def end_session(session_id: str):
+    if not _layer().end_session(session_id):
+        raise memory.MemoryError_(404, f"unknown or expired session {session_id!r}")
+    return {"session_id": session_id, "ended": True}
+
+
+def install_routes(app: FastAPI) -> None:
+    """Add the memory routes and their error shapes to SGLang's app."""
+    app.include_router(router)
+
+    @app.exception_handler(memory.MemoryError_)
+    async def _memory_error(request: Request, exc: memory.MemoryError_):
+        return error(exc.status, str(exc))
+
+    @app.exception_handler(UnknownNamespace)
+    async def _unknown_namespace(request: Request, exc: UnknownNamespace):
+        return error(404, f"unknown namespace {exc.args[0]!r}: nothing remembered there")
+
+    @app.exception_handler(UnknownChunk)
+    async def _unknown_chunk(request: Request, exc: UnknownChunk):
+        return error(404, f"unknown chunk id {exc.args[0]!r} in this namespace")
+
+    app.add_middleware(OpenAIMemoryMiddleware)
+
+
+class OpenAIMemoryMiddleware:
+    """For OpenAI chat/completions requests that name a namespace (``user`` or header) or a session:
+    gives the request an id (so the conversion hook's plan can be found again) and reports the
+    recalled chunks in the ``X-Amem-Chunks`` response header (streaming included)."""
+
+    PATHS = ("/v1/chat/completions", "/v1/completions")
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") not in self.PATHS or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        body, early, _ = await _read_body(receive)
+        if body is None:  # the client went away before sending it all: pass that on
+            return await self.app(scope, _replay(b"", receive, early), send)
+        try:
+            data = json.loads(body) if body else None
+        except ValueError:
+            data = None
+        rid = None
+        if isinstance(data, dict) and (data.get("user") or NAMESPACE_HEADER in headers or SESSION_HEADER in headers):
+            rid = data.get("rid") if isinstance(data.get("rid"), str) else None
+            if rid is None:
+                rid = f"amem-{uuid.uuid4().hex}"
+                data["rid"] = rid
+                body = json.dumps(data).encode()
+        async def send_with_chunks(message):
+            if rid is not None and message["type"] == "http.response.start":
+                plan = memory.ACTIVE.plan_for(rid) if memory.ACTIVE is not None else None
+                if plan is not None:
+                    extra = [(CHUNKS_HEADER.encode(), ",".join(plan.chunk_ids).encode()),
+                             (NAMESPACE_HEADER.encode(), plan.namespace.encode())]
+                    message = {**message, "headers": list(message.get("headers", [])) + extra}
+            await send(message)
+
+        # Re-declare the body length after a rewrite.
+        scope = dict(scope)
+        scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"] + [
+            (b"content-length", str(len(body)).encode())]
+        await self.app(scope, _replay(body, receive), send_with_chunks)
+
+
+def around_chat_conversion(original, serving, request, raw_request=None):
+    """AROUND hook for ``OpenAIServingChat._convert_to_internal_request``: a turn that names a memory
+    namespace (``user``, ``X-Amem-Namespace``) or session (``X-Amem-Session``) gets its prompt
+    composed from recalled chunks (token ids + chunk spans in kv_hints)."""
+    adapted, processed = original(serving, request, raw_request)
+    layer = memory.ACTIVE
+    if layer is None:
+        return adapted, processed
+    headers = raw_request.headers if raw_request is not None else {}
+    namespace = headers.get(NAMESPACE_HEADER) or getattr(request, "user", None)
+    session = headers.get(SESSION_HEADER)
+    if not namespace and not session:
+        return adapted, processed
+    try:
+        plan = layer.plan_chat(namespace, memory.message_dicts(request.messages), session)
+    except memory.MemoryError_ as err:
+        raise ValueError(str(err)) from None
+    if plan is not None:
+        _apply(adapted, plan, layer)
+    return adapted, processed
+
+
+def around_completion_conversion(original, serving, request, raw_request=None):
+    """AROUND hook for ``OpenAIServingCompletion._convert_to_internal_request`` (text prompts)."""
+    adapted, processed = original(serving, request, raw_request)
+    layer = memory.ACTIVE
+    headers = raw_request.headers if raw_request is not None else {}
+    namespace = headers.get(NAMESPACE_HEADER) or getattr(request, "user", None)
+    if layer is None or not namespace or not isinstance(request.prompt, str):
+        return adapted, processed
+    plan = layer.plan_completion(namespace, request.prompt)
+    if plan is not None:
+        _apply(adapted, plan, layer)
+    return adapted, processed
+
+
+def _apply(adapted, plan: memory.Plan, layer: memory.MemoryLayer) -> None:
+    adapted.text = None
+    adapted.input_ids = plan.input_ids
+    adapted.kv_hints = plan.kv_hints  # decoded by GenerateReqInput's normalisation, as for /generate
+    if adapted.rid is None:
+        adapted.rid = f"amem-{uuid.uuid4().hex}"
+    layer.remember_plan(adapted.rid if isinstance(adapted.rid, str) else adapted.rid[0], plan)
+
+
+def memory_usage(rid: str | None) -> dict | None:
+    layer = memory.ACTIVE
+    plan = layer.plan_for(rid) if layer is not None else None
+    return plan.report() if plan is not None else None

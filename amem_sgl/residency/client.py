@@ -1,0 +1,125 @@
+"""The scheduler's side of the residency service: requests with deadlines, stores in the background.
+
+* :meth:`ResidencyClient.request` -- one op, answered within ``timeout_s`` or ``None`` (the service
+  is down or slow: the caller treats it as a miss, serving goes on). A REQ socket that timed out is
+  discarded and a fresh one connects on the next call (a restarted service is picked up).
+* :meth:`ResidencyClient.store` -- hands a chunk's KV to a background thread that writes it as a
+  safetensors file into the shared-memory folder and sends ``put``; the scheduler never waits.
+* :meth:`ResidencyClient.fetch` -- ``get`` + reading the file the service wrote (then deleted).
+
+Every thread gets its own socket (ZeroMQ sockets are not thread-safe).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import threading
+import uuid
+from pathlib import Path
+
+import torch
+import zmq
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from amem_sgl.residency import protocol
+
+logger = logging.getLogger(__name__)
+
+
+class ResidencyClient:
+    def __init__(self, address: str, shm_dir: str | os.PathLike, *, timeout_s: float = 2.0) -> None:
+        self.address, self.timeout_s = address, timeout_s
+        self.shm_dir = Path(shm_dir)
+        self.shm_dir.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._context = zmq.Context.instance()
+        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="amem-residency")
+        self.failures = 0
+
+    def _socket(self):
+        sock = getattr(self._local, "socket", None)
+        if sock is None:
+            sock = self._context.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.address)
+            self._local.socket = sock
+        return sock
+
+    def _reset(self) -> None:
+        sock = getattr(self._local, "socket", None)
+        if sock is not None:
+            sock.close(linger=0)
+        self._local.socket = None
+
+    def request(self, op: str, **fields) -> dict | None:
+        """The service's reply, or None when it did not answer in time (or answered an error)."""
+        sock = self._socket()
+        try:
+            sock.send(protocol.encode({"op": op, **fields}))
+            if not sock.poll(int(self.timeout_s * 1000), zmq.POLLIN):
+                raise TimeoutError(f"no reply to {op!r} in {self.timeout_s}s")
+            reply = protocol.decode(sock.recv())
+        except Exception as err:  # noqa: BLE001 -- the service may be down; the caller sees a miss
+            self.failures += 1
+            self._reset()
+            logger.warning("amem residency: %s failed (%s); treated as a miss", op, err)
+            return None
+        if not reply.get("ok"):
+            logger.warning("amem residency: %s refused: %s", op, reply.get("error"))
+            return None
+        return reply
+
+    def store(self, chunk_id: str, namespace: str, model_id: str, tensors: dict[str, torch.Tensor],
+              meta: dict[str, str], relevance: float | None = None) -> concurrent.futures.Future:
+        """Write-through in the background; the future gives the put's reply (None on failure)."""
+        return self._writer.submit(self._store, chunk_id, namespace, model_id, tensors, meta, relevance)
+
+    def _store(self, chunk_id, namespace, model_id, tensors, meta, relevance) -> dict | None:
+        path = self.shm_dir / f"put-{chunk_id[:24]}-{uuid.uuid4().hex}.safetensors"
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+                      metadata={**{k: str(v) for k, v in meta.items()}, "chunk_id": chunk_id,
+                                "namespace": namespace, "model_id": model_id})
+        except OSError as err:
+            logger.warning("amem residency: cannot stage chunk %s (%s)", chunk_id, err)
+            return None
+        fields = {"chunk_id": chunk_id, "namespace": namespace, "model_id": model_id, "path": str(path)}
+        if relevance is not None:
+            fields["relevance"] = float(relevance)
+        reply = self.request("put", **fields)
+        if reply is None:
+            path.unlink(missing_ok=True)  # not taken: do not leak shared memory
+        return reply
+
+    def fetch(self, chunk_id: str, namespace: str, model_id: str) -> tuple[dict[str, torch.Tensor], dict, str] | None:
+        """The chunk's tensors, metadata and the tier it came from; None if not stored anywhere."""
+        reply = self.request("get", chunk_id=chunk_id, namespace=namespace, model_id=model_id)
+        if reply is None or not reply.get("found"):
+            return None
+        path = Path(reply["path"])
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+        except Exception as err:  # noqa: BLE001 -- an unreadable transfer is a miss
+            logger.warning("amem residency: unreadable transfer %s (%s)", path, err)
+            return None
+        finally:
+            path.unlink(missing_ok=True)
+        return tensors, meta, reply.get("tier", "?")
+
+    def hit(self, chunk_ids: list[str]) -> None:
+        """Report device hits (fire and forget, in the background thread)."""
+        if chunk_ids:
+            self._writer.submit(self.request, "hit", chunk_ids=list(chunk_ids))
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait for the background stores queued so far."""
+        self._writer.submit(lambda: None).result(timeout=timeout)
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=False, cancel_futures=True)
+        self._reset()

@@ -1,0 +1,55 @@
+"""The residency service's wire format: one msgpack map per message, over a ZeroMQ REQ/ROUTER pair.
+
+Requests carry ``op`` and the op's fields; replies carry ``ok`` (and ``error`` when false). KV
+tensors never travel through the socket: they are safetensors files in a shared-memory folder
+(``/dev/shm`` where there is one), named in ``path``; whoever receives a file owns and deletes it.
+
+ops (request fields -> reply fields):
+* ``ping`` -> ``pid``, ``version``
+* ``put`` chunk_id, namespace, model_id, path, relevance? -> ``cpu``, ``disk`` (which tiers took it;
+  ``disk`` true means the file is durable: the acknowledgement a crash cannot take back)
+* ``get`` chunk_id, namespace, model_id -> ``found``, ``tier`` ("cpu"|"disk"), ``path``
+* ``hit`` chunk_ids -> (counts device hits toward reuse)
+* ``relevance`` scores {chunk_id: score} -> ``updated``
+* ``prefetch`` chunk_ids, namespace, model_id -> ``loaded`` (disk -> CPU), ``missing``
+* ``delete`` chunk_ids | namespace -> ``deleted``
+* ``list`` namespace? -> ``chunks`` [{chunk_id, namespace, tiers, nbytes, hits, relevance}]
+* ``stats`` -> tier bytes, budgets, counters
+"""
+
+from __future__ import annotations
+
+import msgpack
+
+VERSION = 1
+OPS = ("ping", "put", "get", "hit", "relevance", "prefetch", "delete", "list", "stats")
+
+
+class ProtocolError(ValueError):
+    pass
+
+
+def encode(message: dict) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def decode(data: bytes) -> dict:
+    try:
+        message = msgpack.unpackb(data, raw=False)
+    except Exception as err:  # noqa: BLE001 -- any malformed frame is a protocol error
+        raise ProtocolError(f"undecodable message: {err}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(f"a message must be a map, got {type(message).__name__}")
+    return message
+
+
+def require(message: dict, **types) -> list:
+    """The named fields of ``message``, type-checked."""
+    values = []
+    for name, kind in types.items():
+        if name not in message:
+            raise ProtocolError(f"{message.get('op')}: missing field {name!r}")
+        if not isinstance(message[name], kind):
+            raise ProtocolError(f"{message.get('op')}: field {name!r} must be {kind}")
+        values.append(message[name])
+    return values

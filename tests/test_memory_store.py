@@ -1,0 +1,69 @@
+"""The memory store (real sentence-transformers model from its package, real hnswlib) and the
+sentence splitter."""
+
+from __future__ import annotations
+
+import pytest
+
+from amem_sgl.memory.store import MemoryStore, UnknownChunk, UnknownNamespace
+
+
+def test_recall_ranks_by_meaning_persists_across_restarts_and_forgets(tmp_path):
+    store = MemoryStore(tmp_path)
+    facts = {"a": "Alice's sister Maria lives in Denver.", "b": "Alice works at Boeing in Seattle.",
+             "c": "Lisbon has mild winters and many hills."}
+    assert store.add("alice", [(cid, text, [1, 2, 3], {"k": cid}) for cid, text in facts.items()]) == ["a", "b", "c"]
+    assert store.add("alice", [("a", facts["a"], [1, 2, 3], {})]) == []  # already there
+    assert store.search("alice", "Where does Alice's sister live?", 1)[0][0].chunk_id == "a"
+    assert store.search("alice", "Alice's employer", 1)[0][0].chunk_id == "b"
+
+    again = MemoryStore(tmp_path)  # a restart: texts, ids and the index come back from disk
+    hits = again.search("alice", "hilly city with mild winters", 3)
+    assert hits[0][0].chunk_id == "c" and hits[0][0].metadata == {"k": "c"} and hits[0][0].token_ids == [1, 2, 3]
+    again.forget("alice", ["c"])
+    assert [c.chunk_id for c, _ in MemoryStore(tmp_path).search("alice", "hilly city with mild winters", 3)] != ["c"]
+    assert "c" not in {c.chunk_id for c in MemoryStore(tmp_path).list("alice")}
+    with pytest.raises(UnknownChunk):
+        again.forget("alice", ["zzz"])
+    again.forget("alice")
+    assert again.namespaces() == [] and not (tmp_path / "alice").exists()
+    with pytest.raises(UnknownNamespace):
+        again.list("alice")
+
+
+def test_a_custom_retriever_replaces_vector_search(tmp_path):
+    calls = []
+
+    def retriever(namespace, query, k):
+        calls.append((namespace, query, k))
+        return [("b", 0.9)]
+
+    store = MemoryStore(tmp_path, retriever=retriever)
+    store.add("ns", [("a", "first", [1], {}), ("b", "second", [2], {})])
+    assert [(c.chunk_id, s) for c, s in store.search("ns", "anything", 2)] == [("b", 0.9)]
+    assert calls == [("ns", "anything", 2)]
+
+
+def test_namespaces_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="namespace"):
+        MemoryStore(tmp_path).add("../escape", [("a", "x", [1], {})])
+
+
+def test_long_documents_split_on_sentence_boundaries_within_the_token_budget(tmp_path, monkeypatch):
+    import dataclasses
+
+    from amem_sgl.config import AmemConfig, MemoryConfig
+    from amem_sgl.memory.layer import MemoryLayer
+    from amem_sgl.models import ensure_embedded_model
+
+    monkeypatch.setenv("AMEM_SGL_MEMORY_DIR", str(tmp_path))
+    config = dataclasses.replace(AmemConfig(), memory=MemoryConfig(chunk_tokens=40))
+    layer = MemoryLayer(config, base_url="http://unused", model_id="m", tokenizer_path=str(ensure_embedded_model()))
+    sentences = [f"Sentence number {i} talks about the weather in city {i}." for i in range(30)]
+    chunks = layer.split(" ".join(sentences) + "\n\nA final paragraph stands alone!")
+    assert len(chunks) > 5
+    assert all(len(layer.encode(c)) <= 40 for c in chunks)
+    assert " ".join(chunks).split() == (" ".join(sentences) + " A final paragraph stands alone!").split()
+    long_sentence = "word " * 200
+    pieces = layer.split(long_sentence)
+    assert len(pieces) >= 5 and all(len(layer.encode(p)) <= 40 for p in pieces)

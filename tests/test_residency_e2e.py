@@ -1,0 +1,91 @@
+"""The residency service inside the real server: chunks survive a server restart (loaded from disk,
+not recomputed), memory (texts + index) persists, and a killed service is restarted while the
+server keeps serving."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from amem_sgl.chunks.client import ChunkClient
+from amem_sgl.sdk import Amem
+from tests.server import start_readme_server
+
+pytestmark = pytest.mark.slow
+
+FACTS = ["Ingrid Berg keeps a red canoe at the lake house in Bergen.\n",
+         "Ingrid's neighbor Hugo Laurent restores old pianos in Porto.\n",
+         "Hugo's sister Leila Haddad teaches sailing in Halifax.\n"]
+QUESTION = "Where does Hugo's sister teach sailing?"
+NAMESPACE = "restart-ns"
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def residency_pids(server) -> list[int]:
+    root = psutil.Process(server.proc.pid)
+    return [p.pid for p in root.children(recursive=True)
+            if any("amem_sgl.residency.service" in part for part in p.cmdline())]
+
+
+def test_chunks_survive_a_restart_and_a_killed_residency_service_comes_back(tmp_path):
+    disk = tmp_path / "residency"
+    server = start_readme_server(tmp_path)
+    try:
+        client = ChunkClient(server.url)
+        chunks = [client.register(fact, NAMESPACE).token_ids for fact in FACTS]
+        prompt = client.layout.compose([chunks[i] for i in (2, 0, 1)], QUESTION)
+        before = client.generate(prompt, NAMESPACE, max_new_tokens=12)
+        remembered = Amem(server.url).remember("restart-memory", ["The lighthouse on Skerry Point is painted red.",
+                                                                  "The ferry leaves at seven every morning."]).ids
+        assert before.amem["spliced_tokens"] == prompt.chunk_tokens and before.amem["loaded_tokens"] == 0
+        # Written through to disk in the background: wait for the three files.
+        wait_for(lambda: len(list(disk.glob("*.safetensors"))) == 3, 60, "3 chunk files on disk")
+    finally:
+        server.stop()
+
+    server = start_readme_server(tmp_path)  # same disk tier, empty device pool
+    try:
+        client = ChunkClient(server.url)
+        # Memory (texts + vector index) persisted too.
+        memory = Amem(server.url)
+        assert sorted(c.id for c in memory.list("restart-memory")) == sorted(remembered)
+        assert memory.search("restart-memory", "When does the boat depart?", k=1)[0].id == remembered[1]
+        after = client.generate(prompt, NAMESPACE, max_new_tokens=12)
+        # Every chunk came from the disk tier: loaded, spliced, nothing registered or recomputed anew;
+        # the preamble (not cached on a fresh server) was computed in the blend pass.
+        assert after.amem["loaded_tokens"] == prompt.chunk_tokens == after.amem["spliced_tokens"]
+        assert after.amem["gap_tokens"] == len(client.layout.preamble) and after.amem["recomputed_tokens"] == 0
+        assert after.cached_tokens >= len(client.layout.preamble) + prompt.chunk_tokens
+        assert after.output_ids == before.output_ids
+        stats = server.amem_state()["stats"]
+        assert stats["chunks_restored"] == 3 and stats["chunks_registered"] == 3 and stats["chunks_stored"] == 0
+
+        # kill -9 the residency service: serving goes on, the launcher's supervisor restarts it.
+        (pid,) = residency_pids(server)
+        os.kill(pid, signal.SIGKILL)
+        again = client.generate(prompt, NAMESPACE, max_new_tokens=12)  # device hit, no service needed
+        assert again.output_ids == before.output_ids
+        new_pid = wait_for(lambda: [p for p in residency_pids(server) if p != pid], 60, "a restarted service")[0]
+        client.register("A brand new fact about Halifax harbours.\n", NAMESPACE)
+        wait_for(lambda: len(list(disk.glob("*.safetensors"))) == 4, 60, "the new chunk stored by the new service")
+        assert psutil.pid_exists(new_pid) and server.proc.poll() is None
+    finally:
+        server.stop()
+    assert not residency_pids_alive(pid_list=[pid])
+
+
+def residency_pids_alive(pid_list: list[int]) -> bool:
+    return any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pid_list)

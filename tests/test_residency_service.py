@@ -1,0 +1,183 @@
+"""The residency service as its own process (started by the Supervisor, spoken to over ZeroMQ)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+import zmq
+
+from amem_sgl.residency import protocol
+from amem_sgl.residency.client import ResidencyClient
+from amem_sgl.residency.supervisor import Supervisor
+
+MODEL = "test-model"
+LAYERS, HEADS, DIM = 4, 3, 16
+
+
+def chunk(gen, tokens: int = 32, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+    shape = (LAYERS, tokens, HEADS, DIM)
+    return {"k": torch.randn(shape, generator=gen).to(dtype), "v": torch.randn(shape, generator=gen).to(dtype),
+            "tokens": torch.randint(0, 50000, (tokens,), generator=gen, dtype=torch.int64)}
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(torch.seed())
+
+
+@pytest.fixture
+def make_service(tmp_path):
+    started = []
+
+    def start(*, cpu_chunks=100, disk_chunks=100, policy="value", size=nbytes(chunk(torch.Generator()))):
+        sup = Supervisor(root=tmp_path / "disk", address=f"ipc://{tmp_path}/residency.sock",
+                         cpu_bytes=cpu_chunks * size, disk_bytes=disk_chunks * (size + 2048), policy=policy,
+                         shm_dir=str(tmp_path / "shm"), log_path=tmp_path / "residency.log").start()
+        started.append(sup)
+        return sup, ResidencyClient(sup.address, tmp_path / "shm", timeout_s=10)
+
+    yield start
+    for sup in started:
+        sup.stop()
+
+
+def bits_equal(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8) if a[k].dtype
+                                    != torch.int64 else a[k], b[k].view(torch.uint8) if b[k].dtype != torch.int64
+                                    else b[k]) for k in a)
+
+
+def test_round_trip_is_bit_exact_through_cpu_and_disk_tiers_and_a_restart(make_service, gen, tmp_path):
+    sup, client = make_service()
+    originals = {f"c{i}": chunk(gen, dtype=dtype) for i, dtype in enumerate([torch.bfloat16, torch.float32,
+                                                                             torch.float16])}
+    for cid, tensors in originals.items():
+        reply = client.store(cid, "ns", MODEL, tensors, {"canonical_start": 7}).result(30)
+        assert reply == {"ok": True, "cpu": True, "disk": True}
+    for cid, tensors in originals.items():
+        got, meta, tier = client.fetch(cid, "ns", MODEL)
+        assert tier == "cpu" and meta["canonical_start"] == "7" and bits_equal(got, tensors)
+    assert not list((tmp_path / "shm").iterdir())  # every transfer file was consumed
+
+    sup.stop()  # restart: the CPU tier is gone, the disk tier is found again
+    sup, client = make_service()
+    assert client.request("stats")["disk_chunks"] == 3 and client.request("stats")["cpu_chunks"] == 0
+    got, _, tier = client.fetch("c1", "ns", MODEL)
+    assert tier == "disk" and bits_equal(got, originals["c1"])
+    assert client.fetch("c1", "ns", MODEL)[2] == "cpu"  # promoted on use
+    assert client.request("prefetch", chunk_ids=["c0", "c2", "nope"], namespace="ns", model_id=MODEL) == {
+        "ok": True, "loaded": 2, "missing": ["nope"]}
+    got, _, tier = client.fetch("c2", "ns", MODEL)
+    assert tier == "cpu" and bits_equal(got, originals["c2"])
+    # never across namespaces or models
+    assert client.fetch("c0", "other-ns", MODEL) is None and client.fetch("c0", "ns", "other-model") is None
+
+
+def test_budgets_hold_over_a_long_stream(make_service, gen, tmp_path):
+    sup, client = make_service(cpu_chunks=5, disk_chunks=8, policy="lru")
+    stats = client.request("stats")
+    for i in range(40):
+        client.store(f"s{i}", "ns", MODEL, chunk(gen), {}).result(30)
+        on_disk = sum(p.stat().st_size for p in (tmp_path / "disk").glob("*.safetensors"))
+        stats = client.request("stats")
+        assert on_disk <= stats["disk_budget"] and stats["disk_bytes"] == on_disk
+        assert stats["cpu_bytes"] <= stats["cpu_budget"]
+    assert stats["disk_chunks"] == 8 and stats["cpu_chunks"] == 5  # full, never over
+
+
+@pytest.mark.parametrize("policy", ["value", "lru"])
+def test_value_policy_keeps_a_reused_working_set_under_a_flood_where_lru_loses_it(make_service, gen, policy):
+    sup, client = make_service(cpu_chunks=6, disk_chunks=8, policy=policy)
+    hot = [f"hot{i}" for i in range(3)]
+    for cid in hot:
+        client.store(cid, "ns", MODEL, chunk(gen), {}).result(30)
+    for _ in range(3):  # the working set is used turn after turn
+        for cid in hot:
+            assert client.fetch(cid, "ns", MODEL) is not None
+    for i in range(30):  # then a flood of chunks that are never used again
+        client.store(f"once{i}", "ns", MODEL, chunk(gen), {}).result(30)
+    rows = {r["chunk_id"]: r for r in client.request("list", namespace="ns")["chunks"]}
+    hot_in_cpu = sum("cpu" in rows.get(cid, {}).get("tiers", []) for cid in hot)
+    hot_on_disk = sum("disk" in rows.get(cid, {}).get("tiers", []) for cid in hot)
+    stats = client.request("stats")
+    assert stats["cpu_chunks"] == 6 and stats["disk_chunks"] == 8
+    if policy == "value":
+        assert (hot_in_cpu, hot_on_disk) == (3, 3), rows
+    else:
+        assert (hot_in_cpu, hot_on_disk) == (0, 0), rows
+
+
+def test_kill_9_during_writes_loses_no_acknowledged_chunk_and_corrupts_none(make_service, gen, tmp_path):
+    sup, client = make_service()
+    originals = {f"k{i}": chunk(gen, tokens=64) for i in range(60)}
+    acked, stop = [], threading.Event()
+
+    def writer():
+        for cid, tensors in originals.items():
+            if stop.is_set():
+                return
+            reply = client._store(cid, "ns", MODEL, tensors, {}, None)
+            if reply is not None and reply["disk"]:
+                acked.append(cid)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    while len(acked) < 10:
+        time.sleep(0.01)
+    os.kill(sup.process.pid, signal.SIGKILL)  # mid-stream
+    stop.set()
+    thread.join(60)
+    deadline = time.monotonic() + 60
+    while sup.restarts == 0 or sup.process.poll() is not None or client.request("ping") is None:
+        assert time.monotonic() < deadline, "the supervisor did not restart the service"
+        time.sleep(0.1)
+    assert len(acked) >= 10
+    for cid in acked:
+        got = client.fetch(cid, "ns", MODEL)
+        assert got is not None and bits_equal(got[0], originals[cid]), cid
+    assert client.request("stats")["quarantined"] == 0
+    assert not [p for p in (tmp_path / "disk").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_hand_corrupted_file_is_quarantined_never_served(make_service, gen, tmp_path):
+    sup, client = make_service(cpu_chunks=0)
+    original = chunk(gen)
+    assert client.store("bad", "ns", MODEL, original, {}).result(30)["disk"]
+    path = tmp_path / "disk" / "bad.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte in the tensor data
+    path.write_bytes(bytes(data))
+    assert client.fetch("bad", "ns", MODEL) is None
+    assert client.request("stats")["quarantined"] == 1 and not path.exists()
+    assert "quarantined bad.safetensors" in (tmp_path / "residency.log").read_text()
+
+
+def test_malformed_messages_get_an_error_and_the_service_stays_up(make_service, tmp_path):
+    sup, client = make_service()
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.connect(sup.address)
+    for payload in (b"\xc1garbage", protocol.encode([1, 2]), protocol.encode({"op": "explode"}),
+                    protocol.encode({"op": "get", "chunk_id": 5}), protocol.encode({"op": "put", "chunk_id": "x",
+                    "namespace": "n", "model_id": "m", "path": "/nonexistent"})):
+        sock.send(payload)
+        assert sock.poll(10000)
+        reply = protocol.decode(sock.recv())
+        assert reply["ok"] is False and reply["error"]
+    sock.close(linger=0)
+    assert client.request("ping")["pid"] == sup.process.pid
+
+
+def test_a_dead_service_is_a_miss_not_an_error(tmp_path):
+    client = ResidencyClient(f"ipc://{tmp_path}/nobody.sock", tmp_path / "shm", timeout_s=0.3)
+    assert client.fetch("x", "ns", MODEL) is None and client.request("ping") is None
+    assert client.store("x", "ns", MODEL, {"k": torch.ones(2)}, {}).result(10) is None
+    assert not list((tmp_path / "shm").iterdir())  # the staged file was not leaked
