@@ -59,8 +59,11 @@ def start_server(command: str, *, port: int, log_path: Path, cwd: Path | None = 
                  env: dict | None = None, timeout_s: float = 420) -> LocalServer:
     """Run ``command`` (which must serve on ``port``) and wait until /health answers 200."""
     t0 = time.monotonic()
+    # A server runs compiled Triton or none: the interpreter switch of a CPU test session stays out.
+    child_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    child_env.update(env or {})
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=dict(os.environ, **(env or {})),
+        proc = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=child_env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = LocalServer(f"http://127.0.0.1:{port}", Path(log_path), 0.0, proc)
     while time.monotonic() - t0 < timeout_s:

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import psutil
 import requests
-import yaml
 
 from amem_sgl.chunks.client import ChunkClient, ComposedPrompt
 from amem_sgl.local_server import free_port, start_server

@@ -31,3 +31,27 @@ def test_kernel_bench_runs_and_checks_its_output(tmp_path, capsys):
     rows = bench_rope_rerotate.run([1024], bench_rope_rerotate.torch.device("cpu"), sets=2)
     (row,) = rows
     assert row["rel_error_vs_fp64"] < 1e-2 and row["rerotate_GBps"] > 0 and row["contiguous_copy_GBps"] > 0
+
+
+@pytest.mark.slow
+def test_cost_curve_quick_run_writes_valid_json_a_plot_and_latest(amem_server, tmp_path):
+    from benchmarks import cost_curve
+
+    assert cost_curve.main(["--quick", "--url", amem_server.url, "--out", str(tmp_path)]) == 0
+    latest = json.loads((tmp_path / "latest-quick.json").read_text())
+    for key in ("device", "model", "prefill_ratio_per_query", "prefill_ratio_session", "ttft_ratio_per_query",
+                "ttft_ratio_session", "break_even_queries", "answer_agreement", "numeric_floor_agreement",
+                "recompute_fraction"):
+        assert key in latest
+    (report,) = tmp_path.glob("*cost-curve-quick.json")
+    rows = json.loads(report.read_text())["rows"]
+    assert {r["arm"] for r in rows} == {"text", "query", "session"} and len(rows) == 18
+    assert all(r["prompt_tokens"] > 0 and r["ttft_s"] > 0 for r in rows)
+    assert (tmp_path / latest["plot"]).stat().st_size > 10_000  # a real PNG
+
+
+def test_blend_attention_bench_runs_and_checks_its_output():
+    from benchmarks.kernels import bench_blend_attention
+
+    rows = bench_blend_attention.run([256], bench_blend_attention.torch.device("cpu"))
+    assert len(rows) == 2 and all(r["rel_error_vs_reference"] < 1e-2 and r["kernel_ms"] > 0 for r in rows)

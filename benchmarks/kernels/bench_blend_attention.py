@@ -45,7 +45,7 @@ def make_inputs(n_keys: int, queries: str, device, gen, dtype=torch.bfloat16):
     if queries == "blend":
         q_pos = torch.sort(torch.randperm(n_keys, generator=gen)[: max(1, int(0.15 * n_keys))]).values
     else:
-        q_pos = torch.arange(n_keys - 512, n_keys)
+        q_pos = torch.arange(max(n_keys - 512, 0), n_keys)
     q = torch.randn(q_pos.shape[0], HEADS, HEAD_DIM, generator=gen).to(device=device, dtype=dtype)
     lens = (torch.tensor([q_pos.shape[0]], device=device), torch.tensor([n_keys], device=device))
     return q, k_cache, v_cache, q_pos.to(device), lens[0], slots.to(device), lens[1]

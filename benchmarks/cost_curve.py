@@ -1,0 +1,320 @@
+"""The cost curve: an agent session over a large memory, three arms in one run.
+
+Memory: >= 200 chunks (user facts and document passages). Session: 30 turns; each turn asks about
+one of a few topics, and the topic drifts slowly, so the recalled working set (top-k) changes a
+little between turns. Arms, same model, same questions, same machine:
+
+1. ``text``    -- text memory on plain SGLang (``--radix-cache-backend radix``, its stock cache):
+                  the recalled chunk texts are re-sent in the prompt every turn;
+2. ``query``   -- amem per query: OpenAI chat with ``user`` = namespace; recall, splice + blend
+                  (server default policy) every turn;
+3. ``session`` -- amem session: the working set pinned and warmed once, every turn reuses its
+                  blended prefix.
+
+Per turn: prefilled tokens (prompt tokens not served from cache, plus recomputed ones), TTFT
+(streamed, wall clock) and the answer. Reported: cumulative prefill and TTFT, ratios per query and
+over the session, break-even in queries with the one-time chunk prefill counted against arms 2/3
+(all remembered chunks; and only the chunks the session used), answer agreement between arms.
+Writes ``benchmarks/results/<date>-<device>-cost-curve.{json,md,png}`` and updates ``latest.json``.
+
+    python -m benchmarks.cost_curve            # full: 2 servers, 240 chunks, 30 turns (~15 min on 2 CPU cores)
+    python -m benchmarks.cost_curve --quick    # smoke: 1 server, 40 chunks, 6 turns (< 3 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+from tqdm.auto import tqdm
+
+from amem_sgl.local_server import free_port, start_server
+from amem_sgl.sdk import Amem
+from benchmarks.fidelity import device_name
+from benchmarks.fidelity_data import CITIES, FILLER, FIRST, LAST
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+TOPICS = ["family", "work", "travel", "health", "hobbies", "home"]
+
+
+def make_memory(n_chunks: int, seed: int = 0) -> tuple[list[str], dict[str, list[str]]]:
+    """User facts and document passages; each topic gets a share. Returns (texts, questions by topic)."""
+    rng = random.Random(seed)
+    texts, questions = [], {t: [] for t in TOPICS}
+    for i in range(n_chunks):
+        topic = TOPICS[i % len(TOPICS)]
+        name = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
+        city = rng.choice(CITIES)
+        if i % 3 == 0:  # a document passage (~150-300 tokens)
+            body = " ".join(rng.sample(FILLER, rng.randint(8, 14)))
+            texts.append(f"Notes on {topic} ({i}): {name} from {city}. {body}")
+        else:  # a short user fact
+            texts.append(f"The user's {topic} note {i}: {name} is connected to {city} through {topic}.")
+        questions[topic].append(f"What do my {topic} notes say about {name}?")
+    return texts, questions
+
+
+def topic_changed(asks: list[str], t: int) -> bool:
+    """The conversation moved to another topic at turn ``t`` (a session re-pins its working set)."""
+    topic = lambda q: q.split("my ")[1].split(" notes")[0]  # noqa: E731
+    return t > 0 and topic(asks[t]) != topic(asks[t - 1])
+
+
+def turn_questions(questions: dict[str, list[str]], turns: int, seed: int = 1) -> list[str]:
+    """A slowly drifting conversation: a topic for several turns, then the next one."""
+    rng = random.Random(seed)
+    out, topic = [], 0
+    for t in range(turns):
+        if t and t % 6 == 0:
+            topic = (topic + 1) % len(TOPICS)
+        out.append(rng.choice(questions[TOPICS[topic]]))
+    return out
+
+
+@dataclasses.dataclass
+class Turn:
+    arm: str
+    turn: int
+    prompt_tokens: int
+    cached_tokens: int
+    recomputed_tokens: int
+    prefilled_tokens: int
+    ttft_s: float
+    answer: str
+    chunks: list[str]
+
+
+def chat(url: str, body: dict, headers: dict | None = None) -> tuple[dict, float, str, list[str]]:
+    """Streamed chat turn: (usage, ttft, text, chunk ids from the header)."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first, text, usage = None, [], {}
+    with requests.post(f"{url}/v1/chat/completions", json=body, headers=headers or {}, stream=True, timeout=600) as reply:
+        reply.raise_for_status()
+        chunk_ids = [c for c in reply.headers.get("x-amem-chunks", "").split(",") if c]
+        for line in reply.iter_lines():
+            if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
+                continue
+            event = json.loads(line[5:])
+            if event.get("choices") and event["choices"][0].get("delta", {}).get("content"):
+                first = first or time.perf_counter()
+                text.append(event["choices"][0]["delta"]["content"])
+            if event.get("usage"):
+                usage = event["usage"]
+    return usage, (first or time.perf_counter()) - t0, "".join(text), chunk_ids
+
+
+def run_arms(amem_url: str, text_url: str, n_chunks: int, turns: int, k: int, max_tokens: int) -> dict:
+    memory = Amem(amem_url)
+    # Arms 2 and 3 get a namespace each (same texts), so neither reuses the other's blended prefixes.
+    namespace, session_ns = f"cost-q-{int(time.time())}", f"cost-s-{int(time.time())}"
+    texts, questions = make_memory(n_chunks)
+    t0 = time.perf_counter()
+    remembered = memory.remember(namespace, texts)
+    remember_s = time.perf_counter() - t0
+    memory.remember(session_ns, texts)
+    listed = memory.list(namespace)
+    chunk_tokens = {c.id: c.tokens for c in listed}
+    order = {c.id: i for i, c in enumerate(listed)}
+    asks = turn_questions(questions, turns)
+    system = "You are a helpful assistant. Notes from memory follow; use them when they are relevant to the question."
+    rows: list[Turn] = []
+    session = None
+    for t, question in enumerate(tqdm(asks, desc="cost curve", unit="turn", file=sys.stderr)):
+        # 1. text memory: recall (same retriever), texts re-sent in the prompt, plain SGLang serves it.
+        recalled = sorted(memory.search(namespace, question, k), key=lambda c: order[c.id])
+        notes = "\n".join(c.text for c in recalled)
+        usage, ttft, answer, _ = chat(text_url, {"model": "default", "max_tokens": max_tokens, "temperature": 0,
+                                                 "messages": [{"role": "system", "content": f"{system}\n{notes}"},
+                                                              {"role": "user", "content": question}]})
+        rows.append(_row("text", t, usage, ttft, answer, [c.id for c in recalled]))
+        # 2. amem per query.
+        usage, ttft, answer, used = chat(amem_url, {"model": "default", "user": namespace, "max_tokens": max_tokens,
+                                                    "temperature": 0, "messages": [{"role": "user", "content": question}]})
+        rows.append(_row("query", t, usage, ttft, answer, used))
+        # 3. amem session (pinned at the first turn's recall; re-pinned when the topic drifts away).
+        if session is None or topic_changed(asks, t):
+            session = memory.start_session(session_ns, query=question, k=2 * k)  # a wider pinned set
+        usage, ttft, answer, used = chat(amem_url, {"model": "default", "max_tokens": max_tokens, "temperature": 0,
+                                                    "messages": [{"role": "user", "content": question}]},
+                                         {"X-Amem-Session": session.session_id})
+        rows.append(_row("session", t, usage, ttft, answer, used))
+    used_chunks = {c for r in rows if r.arm != "text" for c in r.chunks}
+    return {"rows": rows, "one_time_prefill_all": sum(chunk_tokens.values()),
+            "one_time_prefill_used": sum(chunk_tokens.get(c, 0) for c in used_chunks),
+            "chunks": len(remembered.ids), "remember_s": remember_s, "turns": turns, "k": k}
+
+
+def _row(arm, t, usage, ttft, answer, chunks) -> Turn:
+    prompt = int(usage.get("prompt_tokens", 0))
+    cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
+    amem = usage.get("amem") or {}
+    recomputed = int(amem.get("recomputed_tokens", 0)) + int(amem.get("gap_tokens", 0))
+    return Turn(arm, t, prompt, cached, recomputed, prompt - cached + recomputed, ttft, answer, chunks)
+
+
+def summarize(result: dict) -> dict:
+    rows: list[Turn] = result["rows"]
+    by = {arm: [r for r in rows if r.arm == arm] for arm in ("text", "query", "session")}
+    cum = {arm: sum(r.prefilled_tokens for r in rs) for arm, rs in by.items()}
+    ttft = {arm: sum(r.ttft_s for r in rs) for arm, rs in by.items()}
+    n = len(by["text"])
+
+    def break_even(arm: str, one_time: int) -> int | None:
+        a = b = 0
+        for q in range(n):
+            a += by["text"][q].prefilled_tokens
+            b += by[arm][q].prefilled_tokens
+            if b + one_time <= a:
+                return q + 1
+        return None
+
+    agree = lambda x, y: sum(p.answer == q.answer for p, q in zip(by[x], by[y])) / max(n, 1)  # noqa: E731
+    recomputed = sum(r.recomputed_tokens for r in by["query"])
+    return {
+        "turns": n, "chunks": result["chunks"],
+        "cumulative_prefill_tokens": cum, "cumulative_ttft_s": ttft,
+        "prefill_ratio_per_query": cum["text"] / max(cum["query"], 1),
+        "prefill_ratio_session": cum["text"] / max(cum["session"], 1),
+        "ttft_ratio_per_query": ttft["text"] / max(ttft["query"], 1e-9),
+        "ttft_ratio_session": ttft["text"] / max(ttft["session"], 1e-9),
+        "break_even_queries": {"per_query_all_chunks": break_even("query", result["one_time_prefill_all"]),
+                               "session_all_chunks": break_even("session", result["one_time_prefill_all"]),
+                               "per_query_used_chunks": break_even("query", result["one_time_prefill_used"]),
+                               "session_used_chunks": break_even("session", result["one_time_prefill_used"])},
+        "one_time_prefill_tokens": {"all": result["one_time_prefill_all"], "used": result["one_time_prefill_used"]},
+        "answer_agreement": {"query_vs_text": agree("query", "text"), "session_vs_text": agree("session", "text"),
+                             "session_vs_query": agree("session", "query")},
+        "recompute_fraction": recomputed / max(sum(r.prompt_tokens for r in by["query"]), 1),
+    }
+
+
+def plot(result: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    labels = {"text": "text memory, plain SGLang", "query": "amem per query", "session": "amem session"}
+    for arm, label in labels.items():
+        rs = [r for r in result["rows"] if r.arm == arm]
+        turns = [r.turn + 1 for r in rs]
+        prefill, ttft, a, b = [], [], 0, 0.0
+        for r in rs:
+            a += r.prefilled_tokens
+            b += r.ttft_s
+            prefill.append(a)
+            ttft.append(b)
+        axes[0].plot(turns, prefill, marker="o", ms=3, label=label)
+        axes[1].plot(turns, ttft, marker="o", ms=3, label=label)
+    axes[0].set(xlabel="turn", ylabel="cumulative prefilled tokens", title="prefill")
+    axes[1].set(xlabel="turn", ylabel="cumulative TTFT (s)", title="time to first token")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 server, 40 chunks, 6 turns: a smoke run")
+    parser.add_argument("--chunks", type=int, default=240)
+    parser.add_argument("--turns", type=int, default=30)
+    parser.add_argument("-k", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--url", default=None, help="use this running amem server for every arm (no server started)")
+    parser.add_argument("--numeric-floor", type=float, default=None,
+                        help="fp32-vs-bf16 identical-answer rate to record beside answer agreement "
+                             "(default: the latest numeric-floor result in --out)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.chunks, args.turns = 40, 6
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="amem-cost-curve-"))
+    env = {"AMEM_SGL_RESIDENCY_DIR": str(work / "residency"), "AMEM_SGL_MEMORY_DIR": str(work / "memory")}
+    t0 = time.monotonic()
+    servers = []
+    try:
+        if args.url:
+            result = run_arms(args.url, args.url, args.chunks, args.turns, args.k, args.max_tokens)
+        else:
+            result = _run_with_servers(args, env, servers)
+    finally:
+        for server in servers:
+            server.stop()
+    summary = summarize(result)
+    floor = args.numeric_floor if args.numeric_floor is not None else latest_floor(args.out)
+    device = device_name()
+    meta = {"device": device, "model": "SmolLM2-135M-Instruct (bf16)", "date": dt.datetime.now().isoformat(timespec="seconds"),
+            "seconds": time.monotonic() - t0, "quick": args.quick,
+            "text_arm_backend": ("amem server, plain requests" if args.quick or args.url
+                                 else "--radix-cache-backend radix"),
+            "command": "python -m benchmarks.cost_curve " + " ".join(argv if argv is not None else sys.argv[1:])}
+    stem = args.out / f"{dt.date.today().isoformat()}-{device}-cost-curve{'-quick' if args.quick else ''}"
+    plot(result, stem.with_suffix(".png"), f"{meta['model']} on {device}: {summary['chunks']} chunks, "
+                                          f"{summary['turns']} turns, top-{args.k}")
+    payload = {"meta": meta, "summary": summary, "rows": [dataclasses.asdict(r) for r in result["rows"]]}
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    latest = {"device": device, "model": meta["model"], "date": meta["date"], "quick": args.quick,
+              "prefill_ratio_per_query": summary["prefill_ratio_per_query"],
+              "prefill_ratio_session": summary["prefill_ratio_session"],
+              "ttft_ratio_per_query": summary["ttft_ratio_per_query"],
+              "ttft_ratio_session": summary["ttft_ratio_session"],
+              "break_even_queries": summary["break_even_queries"]["per_query_used_chunks"],
+              "break_even_detail": summary["break_even_queries"],
+              "answer_agreement": summary["answer_agreement"]["query_vs_text"],
+              "answer_agreement_detail": summary["answer_agreement"],
+              "numeric_floor_agreement": floor,
+              "recompute_fraction": summary["recompute_fraction"],
+              "plot": stem.with_suffix(".png").name, "command": meta["command"]}
+    (args.out / ("latest-quick.json" if args.quick else "latest.json")).write_text(json.dumps(latest, indent=2))
+    lines = [f"# Cost curve ({meta['model']}, {device})", "", f"Command: `{meta['command']}`  ",
+             f"Date: {meta['date']}, {meta['seconds']:.0f} s; arm 1 served by {meta['text_arm_backend']}", "",
+             f"![cost curve]({stem.with_suffix('.png').name})", "", "| metric | value |", "|---|---|"]
+    for key, value in latest.items():
+        if key not in ("plot", "command", "device", "model", "date"):
+            lines.append(f"| {key} | {json.dumps(value) if isinstance(value, dict) else value} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def _run_with_servers(args, env, servers) -> dict:
+    port = free_port()
+    servers.append(start_server(f"{sys.executable} -m amem_sgl.launch_server --config configs/default.yaml "
+                                f"--port {port}", port=port, log_path=args.out / "cost-curve-amem.log",
+                                cwd=ROOT, env=env))
+    text_url = servers[0].url
+    if not args.quick:  # arm 1 on SGLang's own radix cache
+        port = free_port()
+        servers.append(start_server(f"{sys.executable} -m amem_sgl.launch_server --config configs/default.yaml "
+                                    f"--port {port} --radix-cache-backend radix", port=port,
+                                    log_path=args.out / "cost-curve-text.log", cwd=ROOT, env=env))
+        text_url = servers[1].url
+    result = run_arms(servers[0].url, text_url, args.chunks, args.turns, args.k, args.max_tokens)
+    return result
+
+
+def latest_floor(out: Path) -> float | None:
+    files = sorted(out.glob("*-numeric-floor.json"))
+    if not files:
+        return None
+    return json.loads(files[-1].read_text()).get("identical_answers_fp32_vs_bf16")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
