@@ -44,6 +44,7 @@ class LaunchPlan:
     sglang_config: dict[str, Any]
     amem: AmemConfig
     env: dict[str, str]
+    backend: str = "amem"  # the radix-cache backend in effect ("" = SGLang's built-in RadixCache)
 
     def sglang_argv(self, config_path: str | None) -> list[str]:
         return self.cli_args + (["--config", config_path] if config_path else [])
@@ -107,7 +108,8 @@ def plan_launch(
     model_path = lookup("model-path", "model")[1]
     if model_path is not None and os.path.isdir(str(model_path)):
         env["HF_HUB_OFFLINE"] = "1"  # a local folder needs no hub; never wait on one
-    return LaunchPlan(cli_args=rest, sglang_config=section, amem=amem, env=env)
+    backend = str(lookup(BACKEND_FLAG)[1] or "")
+    return LaunchPlan(cli_args=rest, sglang_config=section, amem=amem, env=env, backend=backend)
 
 
 def _request_guards(app, amem: AmemConfig) -> None:
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sgl.check_sglang_version()
     sgl.load_plugins()  # runs amem_sgl.plugin.load through the sglang.srt.plugins entry point
-    backend = plan.sglang_config.get(BACKEND_FLAG)
+    backend = plan.backend
     if backend == "amem" and sgl.get_radix_cache_factory("amem") is None:
         raise SystemExit(
             "amem_sgl's SGLang plugin did not load (entry point 'sglang.srt.plugins: amem' missing); "

@@ -4,7 +4,7 @@ Memory: >= 200 chunks (user facts and document passages). Session: 30 turns; eac
 one of a few topics, and the topic drifts slowly, so the recalled working set (top-k) changes a
 little between turns. Arms, same model, same questions, same machine:
 
-1. ``text``    -- text memory on plain SGLang (``--radix-cache-backend radix``, its stock cache):
+1. ``text``    -- text memory on plain SGLang (``--radix-cache-backend ''``: its built-in RadixCache):
                   the recalled chunk texts are re-sent in the prompt every turn;
 2. ``query``   -- amem per query: OpenAI chat with ``user`` = namespace; recall, splice + blend
                   (server default policy) every turn;
@@ -132,33 +132,47 @@ def run_arms(amem_url: str, text_url: str, n_chunks: int, turns: int, k: int, ma
     for t, question in enumerate(tqdm(asks, desc="cost curve", unit="turn", file=sys.stderr)):
         # 1. text memory: recall (same retriever), texts re-sent in the prompt, plain SGLang serves it.
         recalled = sorted(memory.search(namespace, question, k), key=lambda c: order[c.id])
-        notes = "\n".join(c.text for c in recalled)
+        # The same text the memory layer composes: system prompt, then each chunk followed by a newline.
+        notes = "".join(c.text + "\n" for c in recalled)
         usage, ttft, answer, _ = chat(text_url, {"model": "default", "max_tokens": max_tokens, "temperature": 0,
                                                  "messages": [{"role": "system", "content": f"{system}\n{notes}"},
                                                               {"role": "user", "content": question}]})
         rows.append(_row("text", t, usage, ttft, answer, [c.id for c in recalled]))
         # 2. amem per query.
+        before = blend_counters(amem_url)
         usage, ttft, answer, used = chat(amem_url, {"model": "default", "user": namespace, "max_tokens": max_tokens,
                                                     "temperature": 0, "messages": [{"role": "user", "content": question}]})
-        rows.append(_row("query", t, usage, ttft, answer, used))
+        rows.append(_row("query", t, usage, ttft, answer, used, blend_counters(amem_url, before)))
         # 3. amem session (pinned at the first turn's recall; re-pinned when the topic drifts away).
         if session is None or topic_changed(asks, t):
             session = memory.start_session(session_ns, query=question, k=2 * k)  # a wider pinned set
+        before = blend_counters(amem_url)
         usage, ttft, answer, used = chat(amem_url, {"model": "default", "max_tokens": max_tokens, "temperature": 0,
                                                     "messages": [{"role": "user", "content": question}]},
                                          {"X-Amem-Session": session.session_id})
-        rows.append(_row("session", t, usage, ttft, answer, used))
+        rows.append(_row("session", t, usage, ttft, answer, used, blend_counters(amem_url, before)))
     used_chunks = {c for r in rows if r.arm != "text" for c in r.chunks}
     return {"rows": rows, "one_time_prefill_all": sum(chunk_tokens.values()),
             "one_time_prefill_used": sum(chunk_tokens.get(c, 0) for c in used_chunks),
             "chunks": len(remembered.ids), "remember_s": remember_s, "turns": turns, "k": k}
 
 
-def _row(arm, t, usage, ttft, answer, chunks) -> Turn:
+def blend_counters(url: str, before: dict | None = None) -> dict:
+    """The server's recompute counters (or their change since ``before``): streamed responses carry
+    no usage.amem, and turns run one at a time, so the change is this turn's."""
+    stats = requests.get(f"{url}/get_server_info", timeout=60).json()["internal_states"][0]["amem"]["stats"]
+    keys = ("recomputed_tokens", "gap_tokens", "probed_tokens")
+    now = {k: int(stats.get(k, 0)) for k in keys}
+    return now if before is None else {k: now[k] - before[k] for k in keys}
+
+
+def _row(arm, t, usage, ttft, answer, chunks, counters: dict | None = None) -> Turn:
     prompt = int(usage.get("prompt_tokens", 0))
     cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
-    amem = usage.get("amem") or {}
-    recomputed = int(amem.get("recomputed_tokens", 0)) + int(amem.get("gap_tokens", 0))
+    # SGLang counts spliced tokens as cached; what the blend pass computed is added back (a probe's
+    # early layers count as (layers run / all layers) of a token; no probe with the default policy).
+    counters = counters or {}
+    recomputed = counters.get("recomputed_tokens", 0) + counters.get("gap_tokens", 0)
     return Turn(arm, t, prompt, cached, recomputed, prompt - cached + recomputed, ttft, answer, chunks)
 
 
@@ -262,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"device": device, "model": "SmolLM2-135M-Instruct (bf16)", "date": dt.datetime.now().isoformat(timespec="seconds"),
             "seconds": time.monotonic() - t0, "quick": args.quick,
             "text_arm_backend": ("amem server, plain requests" if args.quick or args.url
-                                 else "--radix-cache-backend radix"),
+                                 else "SGLang's built-in RadixCache (--radix-cache-backend '')"),
             "command": "python -m benchmarks.cost_curve " + " ".join(argv if argv is not None else sys.argv[1:])}
     stem = args.out / f"{dt.date.today().isoformat()}-{device}-cost-curve{'-quick' if args.quick else ''}"
     plot(result, stem.with_suffix(".png"), f"{meta['model']} on {device}: {summary['chunks']} chunks, "
@@ -302,7 +316,7 @@ def _run_with_servers(args, env, servers) -> dict:
     if not args.quick:  # arm 1 on SGLang's own radix cache
         port = free_port()
         servers.append(start_server(f"{sys.executable} -m amem_sgl.launch_server --config configs/default.yaml "
-                                    f"--port {port} --radix-cache-backend radix", port=port,
+                                    f"--port {port} --radix-cache-backend ''", port=port,
                                     log_path=args.out / "cost-curve-text.log", cwd=ROOT, env=env))
         text_url = servers[1].url
     result = run_arms(servers[0].url, text_url, args.chunks, args.turns, args.k, args.max_tokens)

@@ -44,8 +44,19 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def residency_pid(server) -> int:
-    kids = psutil.Process(server.proc.pid).children(recursive=True)
-    return next(p.pid for p in kids if any("amem_sgl.residency.service" in c for c in p.cmdline()))
+    return next(iter(residency_pids(server)))
+
+
+def residency_pids(server) -> list[int]:
+    """Live residency service processes under the server (a killed one may linger as a zombie)."""
+    pids = []
+    for proc in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and any("amem_sgl.residency.service" in c for c in proc.cmdline()):
+                pids.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+    return pids
 
 
 def flush(url: str) -> None:

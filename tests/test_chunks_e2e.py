@@ -28,10 +28,13 @@ def test_chunks_registered_once_are_spliced_in_another_order_and_answer_like_a_f
     after_register = amem_server.amem_state()
     assert after_register["stats"]["chunks_registered"] - before["stats"]["chunks_registered"] == 3
 
+    from amem_sgl.blend.policy import BlendPolicy
+
+    pure = BlendPolicy("none")  # pure splicing here; blending is tested below
     first = client.layout.compose([c.token_ids for c in chunks], QUESTION)
-    client.generate(first, "e2e-alice", max_new_tokens=24)
+    client.generate(first, "e2e-alice", max_new_tokens=24, blend=pure)
     second = client.layout.compose([chunks[i].token_ids for i in (2, 0, 1)], QUESTION)
-    spliced = client.generate(second, "e2e-alice", max_new_tokens=24)
+    spliced = client.generate(second, "e2e-alice", max_new_tokens=24, blend=pure)
     full = client.generate(second, max_new_tokens=24, isolated=True)
 
     preamble = len(client.layout.preamble)

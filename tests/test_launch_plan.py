@@ -123,3 +123,11 @@ def test_shipped_configs_parse():
     for path in sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
         config = load_config_file(path)
         assert config.amem.model.embedded == "smollm2", path
+
+
+@pytest.mark.parametrize("argv, backend", [([], "amem"), (["--radix-cache-backend", "amem"], "amem"),
+                                            (["--radix-cache-backend", ""], ""),
+                                            (["--radix-cache-backend=other"], "other")])
+def test_the_backend_in_effect_decides_whether_residency_and_memory_start(argv, backend):
+    plan = plan_launch(argv, cuda_available=False, resolve_model=lambda m: "/models/x")
+    assert plan.backend == backend

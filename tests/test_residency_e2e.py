@@ -35,9 +35,9 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 def residency_pids(server) -> list[int]:
-    root = psutil.Process(server.proc.pid)
-    return [p.pid for p in root.children(recursive=True)
-            if any("amem_sgl.residency.service" in part for part in p.cmdline())]
+    from benchmarks.residency import residency_pids as live
+
+    return live(server)
 
 
 def test_chunks_survive_a_restart_and_a_killed_residency_service_comes_back(tmp_path):
@@ -67,7 +67,8 @@ def test_chunks_survive_a_restart_and_a_killed_residency_service_comes_back(tmp_
         # Every chunk came from the disk tier: loaded, spliced, nothing registered or recomputed anew;
         # the preamble (not cached on a fresh server) was computed in the blend pass.
         assert after.amem["loaded_tokens"] == prompt.chunk_tokens == after.amem["spliced_tokens"]
-        assert after.amem["gap_tokens"] == len(client.layout.preamble) and after.amem["recomputed_tokens"] == 0
+        assert after.amem["gap_tokens"] == len(client.layout.preamble)
+        assert after.amem["recomputed_tokens"] == before.amem["recomputed_tokens"]  # the same blend policy
         assert after.cached_tokens >= len(client.layout.preamble) + prompt.chunk_tokens
         assert after.output_ids == before.output_ids
         stats = server.amem_state()["stats"]

@@ -19,6 +19,7 @@ One instance per server process: :data:`ACTIVE` (the OpenAI hooks read it).
 from __future__ import annotations
 
 import asyncio
+import os
 import collections
 import dataclasses
 import logging
@@ -185,7 +186,7 @@ class MemoryLayer:
         pre = self.preamble
         started, done = time.monotonic(), 0
         step = max(1, len(todo) // 10)
-        semaphore = asyncio.Semaphore(8)
+        semaphore = asyncio.Semaphore(int(os.environ.get("AMEM_SGL_REGISTER_CONCURRENCY", "8")))
         async with httpx.AsyncClient(timeout=600) as client:
             async def one(tokens: list[int]) -> None:
                 nonlocal done
