@@ -19,13 +19,11 @@ from typing import Any, Iterable, Sequence
 
 import requests
 
-from amem_sgl.chunks.client import error_message
+from amem_sgl.chunks.client import AmemRequestError, error_message
 
 
-class AmemError(RuntimeError):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
-        self.status, self.message = status, message
+# The server refused a request: ``status`` and the server's ``message`` (shared with ChunkClient).
+AmemError = AmemRequestError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._launch import KernelCache
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -92,22 +94,7 @@ def _blend_attention_kernel(
              out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
-_compiled = None
-_interpreted = None
-
-
-def _kernel_for(device: torch.device):
-    """The compiled kernel for CUDA tensors; the Triton interpreter for CPU tensors."""
-    global _compiled, _interpreted
-    if device.type == "cuda":
-        if _compiled is None:
-            _compiled = triton.jit(_blend_attention_kernel)
-        return _compiled
-    if _interpreted is None:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        _interpreted = InterpretedFunction(_blend_attention_kernel)
-    return _interpreted
+_KERNEL = KernelCache(_blend_attention_kernel)
 
 
 def _validate(q, k_cache, v_cache, q_pos, q_lens, kv_slots, kv_lens) -> None:
@@ -161,7 +148,7 @@ def blend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     kv_starts = torch.cumsum(kv_lens64, 0) - kv_lens64
     heads, head_dim = q.shape[1], q.shape[2]
     grid = (triton.cdiv(int(q_lens64.max()), block_m), heads, q_lens64.shape[0])
-    _kernel_for(q.device)[grid](
+    _KERNEL.for_device(q.device)[grid](
         q, k_cache, v_cache, out, q_pos.to(**i64), q_starts, q_lens64, kv_slots.to(**i64), kv_starts, kv_lens64,
         scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
         v_cache.stride(1), out.stride(0), out.stride(1),

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._launch import KernelCache
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -91,22 +93,7 @@ def _rope_rerotate_kernel(
         tl.store(dst_ptr + dst_row + PASS_START + p[None, None, :], rest, mask=p_mask)
 
 
-_compiled = None
-_interpreted = None
-
-
-def _kernel_for(device: torch.device):
-    """The compiled kernel for CUDA tensors; the Triton interpreter for CPU tensors."""
-    global _compiled, _interpreted
-    if device.type == "cuda":
-        if _compiled is None:
-            _compiled = triton.jit(_rope_rerotate_kernel)
-        return _compiled
-    if _interpreted is None:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        _interpreted = InterpretedFunction(_rope_rerotate_kernel)
-    return _interpreted
+_KERNEL = KernelCache(_rope_rerotate_kernel)
 
 
 def _validate(k_src, k_dst, src_slots, dst_slots, delta, cos_sin_cache, rotary_dim) -> None:
@@ -190,7 +177,7 @@ def rope_rerotate(
     budget = 4096 if k_src.device.type == "cuda" else 1 << 16
     block_t = max(1, min(triton.next_power_of_2(n), budget // (block_h * block_r)))
     grid = (triton.cdiv(n, block_t),)
-    _kernel_for(k_src.device)[grid](
+    _KERNEL.for_device(k_src.device)[grid](
         k_src, k_dst, src_slots, dst_slots, delta, cos_sin_cache,
         n, num_heads,
         k_src.stride(0), k_src.stride(1), k_dst.stride(0), k_dst.stride(1),

@@ -21,20 +21,17 @@ reference on fresh random inputs first.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
 from benchmarks.fidelity import device_name
-from benchmarks.kernels.bench_rope_rerotate import timer
+from benchmarks.kernels.bench_rope_rerotate import report, timer
 from kernels.blend_attention import blend_attention, blend_attention_reference
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
 
@@ -93,17 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(keys, device)
     head = ["keys", "queries", "n_queries", "backend", "rel_error_vs_reference", "kernel_ms", "sdpa_ms",
             "kernel_over_sdpa_time", "kv_read_GBps", "copy_GBps", "pct_of_copy"]
-    lines = [f"# blend_attention on {device_name()} (32 q heads, 8 KV heads x 128, bf16)", "",
-             "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[h]:.4g}" if isinstance(r[h], float) else str(r[h]) for h in head) + " |")
-    print("\n".join(lines))
-    if args.save:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        stem = RESULTS / f"{dt.date.today().isoformat()}-{device_name()}-blend-attention"
-        stem.with_suffix(".json").write_text(json.dumps({"device": device_name(), "rows": rows}, indent=2))
-        stem.with_suffix(".md").write_text("\n".join(lines) + "\n\nCommand: `python -m benchmarks.kernels."
-                                           "bench_blend_attention --save`\n")
+    report(rows, head, f"blend_attention on {device_name()} (32 q heads, 8 KV heads x 128, bf16)",
+           "blend-attention", "python -m benchmarks.kernels.bench_blend_attention --save", args.save)
     return 0
 
 

@@ -127,6 +127,19 @@ def run(tokens: list[int], device: torch.device, sets: int = 3) -> list[dict]:
     return rows
 
 
+def report(rows: list[dict], head: list[str], title: str, name: str, command: str, save: bool) -> None:
+    """Print the rows as a markdown table; with ``save`` also write results/<date>-<device>-<name>.{json,md}."""
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[h]:.4g}" if isinstance(r[h], float) else str(r[h]) for h in head) + " |")
+    print("\n".join(lines))
+    if save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stem = RESULTS / f"{dt.date.today().isoformat()}-{device_name()}-{name}"
+        stem.with_suffix(".json").write_text(json.dumps({"device": device_name(), "rows": rows}, indent=2))
+        stem.with_suffix(".md").write_text("\n".join(lines) + f"\n\nCommand: `{command}`\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
@@ -136,17 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args.tokens, device)
     head = ["tokens", "backend", "rel_error_vs_fp64", "rerotate_ms", "rerotate_GBps", "gather_copy_GBps",
             "contiguous_copy_GBps", "pct_of_contiguous_copy", "pct_of_gather_copy"]
-    lines = [f"# rope_rerotate on {device_name()} (8 KV heads x 128, bf16)", "",
-             "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[h]:.4g}" if isinstance(r[h], float) else str(r[h]) for h in head) + " |")
-    print("\n".join(lines))
-    if args.save:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        stem = RESULTS / f"{dt.date.today().isoformat()}-{device_name()}-rope-rerotate"
-        stem.with_suffix(".json").write_text(json.dumps({"device": device_name(), "rows": rows}, indent=2))
-        stem.with_suffix(".md").write_text("\n".join(lines) + "\n\nCommand: `python -m benchmarks.kernels."
-                                           "bench_rope_rerotate --save`\n")
+    report(rows, head, f"rope_rerotate on {device_name()} (8 KV heads x 128, bf16)", "rope-rerotate",
+           "python -m benchmarks.kernels.bench_rope_rerotate --save", args.save)
     return 0
 
 
