@@ -51,8 +51,8 @@ def test_chunks_survive_a_restart_and_a_killed_residency_service_comes_back(tmp_
         remembered = Amem(server.url).remember("restart-memory", ["The lighthouse on Skerry Point is painted red.",
                                                                   "The ferry leaves at seven every morning."]).ids
         assert before.amem["spliced_tokens"] == prompt.chunk_tokens and before.amem["loaded_tokens"] == 0
-        # Written through to disk in the background: wait for the three files.
-        wait_for(lambda: len(list(disk.glob("*.safetensors"))) == 3, 60, "3 chunk files on disk")
+        # Written through to disk in the background: the three chunks and the two memory chunks.
+        wait_for(lambda: len(list(disk.glob("*.safetensors"))) == 5, 60, "5 chunk files on disk")
     finally:
         server.stop()
 
@@ -81,7 +81,7 @@ def test_chunks_survive_a_restart_and_a_killed_residency_service_comes_back(tmp_
         assert again.output_ids == before.output_ids
         new_pid = wait_for(lambda: [p for p in residency_pids(server) if p != pid], 60, "a restarted service")[0]
         client.register("A brand new fact about Halifax harbours.\n", NAMESPACE)
-        wait_for(lambda: len(list(disk.glob("*.safetensors"))) == 4, 60, "the new chunk stored by the new service")
+        wait_for(lambda: len(list(disk.glob("*.safetensors"))) == 6, 60, "the new chunk stored by the new service")
         assert psutil.pid_exists(new_pid) and server.proc.poll() is None
     finally:
         server.stop()
