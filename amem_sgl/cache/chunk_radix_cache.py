@@ -79,13 +79,13 @@ class CacheStats:
     blend_passes: int = 0
     probed_tokens: int = 0  # spliced tokens run through a deviation probe (layers < check layer)
     probe_passes: int = 0
-    blend_failures: int = 0
+    blend_failures: int = 0  # blend passes that raised (logged; requests served on spliced KV)
     forgotten_tokens: int = 0  # freed by forget actions (memory API deletes)
     gap_tokens: int = 0  # uncached non-chunk tokens computed by blend passes (e.g. the preamble)
     chunks_stored: int = 0  # handed to the residency service (write-through)
     chunks_restored: int = 0  # loaded back from the CPU/disk tiers instead of recomputed
     restored_tokens: int = 0
-    restore_rejected: int = 0  # stored KV that did not fit this server (layout/dtype): recomputed  # blend passes that raised (logged; requests served on spliced KV)
+    restore_rejected: int = 0  # stored KV that did not fit this server (layout/dtype): recomputed
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -326,6 +326,10 @@ class ChunkRadixCache(RadixCache):
 
     # ------------------------------------------------------------------ residency tiers
 
+    def _layers(self) -> range:
+        pool = self.chunks.kv_pool
+        return range(pool.start_layer, pool.start_layer + pool.layer_num)
+
     def _kv_layout(self) -> dict[str, str]:
         pool = self.chunks.kv_pool
         k = pool.get_key_buffer(pool.start_layer)
@@ -338,9 +342,8 @@ class ChunkRadixCache(RadixCache):
         if self.residency is None:
             return
         pool = self.chunks.kv_pool
-        layers = range(pool.start_layer, pool.start_layer + pool.layer_num)
-        k = torch.stack([pool.get_key_buffer(layer)[slots] for layer in layers]).cpu()
-        v = torch.stack([pool.get_value_buffer(layer)[slots] for layer in layers]).cpu()
+        k = torch.stack([pool.get_key_buffer(layer)[slots] for layer in self._layers()]).cpu()
+        v = torch.stack([pool.get_value_buffer(layer)[slots] for layer in self._layers()]).cpu()
         cid = chunk_id(namespace, self.chunks.model_id, tokens)
         self.residency.store(cid, namespace, self.chunks.model_id,
                              {"k": k, "v": v, "tokens": torch.tensor(list(tokens), dtype=torch.int64)},
@@ -349,13 +352,13 @@ class ChunkRadixCache(RadixCache):
 
     def _restore_chunk(self, namespace: str, cid: str, tokens):
         """Load a chunk the device pool no longer holds from the residency tiers into fresh slots and
-        make it a chunk node again; returns (node, tier) or None (not stored, or not usable here)."""
+        make it a chunk node again; returns the node, or None (not stored, or not usable here)."""
         if self.residency is None:
             return None
         got = self.residency.fetch(cid, namespace, self.chunks.model_id)
         if got is None:
             return None
-        tensors, meta, tier = got
+        tensors, meta, _tier = got
         layout = self._kv_layout()
         stored_tokens = tensors.get("tokens")
         if (stored_tokens is None or stored_tokens.tolist() != list(tokens)
@@ -369,13 +372,14 @@ class ChunkRadixCache(RadixCache):
             return None
         pool = self.chunks.kv_pool
         k, v = tensors["k"], tensors["v"]
-        for i, layer in enumerate(range(pool.start_layer, pool.start_layer + pool.layer_num)):
-            pool.get_key_buffer(layer)[slots] = k[i].to(pool.get_key_buffer(layer).device)
-            pool.get_value_buffer(layer)[slots] = v[i].to(pool.get_value_buffer(layer).device)
+        for i, layer in enumerate(self._layers()):
+            k_buffer, v_buffer = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
+            k_buffer[slots] = k[i].to(k_buffer.device)
+            v_buffer[slots] = v[i].to(v_buffer.device)
         self.register_chunk_slots(namespace, tokens, slots, int(meta["canonical_start"]))
         self.stats.chunks_restored += 1
         self.stats.restored_tokens += len(tokens)
-        return self.find_chunk(cid, tokens), tier
+        return self.find_chunk(cid, tokens)
 
     @staticmethod
     def _salt_request(req, request: ChunkRequest) -> str:
@@ -425,11 +429,11 @@ class ChunkRadixCache(RadixCache):
                 cid = chunk_id(request.namespace, self.chunks.model_id, span_tokens)
                 meta, node = self.chunk_meta.get(cid), self.find_chunk(cid, span_tokens)
                 if meta is None or node is None:
-                    restored = self._restore_chunk(request.namespace, cid, span_tokens)
-                    if restored is None:
+                    node = self._restore_chunk(request.namespace, cid, span_tokens)
+                    if node is None:
                         self.stats.chunk_misses += 1
                         break
-                    node, meta, loaded = restored[0], self.chunk_meta[cid], loaded + len(span)
+                    meta, loaded = self.chunk_meta[cid], loaded + len(span)
                 else:
                     device_hits.append(cid)
                 self.stats.chunk_hits += 1

@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 import zmq
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as st_load
+from safetensors.torch import save_file
 
 from amem_sgl.residency import protocol
-from amem_sgl.residency.disk_store import DiskStore, StoredChunk
+from amem_sgl.residency.disk_store import DiskStore, StoredChunk, _header
 from amem_sgl.residency.policy import ChunkStats, PolicyWeights, ValuePolicy, make_policy
 
 logger = logging.getLogger("amem_sgl.residency")
@@ -101,12 +102,10 @@ class ResidencyService:
                                                                model_id=str, path=str)
         self.counters["puts"] += 1
         try:
-            tensors = load_file(path)
-            with open(path, "rb") as fh:
-                size = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(size)).get("__metadata__", {})
+            data = Path(path).read_bytes()  # one read: tensors and header from the same bytes
         finally:
             Path(path).unlink(missing_ok=True)
+        tensors, header = st_load(data), _header(data)
         meta = {k: v for k, v in header.items() if k not in ("chunk_id", "namespace", "model_id", "checksum")}
         stats = self.stats.get(chunk_id) or ChunkStats(chunk_id, tensors_nbytes(tensors))
         stats.relevance = float(message.get("relevance", stats.relevance))
