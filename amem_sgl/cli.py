@@ -1,7 +1,7 @@
 """``amem``: the command line.
 
     amem serve [--config configs/default.yaml] [sglang flags...]   # = python -m amem_sgl.launch_server
-    amem remember NAMESPACE TEXT... [--file F]                      # against a running server
+    amem remember NAMESPACE TEXT... [--file F] [--prefill first_use]  # against a running server
     amem ask NAMESPACE QUESTION
     amem search NAMESPACE QUERY [-k 4]
     amem forget NAMESPACE [CHUNK_ID]
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("namespace")
     p.add_argument("texts", nargs="*")
     p.add_argument("--file", action="append", default=[], help="a text file to remember (repeatable)")
+    p.add_argument("--prefill", choices=("remember", "first_use"), default=None,
+                   help="compute the chunks' KV now or in the first turn that recalls them (default: the server's)")
     p = sub.add_parser("ask", help="ask with a namespace's memory")
     p.add_argument("namespace")
     p.add_argument("question")
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             texts = list(args.texts) + [open(f, encoding="utf-8").read() for f in args.file]
             if not texts:
                 parser.error("remember: give texts or --file")
-            done = client.remember(args.namespace, texts)
+            done = client.remember(args.namespace, texts, prefill=args.prefill)
             print(json.dumps({"namespace": done.namespace, "ids": done.ids, "new": done.new}))
         elif args.command == "ask":
             answer = client.ask(args.namespace, args.question, max_tokens=args.max_tokens)

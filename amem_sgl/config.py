@@ -114,12 +114,19 @@ class MemoryConfig:
     # Chunks recalled per turn, and the least similarity (cosine) a recalled chunk needs.
     top_k: int = 4
     min_score: float = 0.1
+    # Hybrid recall: score = cosine + lexical_weight x the IDF-weighted share of the query's words a
+    # chunk contains (0: embeddings only).
+    lexical_weight: float = 0.5
     # System prompt of memory turns (the chunks follow it); chunk KV is computed behind it.
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     # Sessions not used for this long are closed.
     session_idle_s: float = 1800.0
     # At most this many chunks per remember call.
     max_chunks_per_request: int = 1024
+    # When a chunk's KV is computed (once): "remember" -- at remember time, the chunk alone behind the
+    # memory system prompt; "first_use" -- in the first turn that recalls it, which is then an
+    # ordinary prefill (its KV, computed behind that turn's context, becomes the chunk's node).
+    prefill: str = "remember"
 
     def resolved_dir(self) -> Path:
         return Path(os.environ.get(MEMORY_DIR_ENV) or self.dir).expanduser()
@@ -152,6 +159,9 @@ class AmemConfig:
         if config.residency.policy not in ("value", "lru"):
             raise ValueError(f"config key 'amem.residency.policy' must be 'value' or 'lru', "
                              f"got {config.residency.policy!r}")
+        if config.memory.prefill not in ("remember", "first_use"):
+            raise ValueError(f"config key 'amem.memory.prefill' must be 'remember' or 'first_use', "
+                             f"got {config.memory.prefill!r}")
         return config
 
     def to_json(self) -> str:

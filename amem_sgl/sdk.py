@@ -69,9 +69,13 @@ class Amem:
     # ------------------------------------------------------------------ memory
 
     def remember(self, namespace: str, texts: str | Sequence[str] = (), *, documents: Iterable[dict] = (),
-                 metadata: dict | None = None) -> Remembered:
-        """Store texts (and/or ``{"text", "metadata"}`` documents); long ones are split into chunks."""
+                 metadata: dict | None = None, prefill: str | None = None) -> Remembered:
+        """Store texts (and/or ``{"text", "metadata"}`` documents); long ones are split into chunks.
+        ``prefill``: "remember" (compute their KV now) or "first_use" (in the first turn that recalls
+        them); default: the server's ``amem.memory.prefill``."""
         body: dict[str, Any] = {"namespace": namespace, "metadata": metadata or {}}
+        if prefill is not None:
+            body["prefill"] = prefill
         if isinstance(texts, str):
             texts = [texts]
         if texts:
@@ -104,7 +108,7 @@ class Amem:
         """Pin (and warm) a working set: the chunks ``query`` recalls, the given ids, or the latest."""
         body = {"namespace": namespace, "query": query, "chunk_ids": list(chunk_ids) if chunk_ids else None, "k": k}
         data = self._call("POST", "/amem/v1/sessions", {k_: v for k_, v in body.items() if v is not None})
-        return Session(self, data["session_id"], namespace, data["chunk_ids"])
+        return Session(self, data["session_id"], namespace, data["chunk_ids"], data.get("warm") or {})
 
     def ask(self, namespace: str | None, question: str, *, history: Sequence[dict] = (), session: str | None = None,
             max_tokens: int = 64, temperature: float = 0.0) -> Answer:
@@ -146,6 +150,7 @@ class Session:
     session_id: str
     namespace: str
     chunk_ids: list[str]
+    warm: dict = dataclasses.field(default_factory=dict)  # what warming cost (server's session "warm")
 
     def ask(self, question: str, **kwargs) -> Answer:
         return self.client.ask(None, question, session=self.session_id, **kwargs)

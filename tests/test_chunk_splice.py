@@ -264,3 +264,75 @@ def test_a_prefix_that_runs_into_a_chunk_span_is_cut_back_to_the_span_start():
     cache.evict(sgl.EvictParams(num_tokens=10_000))
     assert cache.total_size() == 0 and pools.allocator.available_size() == pools.size
     assert torch.unique(pools.allocator.free_pages).numel() == pools.size  # no slot freed twice
+
+
+def test_capture_keeps_the_chunks_a_request_computed_and_the_next_request_splices_them():
+    cache, pools = make(registered=(A,))
+    prompt, spans = compose([A, X, B])
+    served = serve(cache, pools, prompt, output=[5], kv_hints=build_kv_hints("alice", spans, capture=True))
+    assert served.prefix_len == len(PRE) + len(A)  # A spliced; X and B prefilled in place...
+    assert cache.resident_chunks() == 3  # ...and kept as their chunks' nodes
+    assert cache.stats.chunks_captured == 2 and cache.stats.captured_tokens == len(X) + len(B)
+    assert cache.stats.registered_tokens == len(A)  # only A's register request prefilled a chunk
+    # Another turn over [B, X] (another order, other positions): both spliced from the captured KV,
+    # K rotated from where they were computed, V as computed there.
+    prompt2, spans2 = compose([B, X], question=[93, 94])
+    req = start(cache, pools, prompt2, build_kv_hints("alice", spans2))
+    assert req.prefix_len == len(PRE) + len(B) + len(X)
+    assert_chunk_kv_at(pools, req, B, spans2[0][0], canonical=spans[2][0])
+    assert_chunk_kv_at(pools, req, X, spans2[1][0], canonical=spans[1][0])
+    finish(cache, req)
+    cache.evict(sgl.EvictParams(num_tokens=10_000))  # every slot comes back exactly once
+    assert cache.total_size() == 0 and pools.allocator.available_size() == pools.size
+    assert torch.unique(pools.allocator.free_pages).numel() == pools.size
+
+
+def test_without_capture_or_for_spliced_and_cached_spans_nothing_is_captured():
+    cache, pools = make(registered=(A, B))
+    prompt, spans = compose([A, B, X])
+    serve(cache, pools, prompt, kv_hints=build_kv_hints("alice", spans))  # no capture flag
+    assert cache.resident_chunks() == 2 and cache.stats.chunks_captured == 0
+    # Same chunks again with capture: A and B come from the cached blended prefix or their nodes,
+    # only X (computed now) is captured, once, however often the request is checkpointed.
+    req = start(cache, pools, prompt[:-1] + [99], build_kv_hints("alice", spans, capture=True))
+    cache.checkpoint(req, up_to=len(prompt))
+    cache.checkpoint(req, up_to=len(prompt))
+    finish(cache, req)
+    assert cache.stats.chunks_captured == 0  # X was in the cached prefix: not computed by this request
+    fresh = compose([X, B])[0]
+    serve(cache, pools, fresh, kv_hints=build_kv_hints("alice", compose([X, B])[1], capture=True))
+    assert cache.stats.chunks_captured == 1 and cache.resident_chunks() == 3
+    cache.evict(sgl.EvictParams(num_tokens=10_000))
+    assert cache.total_size() == 0 and pools.allocator.available_size() == pools.size
+
+
+def test_capture_is_refused_on_register_and_forget_actions():
+    with pytest.raises(ValueError, match="capture"):
+        build_kv_hints("alice", [(0, 3)], register=True, capture=True)
+    with pytest.raises(ValueError, match="capture"):
+        build_kv_hints("alice", [], forget=["*"], capture=True)
+
+
+def test_with_blending_a_missing_chunk_is_computed_by_the_blend_pass_and_captured():
+    """Where a blend pass can run, a chunk nobody has prefilled yet does not end the splice: its span
+    is a gap the blend pass computes, chunks after it are still spliced, and the span is captured."""
+    pools = Pools.create(size=512)
+    support = ChunkSupport(kv_pool=pools.kv, rope=find_rope(pools.rope), model_id="test-model",
+                           enabled=True, max_chunk_tokens=64, blend_available=True)
+    cache = ChunkRadixCache(pools.init_params(), chunks=support)
+    for chunk in (A, B):
+        register(cache, pools, chunk)
+    prompt, spans = compose([A, X, B])
+    req = start(cache, pools, prompt, build_kv_hints("alice", spans, capture=True))
+    assert req.prefix_len == spans[2][1]  # A, X and B all come before the computed tail
+    plan = cache.pending_blends[req.rid]
+    assert set(range(*spans[1])) <= set(plan.positions) and plan.gaps == tuple(range(*spans[1]))
+    x_slots = row_slots(pools, req, *spans[1])
+    pools.write_kv(x_slots, X, range(*spans[1]))  # what the blend pass writes at X's positions
+    finish(cache, req)
+    assert cache.stats.chunks_captured == 1 and cache.resident_chunks() == 3
+    prompt2, spans2 = compose([X])
+    again = start(cache, pools, prompt2, build_kv_hints("alice", spans2))
+    assert again.prefix_len == spans2[0][1]
+    assert_chunk_kv_at(pools, again, X, spans2[0][0], canonical=spans[1][0])
+    finish(cache, again)

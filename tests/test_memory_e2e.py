@@ -39,6 +39,29 @@ def test_readme_sdk_flow_two_questions_in_a_session_the_second_on_reused_kv(amem
     assert second.cached_tokens >= sum(c.tokens for c in amem.list("alice"))
 
 
+DANA = ["Dana's brother Felix lives in Osaka and teaches physics.", "Dana drives a green 1998 Volvo.",
+        "Dana's garden has twelve tomato plants."]
+
+
+def test_first_use_prefill_computes_chunks_in_the_first_turn_and_later_turns_splice_them(amem_server, amem):
+    before = amem_server.amem_state()["stats"]
+    done = amem.remember("dana", DANA, prefill="first_use")
+    after_remember = amem_server.amem_state()["stats"]
+    assert after_remember["registered_tokens"] == before["registered_tokens"]  # nothing prefilled yet
+    first = amem.ask("dana", "Where does Dana's brother Felix live, and what does Dana drive?", max_tokens=24)
+    assert len(first.chunk_ids) >= 2, first.chunk_ids
+    assert first.spliced_tokens == 0 and "Osaka" in first.text, (first.text, first.usage)
+    after_first = amem_server.amem_state()["stats"]
+    # The turn computed its chunks in place and kept each one as a chunk node.
+    assert after_first["chunks_captured"] - after_remember["chunks_captured"] == len(first.chunk_ids)
+    tokens = {c.id: c.tokens for c in amem.list("dana")}
+    later = [cid for cid in done.ids if cid in first.chunk_ids][1:]  # they move to other positions now
+    with amem.start_session("dana", chunk_ids=later) as session:
+        assert session.warm["amem"]["spliced_tokens"] == sum(tokens[c] for c in later), session.warm
+        reply = session.ask("What car does Dana drive?", max_tokens=16)
+    assert reply.text.strip() and amem_server.amem_state()["stats"]["registered_tokens"] == before["registered_tokens"]
+
+
 def test_openai_user_is_the_namespace_and_bob_never_sees_alices_memory(amem_server, amem, alice_ids):
     from openai import OpenAI
 

@@ -18,6 +18,10 @@ Chunk nodes (see amem_sgl.chunks.hints for the request field):
 * Registration: a request with a ``register`` action is checkpointed only up to its span; when it
   finishes, the span's slots become the chunk node (the canonical context before the span stays an
   ordinary prefix). An already-resident chunk is left as it is.
+* Capture (register on first use): a splice request with ``capture`` keeps each span it computes
+  itself (after its splice and cached prefix) whose chunk is not resident: at the checkpoint that
+  covers the span, the span's KV is copied into fresh slots that become the chunk's node, canonical
+  position = where it was computed (behind that request's context).
 * Splicing: ``match_prefix(req=...)`` continues the ordinary match through each declared span that
   starts where the match ends and whose chunk is resident: it allocates slots, copies the chunk's KV
   there and rotates K from canonical to new positions. The spliced slots belong to the request (the
@@ -86,6 +90,9 @@ class CacheStats:
     chunks_restored: int = 0  # loaded back from the CPU/disk tiers instead of recomputed
     restored_tokens: int = 0
     restore_rejected: int = 0  # stored KV that did not fit this server (layout/dtype): recomputed
+    registered_tokens: int = 0  # chunk tokens prefilled by register requests
+    chunks_captured: int = 0  # chunks kept from a request that computed them in place (first use)
+    captured_tokens: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -137,6 +144,7 @@ class ChunkRadixCache(RadixCache):
         self.chunk_meta: dict[str, ChunkMeta] = {}
         self._splices: dict[str, _Splice] = {}
         self.pending_blends: dict[str, BlendPlan] = {}  # handed-over splices awaiting their blend pass
+        self._to_capture: dict[str, list[ChunkSpan]] = {}  # capture requests: the spans they compute
         self.metrics = None  # amem_sgl.metrics.AmemMetrics when the server runs with --enable-metrics
         self.residency = None  # amem_sgl.residency.client.ResidencyClient when the service runs
         super().__init__(params)
@@ -175,6 +183,10 @@ class ChunkRadixCache(RadixCache):
                 self._drop_splice(req.rid)
             return result
         splice = self._splice_for(req, request, result, len(params.key))
+        if request.capture:
+            spliced = {start for start, _ in splice.segments} if splice is not None else set()
+            self._to_capture[req.rid] = [span for span in request.spans
+                                         if span.start >= result.device_prefix_len and span.start not in spliced]
         if splice is None:
             return result
         return result._replace(device_prefix_len=splice.end, cache_protected_len=splice.base_len)
@@ -220,7 +232,10 @@ class ChunkRadixCache(RadixCache):
     def checkpoint(self, req, *, up_to: int):
         request = self._chunk_request(req) if self.chunk_reuse_enabled else None
         if request is None or not request.register:
-            return super().checkpoint(req, up_to=up_to)
+            result = super().checkpoint(req, up_to=up_to)
+            if request is not None and request.capture:
+                self._capture_computed(req, request, up_to)
+            return result
         span = request.spans[0]
         super().checkpoint(req, up_to=min(up_to, span.start))
         if req.finished() and up_to >= span.end:
@@ -247,11 +262,13 @@ class ChunkRadixCache(RadixCache):
     def release_aborted_request(self, handle) -> None:
         super().release_aborted_request(handle)
         self._drop_splice(handle.rid)
+        self._to_capture.pop(handle.rid, None)
 
     def on_release(self, req, *, checkpointed: bool) -> None:
         super().on_release(req, checkpointed=checkpointed)
         self._drop_splice(req.rid)
         self.pending_blends.pop(req.rid, None)
+        self._to_capture.pop(req.rid, None)
 
     # ------------------------------------------------------------------ chunk nodes
 
@@ -294,7 +311,34 @@ class ChunkRadixCache(RadixCache):
         if self.register_chunk_slots(namespace, tokens, slots, span.start):
             # The node owns these slots now: the release that follows must not free them.
             req.kv.cache_protected_len = span.end
+            self.stats.registered_tokens += len(tokens)
             self._write_through(namespace, tokens, slots, span.start)
+
+    def _capture_computed(self, req, request: ChunkRequest, up_to: int) -> None:
+        """Register on first use: copy each span this request computed (up to ``up_to``) whose
+        chunk is not resident into fresh slots and make them the chunk's node."""
+        todo = self._to_capture.get(req.rid)
+        if not todo:
+            return
+        pool = self.chunks.kv_pool
+        row = self.req_to_token_pool.req_to_token[req.kv.req_pool_idx]
+        for span in [s for s in todo if s.end <= up_to]:
+            todo.remove(span)
+            tokens = req.origin_input_ids[span.start: span.end]
+            if self.find_chunk(chunk_id(request.namespace, self.chunks.model_id, tokens), tokens) is not None:
+                continue
+            src = row[span.start: span.end].to(torch.int64)
+            slots = self._alloc(len(span))
+            if slots is None:
+                return
+            for layer in self._layers():
+                k_buffer, v_buffer = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
+                k_buffer[slots] = k_buffer[src]
+                v_buffer[slots] = v_buffer[src]
+            self.register_chunk_slots(request.namespace, tokens, slots, span.start)
+            self.stats.chunks_captured += 1
+            self.stats.captured_tokens += len(span)
+            self._write_through(request.namespace, tokens, slots, span.start)
 
     def forget(self, namespace: str, chunk_ids: set[str] | None = None) -> int:
         """Drop a namespace's chunk nodes (all, or ``chunk_ids``) and its blended prefixes from the
@@ -432,6 +476,8 @@ class ChunkRadixCache(RadixCache):
                     node = self._restore_chunk(request.namespace, cid, span_tokens)
                     if node is None:
                         self.stats.chunk_misses += 1
+                        if request.capture and self.chunks.blend_available:
+                            continue  # computed in place by the blend pass (a gap), captured after
                         break
                     meta, loaded = self.chunk_meta[cid], loaded + len(span)
                 else:

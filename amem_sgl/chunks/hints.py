@@ -13,6 +13,10 @@ actions they do not implement". amem's action::
   Splicing continues from the ordinary prefix match while spans are contiguous with it.
 * ``register: true`` -- exactly one span: after this request's prefill, that span's KV (computed
   behind the tokens before it, the canonical context) is kept as the chunk's node.
+* ``capture: true`` (optional, splice only) -- register on first use: a span this request computes
+  itself (not spliced, not in its cached prefix) whose chunk is not resident becomes the chunk's node
+  when its prefill is done (its KV copied; canonical position = where it was computed, behind this
+  request's context). The memory layer sends it, so a chunk is prefilled once, in its first turn.
 * ``blend`` (optional, splice only) -- ``{"policy": ..., "sink_tokens": k, "ratio": r,
   "check_layer": l}`` (see amem_sgl.blend.policy; all but ``policy`` optional) overrides the
   server's blend policy (amem.blend) for this request.
@@ -52,12 +56,13 @@ class ChunkRequest:
     # Drop these chunks (ids; ("*",) = the whole namespace) and the namespace's blended prefixes
     # from the device tree. A forget action declares no spans.
     forget: tuple[str, ...] | None = None
+    capture: bool = False  # keep spans this request computes as their chunks' nodes (first use)
 
     def validate(self, num_tokens: int | None = None, max_chunk_tokens: int | None = None) -> "ChunkRequest":
         validate_namespace(self.namespace)
         if self.forget is not None:
-            if self.spans or self.register or self.blend is not None:
-                raise ValueError("amem.chunks: a forget action takes no spans, register or blend")
+            if self.spans or self.register or self.blend is not None or self.capture:
+                raise ValueError("amem.chunks: a forget action takes no spans, register, capture or blend")
             if not self.forget or not all(isinstance(c, str) and c for c in self.forget):
                 raise ValueError("amem.chunks: forget must be a non-empty list of chunk ids or ['*']")
             return self
@@ -65,6 +70,8 @@ class ChunkRequest:
             raise ValueError("amem.chunks: spans must not be empty")
         if self.register and len(self.spans) != 1:
             raise ValueError("amem.chunks: a register action takes exactly one span")
+        if self.register and self.capture:
+            raise ValueError("amem.chunks: capture applies to splicing, not to a register action")
         if self.blend is not None:
             if self.register:
                 raise ValueError("amem.chunks: blend applies to splicing, not to a register action")
@@ -89,12 +96,15 @@ class ChunkRequest:
 
 
 def build_kv_hints(namespace: str, spans: Iterable[tuple[int, int]], *, register: bool = False,
-                   blend: BlendPolicy | None = None, forget: Iterable[str] | None = None) -> dict:
+                   blend: BlendPolicy | None = None, forget: Iterable[str] | None = None,
+                   capture: bool = False) -> dict:
     """The ``kv_hints`` value for a ``/generate`` request (JSON-ready)."""
     request = ChunkRequest(namespace, tuple(ChunkSpan(int(s), int(e)) for s, e in spans), register,
-                           blend, tuple(forget) if forget is not None else None).validate()
+                           blend, tuple(forget) if forget is not None else None, capture).validate()
     payload = {"namespace": request.namespace, "register": request.register,
                "spans": [[s.start, s.end] for s in request.spans]}
+    if capture:
+        payload["capture"] = True
     if blend is not None:
         payload["blend"] = dataclasses.asdict(blend)
     if request.forget is not None:
@@ -131,7 +141,7 @@ def parse_kv_hints(envelope: Any) -> ChunkRequest | None:
     payload = _field(action, "payload") or {}
     if not isinstance(payload, dict):
         raise ValueError("amem.chunks: payload must be an object")
-    unknown = sorted(set(payload) - {"namespace", "spans", "register", "blend", "forget"})
+    unknown = sorted(set(payload) - {"namespace", "spans", "register", "blend", "forget", "capture"})
     if unknown:
         raise ValueError(f"amem.chunks: unknown payload field(s) {', '.join(unknown)}")
     spans = payload.get("spans")
@@ -141,6 +151,9 @@ def parse_kv_hints(envelope: Any) -> ChunkRequest | None:
     register = payload.get("register", False)
     if not isinstance(register, bool):
         raise ValueError("amem.chunks: register must be true or false")
+    capture = payload.get("capture", False)
+    if not isinstance(capture, bool):
+        raise ValueError("amem.chunks: capture must be true or false")
     blend = payload.get("blend")
     if blend is not None:
         if not isinstance(blend, dict) or "policy" not in blend or set(blend) - BLEND_KEYS:
@@ -151,7 +164,7 @@ def parse_kv_hints(envelope: Any) -> ChunkRequest | None:
     if forget is not None and not isinstance(forget, list):
         raise ValueError("amem.chunks: forget must be a list of chunk ids or ['*']")
     return ChunkRequest(payload.get("namespace"), tuple(ChunkSpan(s, e) for s, e in spans), register,
-                        blend, tuple(forget) if forget is not None else None).validate()
+                        blend, tuple(forget) if forget is not None else None, capture).validate()
 
 
 def _field(obj: Any, name: str) -> Any:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.routing import APIRoute
@@ -50,6 +50,9 @@ class RememberRequest(BaseModel):
     texts: Optional[list[StrictStr]] = None
     documents: Optional[list[Document]] = None
     metadata: dict[str, Any] = Field(default_factory=dict, description="applied to every text")
+    prefill: Optional[Literal["remember", "first_use"]] = Field(
+        default=None, description="when the chunks' KV is computed: now, or in the first turn that recalls "
+                                  "them (default: the server's amem.memory.prefill)")
 
 
 class SearchRequest(BaseModel):
@@ -110,7 +113,7 @@ async def remember(body: RememberRequest):
     docs += [(d.text, {**body.metadata, **d.metadata}) for d in body.documents or []]
     if not docs:
         raise memory.MemoryError_(400, "nothing to remember: give 'texts' or 'documents'")
-    rows = await _layer().remember(body.namespace, docs)
+    rows = await _layer().remember(body.namespace, docs, prefill=body.prefill)
     return {"namespace": body.namespace, "chunks": rows, "ids": [r["id"] for r in rows],
             "new": sum(r["new"] for r in rows)}
 

@@ -1,9 +1,11 @@
 """The memory layer inside the HTTP server: remember / recall / compose / sessions / forget.
 
 * remember: documents are split on sentence boundaries into chunks of at most
-  ``memory.chunk_tokens`` tokens; each chunk is tokenized alone, its KV computed once behind the
-  memory system prompt (a ``register`` request to this server's own ``/generate``), and its text,
-  token ids and embedding stored per namespace (amem_sgl.memory.store).
+  ``memory.chunk_tokens`` tokens; each chunk is tokenized alone and its text, token ids and
+  embedding stored per namespace (amem_sgl.memory.store). Its KV is computed once: with
+  ``memory.prefill: remember`` now, behind the memory system prompt (a ``register`` request to this
+  server's own ``/generate``); with ``first_use`` in the first turn that recalls it (the turn's
+  request captures it, see amem_sgl.chunks.hints), so memory never prefilled is never paid for.
 * compose: a chat turn becomes [system][recalled chunks][history][turn] as token ids, the chunks'
   spans declared in ``kv_hints`` so the scheduler splices (and blends) their KV. Recalled chunks are
   placed in the order they were remembered, so the same working set gives the same prompt prefix
@@ -59,10 +61,13 @@ class Session:
     created: float
     last_used: float
     turns: int = 0
+    # What warming cost: prompt and cached tokens of the warm request, and its amem usage (spliced,
+    # recomputed, ...) when chunks were spliced.
+    warm: dict = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"session_id": self.session_id, "namespace": self.namespace, "chunk_ids": self.chunk_ids,
-                "created": self.created, "last_used": self.last_used, "turns": self.turns}
+                "created": self.created, "last_used": self.last_used, "turns": self.turns, "warm": self.warm}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +93,8 @@ class MemoryLayer:
         self.base_url = base_url.rstrip("/")
         self.model_id = model_id
         self.tokenizer_path = tokenizer_path
-        self.store = MemoryStore(self.config.resolved_dir(), Embedder(self.config.embedder or None))
+        self.store = MemoryStore(self.config.resolved_dir(), Embedder(self.config.embedder or None),
+                                 lexical_weight=self.config.lexical_weight)
         self.residency = residency  # ResidencyClient or None
         self.sessions: dict[str, Session] = {}
         self.plans: collections.OrderedDict[str, Plan] = collections.OrderedDict()  # by request id
@@ -148,7 +154,8 @@ class MemoryLayer:
 
     # ------------------------------------------------------------------ remember / forget
 
-    async def remember(self, namespace: str, documents: Sequence[tuple[str, dict]]) -> list[dict]:
+    async def remember(self, namespace: str, documents: Sequence[tuple[str, dict]],
+                       prefill: str | None = None) -> list[dict]:
         validate_namespace(namespace)
         pieces: list[tuple[str, dict]] = []
         for text, metadata in documents:
@@ -173,7 +180,8 @@ class MemoryLayer:
         if self.store.has_namespace(namespace):
             known = {c.chunk_id for c in self.store.list(namespace)}
         todo = [(cid, t) for cid, t in dict(zip(ids, token_ids)).items() if cid not in known]
-        await self._register(namespace, todo)
+        if (prefill or self.config.prefill) == "remember":
+            await self._register(namespace, todo)
         new = set(await asyncio.to_thread(self.store.add, namespace,
                                           [(cid, text, t, meta) for cid, (text, meta), t in zip(ids, pieces, token_ids)]))
         return [{"id": cid, "tokens": len(t), "new": cid in new, "text": text}
@@ -242,6 +250,12 @@ class MemoryLayer:
             ids.extend(chunk.token_ids)
         return ids + self.encode(after), spans
 
+    @staticmethod
+    def hints(namespace: str, spans) -> dict:
+        """kv_hints of a memory turn: splice resident chunks; capture the ones computed in place (a
+        chunk remembered but never prefilled, or gone from every tier) as their chunk nodes."""
+        return build_kv_hints(namespace, spans, capture=True)
+
     def plan_chat(self, namespace: str | None, messages: Sequence[dict], session_id: str | None) -> Plan | None:
         """The memory plan of a chat turn, or None (no memory: plain SGLang)."""
         session = self._session(session_id) if session_id else None
@@ -262,7 +276,7 @@ class MemoryLayer:
         if not chunks:
             return None
         ids, spans = self.compose(namespace, messages, chunks)
-        return Plan(ids, build_kv_hints(namespace, spans), namespace, [c.chunk_id for c in chunks], scores,
+        return Plan(ids, self.hints(namespace, spans), namespace, [c.chunk_id for c in chunks], scores,
                     session.session_id if session else None)
 
     def plan_completion(self, namespace: str, prompt: str) -> Plan | None:
@@ -275,7 +289,7 @@ class MemoryLayer:
         for chunk, _ in hits:
             spans.append((len(ids), len(ids) + len(chunk.token_ids)))
             ids.extend(chunk.token_ids)
-        return Plan(ids + self.encode(prompt), build_kv_hints(namespace, spans), namespace,
+        return Plan(ids + self.encode(prompt), self.hints(namespace, spans), namespace,
                     [c.chunk_id for c, _ in hits], [s for _, s in hits], None)
 
     def remember_plan(self, rid: str, plan: Plan) -> None:
@@ -337,11 +351,16 @@ class MemoryLayer:
                                     namespace=session.namespace, model_id=self.model_id)
         ids, spans = self.compose(session.namespace, [{"role": "user", "content": ""}], chunks)
         body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 0},
-                "kv_hints": build_kv_hints(session.namespace, spans)}
+                "kv_hints": self.hints(session.namespace, spans)}
         async with httpx.AsyncClient(timeout=600) as client:
             reply = await client.post(f"{self.base_url}/generate", json=body)
         if reply.status_code != 200:
             logger.warning("amem memory: warming session %s failed: %s", session.session_id, reply.text[:300])
+            return
+        meta = reply.json().get("meta_info", {})
+        usage = meta.get("amem") or [{}]
+        session.warm = {"prompt_tokens": meta.get("prompt_tokens", 0), "cached_tokens": meta.get("cached_tokens", 0),
+                        "amem": usage[0] if isinstance(usage, list) else usage}
 
     def end_session(self, session_id: str) -> bool:
         with self._lock:

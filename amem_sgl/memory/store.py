@@ -15,11 +15,14 @@ vector search (the chunks must still be remembered here, so their KV exists).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib.util
 import json
 import logging
+import math
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -99,6 +102,8 @@ class _Namespace:
         self.folder, self.dim = folder, dim
         self.chunks: dict[str, dict] = {}
         self.labels: dict[int, str] = {}
+        self._words: dict[str, set[str]] | None = None  # lexical recall: words per chunk, built on use
+        self._idf: dict[str, float] = {}
         self.index = hnswlib.Index(space="cosine", dim=dim)
         chunks_file, index_file, labels_file = (folder / "chunks.json", folder / "index.bin", folder / "labels.json")
         if chunks_file.exists():
@@ -119,6 +124,7 @@ class _Namespace:
         _write_json(self.folder / "chunks.json", self.chunks)
 
     def add(self, chunk_ids: list[str], vectors: np.ndarray) -> None:
+        self._words = None
         start = max(self.labels, default=-1) + 1
         need = self.index.get_current_count() + len(chunk_ids)
         if need > self.index.get_max_elements():
@@ -130,11 +136,30 @@ class _Namespace:
             self.chunks[cid]["label"] = label
 
     def remove(self, chunk_id: str) -> None:
+        self._words = None
         entry = self.chunks.pop(chunk_id)
         label = entry.get("label")
         if label is not None and label in self.labels:
             self.index.mark_deleted(label)
             del self.labels[label]
+
+    def lexical(self, terms: set[str]) -> dict[str, float]:
+        """IDF-weighted share of ``terms`` each chunk contains (chunks containing none are left out).
+        A linear scan over cached word sets: fine for the thousands of chunks of one namespace."""
+        if self._words is None or len(self._words) != len(self.chunks):
+            self._words = {cid: set(_terms(entry["text"])) for cid, entry in self.chunks.items()}
+            df = collections.Counter(t for words in self._words.values() for t in words)
+            self._idf = {t: math.log(1 + len(self._words) / n) for t, n in df.items()}
+        weights = {t: self._idf[t] for t in terms if t in self._idf}
+        total = sum(weights.values())
+        if not total:
+            return {}
+        out = {}
+        for cid, words in self._words.items():
+            hit = sum(w for t, w in weights.items() if t in words)
+            if hit:
+                out[cid] = hit / total
+        return out
 
     def search(self, vector: np.ndarray, k: int) -> list[tuple[str, float]]:
         live = len(self.labels)
@@ -155,11 +180,12 @@ class UnknownChunk(KeyError):
 
 class MemoryStore:
     def __init__(self, root: str | os.PathLike, embedder: Embedder | None = None,
-                 retriever: Retriever | None = None) -> None:
+                 retriever: Retriever | None = None, lexical_weight: float = 0.5) -> None:
         self.root = Path(root).expanduser()
         self.root.mkdir(parents=True, exist_ok=True)
         self.embedder = embedder or Embedder()
         self.retriever = retriever
+        self.lexical_weight = lexical_weight
         self._lock = threading.RLock()
         self._spaces: dict[str, _Namespace] = {}
 
@@ -236,9 +262,36 @@ class MemoryStore:
             return list(chunk_ids)
 
     def search(self, namespace: str, query: str, k: int) -> list[tuple[MemoryChunk, float]]:
+        """The ``k`` best chunks for ``query``: cosine similarity of the embeddings, plus
+        ``lexical_weight`` x the IDF-weighted share of the query's words a chunk contains (hybrid
+        recall: names and rare words that an embedding of a long chunk dilutes still find it)."""
         space = self._space(namespace)
         if self.retriever is not None:
             hits = list(self.retriever(namespace, query, k))
-        else:
+        elif self.lexical_weight <= 0:
             hits = space.search(self.embedder.encode([query]), k)
+        else:
+            vector = self.embedder.encode([query])
+            with self._lock:
+                lexical = space.lexical(set(_terms(query)))
+            candidates = dict(space.search(vector, max(4 * k, 32)))
+            for cid, _ in sorted(lexical.items(), key=lambda kv: -kv[1])[: 4 * k]:
+                if cid not in candidates:
+                    candidates[cid] = _cosine(vector, self.embedder.encode([space.chunks[cid]["text"]]))
+            scored = {cid: cos + self.lexical_weight * lexical.get(cid, 0.0) for cid, cos in candidates.items()}
+            hits = sorted(scored.items(), key=lambda kv: -kv[1])[:k]
         return [(self.get(namespace, cid), score) for cid, score in hits if cid in space.chunks]
+
+
+_STOP = frozenset("the and for are but not you your with this that from have has had was were what which who whom "
+                  "when where why how does did do can could would should will about into over under than then "
+                  "there their them they its it's our ours mine my me is in on of to a an at by or as be".split())
+
+
+def _terms(text: str) -> list[str]:
+    return [w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 2 and w not in _STOP]
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(-1), b.reshape(-1)
+    return float(a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))
