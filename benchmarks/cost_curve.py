@@ -1,7 +1,7 @@
 """The cost curve: an agent session over a large memory, three arms in one run.
 
-Memory: >= 200 chunks (user facts and document passages). Session: 30 turns; each turn asks about
-one of a few topics, and the topic drifts slowly, so the recalled working set (top-k) changes a
+Memory: >= 200 chunks (user facts, ``--facts-per-chunk`` to a chunk, and document passages).
+Session: 30 turns; each turn asks about one of a few topics, and the topic drifts slowly, so the recalled working set (top-k) changes a
 little between turns. Arms, same model, same questions, same machine:
 
 1. ``text``    -- text memory on plain SGLang (``--radix-cache-backend ''``: its built-in RadixCache):
@@ -11,13 +11,17 @@ little between turns. Arms, same model, same questions, same machine:
 3. ``session`` -- amem session: the working set pinned and warmed once, every turn reuses its
                   blended prefix.
 
-Per turn: prefilled tokens (prompt tokens not served from cache, plus recomputed ones), TTFT
+Per turn: prefilled tokens (prompt tokens not served from cache, plus recomputed ones, plus a
+session's warm-up when it is (re)pinned), TTFT
 (streamed, wall clock) and the answer. Reported: cumulative prefill and TTFT, ratios per query and
 over the session, break-even in queries with the one-time chunk prefill counted against arms 2/3
-(all remembered chunks; and only the chunks the session used), answer agreement between arms.
-Writes ``benchmarks/results/<date>-<device>-cost-curve.{json,md,png}`` and updates ``latest.json``.
+(as the server counted it: all remembered chunks with ``--prefill remember``, none with
+``first_use``, where it is inside the turns; and only the chunks the session used), answer agreement
+between arms and accuracy (the answer names the asked person's city).
+Writes ``benchmarks/results/<date>-<device>-cost-curve-<prefill>-f<facts>.{json,md,png}`` and updates
+``latest.json``.
 
-    python -m benchmarks.cost_curve            # full: 2 servers, 240 chunks, 30 turns (~15 min on 2 CPU cores)
+    python -m benchmarks.cost_curve            # full: 2 servers, 240 chunks, 30 turns (~8 min on 2 CPU cores)
     python -m benchmarks.cost_curve --quick    # smoke: 1 server, 40 chunks, 6 turns (< 3 min)
 """
 
@@ -44,22 +48,34 @@ from benchmarks.fidelity_data import CITIES, FILLER, FIRST, LAST
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TOPICS = ["family", "work", "travel", "health", "hobbies", "home"]
+GOLD: dict[str, set[str]] = {}  # question -> the cities the memory connects its person to
 
 
-def make_memory(n_chunks: int, seed: int = 0) -> tuple[list[str], dict[str, list[str]]]:
-    """User facts and document passages; each topic gets a share. Returns (texts, questions by topic)."""
+def make_memory(n_chunks: int, facts_per_chunk: int = 8, seed: int = 0) -> tuple[list[str], dict[str, list[str]]]:
+    """User facts and document passages; each topic gets a share. Returns (texts, questions by topic).
+
+    A third of the chunks are document passages (~150-300 tokens); the rest hold ``facts_per_chunk``
+    user facts each (~15 tokens a fact), as the memory layer packs a remembered list of facts into
+    chunks of up to ``amem.memory.chunk_tokens`` (256) tokens. ``facts_per_chunk=1``: one short fact
+    per chunk (~20 tokens), the worst case for chunk reuse."""
     rng = random.Random(seed)
     texts, questions = [], {t: [] for t in TOPICS}
     for i in range(n_chunks):
         topic = TOPICS[i % len(TOPICS)]
-        name = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
-        city = rng.choice(CITIES)
-        if i % 3 == 0:  # a document passage (~150-300 tokens)
+        if i % 3 == 0:  # a document passage
+            name, city = f"{rng.choice(FIRST)} {rng.choice(LAST)}", rng.choice(CITIES)
             body = " ".join(rng.sample(FILLER, rng.randint(8, 14)))
             texts.append(f"Notes on {topic} ({i}): {name} from {city}. {body}")
-        else:  # a short user fact
-            texts.append(f"The user's {topic} note {i}: {name} is connected to {city} through {topic}.")
-        questions[topic].append(f"What do my {topic} notes say about {name}?")
+            questions[topic].append(f"In my {topic} notes, which city is {name} connected to?")
+            GOLD.setdefault(questions[topic][-1], set()).add(city)
+            continue
+        facts = []
+        for _ in range(facts_per_chunk):
+            name, city = f"{rng.choice(FIRST)} {rng.choice(LAST)}", rng.choice(CITIES)
+            facts.append(f"{name} is connected to {city} through {topic}.")
+            questions[topic].append(f"In my {topic} notes, which city is {name} connected to?")
+            GOLD.setdefault(questions[topic][-1], set()).add(city)
+        texts.append(f"The user's {topic} notes ({i}): " + " ".join(facts))
     return texts, questions
 
 
@@ -91,6 +107,7 @@ class Turn:
     ttft_s: float
     answer: str
     chunks: list[str]
+    correct: bool = False  # the answer names a city the memory connects the asked person to
 
 
 def chat(url: str, body: dict, headers: dict | None = None) -> tuple[dict, float, str, list[str]]:
@@ -113,14 +130,19 @@ def chat(url: str, body: dict, headers: dict | None = None) -> tuple[dict, float
     return usage, (first or time.perf_counter()) - t0, "".join(text), chunk_ids
 
 
-def run_arms(amem_url: str, text_url: str, n_chunks: int, turns: int, k: int, max_tokens: int) -> dict:
+def run_arms(amem_url: str, text_url: str, n_chunks: int, turns: int, k: int, max_tokens: int,
+             facts_per_chunk: int = 8) -> dict:
     memory = Amem(amem_url)
     # Arms 2 and 3 get a namespace each (same texts), so neither reuses the other's blended prefixes.
     namespace, session_ns = f"cost-q-{int(time.time())}", f"cost-s-{int(time.time())}"
-    texts, questions = make_memory(n_chunks)
+    texts, questions = make_memory(n_chunks, facts_per_chunk)
+    # The one-time chunk prefill, as the server counts it (0 when chunks are prefilled on first use:
+    # then that cost is inside the turns' prefill).
+    before = registered_tokens(amem_url)
     t0 = time.perf_counter()
     remembered = memory.remember(namespace, texts)
     remember_s = time.perf_counter() - t0
+    one_time = registered_tokens(amem_url) - before
     memory.remember(session_ns, texts)
     listed = memory.list(namespace)
     chunk_tokens = {c.id: c.tokens for c in listed}
@@ -144,16 +166,24 @@ def run_arms(amem_url: str, text_url: str, n_chunks: int, turns: int, k: int, ma
                                                     "temperature": 0, "messages": [{"role": "user", "content": question}]})
         rows.append(_row("query", t, usage, ttft, answer, used, blend_counters(amem_url, before)))
         # 3. amem session (pinned at the first turn's recall; re-pinned when the topic drifts away).
+        # Warming the working set is this turn's cost too: its prefill and recompute are added.
+        warm = {}
         if session is None or topic_changed(asks, t):
+            before = blend_counters(amem_url)
             session = memory.start_session(session_ns, query=question, k=2 * k)  # a wider pinned set
+            warm = {**blend_counters(amem_url, before), "prefilled": session.warm.get("prompt_tokens", 0)
+                    - session.warm.get("cached_tokens", 0)}
         before = blend_counters(amem_url)
         usage, ttft, answer, used = chat(amem_url, {"model": "default", "max_tokens": max_tokens, "temperature": 0,
                                                     "messages": [{"role": "user", "content": question}]},
                                          {"X-Amem-Session": session.session_id})
-        rows.append(_row("session", t, usage, ttft, answer, used, blend_counters(amem_url, before)))
+        rows.append(_row("session", t, usage, ttft, answer, used, blend_counters(amem_url, before), warm))
+    mark_correct(rows, asks)
     used_chunks = {c for r in rows if r.arm != "text" for c in r.chunks}
-    return {"rows": rows, "one_time_prefill_all": sum(chunk_tokens.values()),
-            "one_time_prefill_used": sum(chunk_tokens.get(c, 0) for c in used_chunks),
+    used_tokens = sum(chunk_tokens.get(c, 0) for c in used_chunks)
+    return {"rows": rows, "one_time_prefill_all": one_time,
+            # what registering only the chunks the session used would have cost (or less, if less was)
+            "one_time_prefill_used": min(one_time, used_tokens),
             "chunks": len(remembered.ids), "remember_s": remember_s, "turns": turns, "k": k}
 
 
@@ -166,14 +196,25 @@ def blend_counters(url: str, before: dict | None = None) -> dict:
     return now if before is None else {k: now[k] - before[k] for k in keys}
 
 
-def _row(arm, t, usage, ttft, answer, chunks, counters: dict | None = None) -> Turn:
+def registered_tokens(url: str) -> int:
+    stats = requests.get(f"{url}/get_server_info", timeout=60).json()["internal_states"][0]["amem"]["stats"]
+    return int(stats.get("registered_tokens", 0))
+
+
+def _row(arm, t, usage, ttft, answer, chunks, counters: dict | None = None, warm: dict | None = None) -> Turn:
     prompt = int(usage.get("prompt_tokens", 0))
     cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
     # SGLang counts spliced tokens as cached; what the blend pass computed is added back (a probe's
     # early layers count as (layers run / all layers) of a token; no probe with the default policy).
-    counters = counters or {}
-    recomputed = counters.get("recomputed_tokens", 0) + counters.get("gap_tokens", 0)
-    return Turn(arm, t, prompt, cached, recomputed, prompt - cached + recomputed, ttft, answer, chunks)
+    counters, warm = counters or {}, warm or {}
+    recomputed = sum(c.get("recomputed_tokens", 0) + c.get("gap_tokens", 0) for c in (counters, warm))
+    prefilled = prompt - cached + recomputed + warm.get("prefilled", 0)
+    return Turn(arm, t, prompt, cached, recomputed, prefilled, ttft, answer, chunks)
+
+
+def mark_correct(rows: list[Turn], asks: list[str]) -> None:
+    for row in rows:
+        row.correct = any(city in row.answer for city in GOLD.get(asks[row.turn], ()))
 
 
 def summarize(result: dict) -> dict:
@@ -209,6 +250,11 @@ def summarize(result: dict) -> dict:
         "answer_agreement": {"query_vs_text": agree("query", "text"), "session_vs_text": agree("session", "text"),
                              "session_vs_query": agree("session", "query")},
         "recompute_fraction": recomputed / max(sum(r.prompt_tokens for r in by["query"]), 1),
+        # The answer names the asked person's city (from memory), per arm; and how often an arm is
+        # right or wrong on the same turns as arm 1.
+        "accuracy": {arm: sum(r.correct for r in rs) / max(n, 1) for arm, rs in by.items()},
+        "correctness_agreement": {arm: sum(p.correct == q.correct for p, q in zip(by[arm], by["text"])) / max(n, 1)
+                                  for arm in ("query", "session")},
     }
 
 
@@ -249,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turns", type=int, default=30)
     parser.add_argument("-k", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--facts-per-chunk", type=int, default=8,
+                        help="user facts per memory chunk (1: a ~20-token chunk per fact)")
+    parser.add_argument("--prefill", choices=("remember", "first_use"), default=None,
+                        help="amem.memory.prefill of the amem server started here (default: configs/default.yaml's)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--url", default=None, help="use this running amem server for every arm (no server started)")
     parser.add_argument("--numeric-floor", type=float, default=None,
@@ -264,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     servers = []
     try:
         if args.url:
-            result = run_arms(args.url, args.url, args.chunks, args.turns, args.k, args.max_tokens)
+            result = run_arms(args.url, args.url, args.chunks, args.turns, args.k, args.max_tokens,
+                              args.facts_per_chunk)
         else:
             result = _run_with_servers(args, env, servers)
     finally:
@@ -275,10 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     device = device_name()
     meta = {"device": device, "model": "SmolLM2-135M-Instruct (bf16)", "date": dt.datetime.now().isoformat(timespec="seconds"),
             "seconds": time.monotonic() - t0, "quick": args.quick,
+            "chunk_prefill": ("the --url server's setting" if args.url else args.prefill or default_prefill()),
+            "facts_per_chunk": args.facts_per_chunk,
             "text_arm_backend": ("amem server, plain requests" if args.quick or args.url
                                  else "SGLang's built-in RadixCache (--radix-cache-backend '')"),
             "command": "python -m benchmarks.cost_curve " + " ".join(argv if argv is not None else sys.argv[1:])}
-    stem = args.out / f"{dt.date.today().isoformat()}-{device}-cost-curve{'-quick' if args.quick else ''}"
+    mode = meta["chunk_prefill"] if not args.url else "url"
+    stem = args.out / (f"{dt.date.today().isoformat()}-{device}-cost-curve-{mode}-f{args.facts_per_chunk}"
+                       f"{'-quick' if args.quick else ''}")
     plot(result, stem.with_suffix(".png"), f"{meta['model']} on {device}: {summary['chunks']} chunks, "
                                           f"{summary['turns']} turns, top-{args.k}")
     payload = {"meta": meta, "summary": summary, "rows": [dataclasses.asdict(r) for r in result["rows"]]}
@@ -293,11 +348,14 @@ def main(argv: list[str] | None = None) -> int:
               "answer_agreement": summary["answer_agreement"]["query_vs_text"],
               "answer_agreement_detail": summary["answer_agreement"],
               "numeric_floor_agreement": floor,
+              "accuracy": summary["accuracy"],
+              "correctness_agreement": summary["correctness_agreement"],
               "recompute_fraction": summary["recompute_fraction"],
               "plot": stem.with_suffix(".png").name, "command": meta["command"]}
     (args.out / ("latest-quick.json" if args.quick else "latest.json")).write_text(json.dumps(latest, indent=2))
     lines = [f"# Cost curve ({meta['model']}, {device})", "", f"Command: `{meta['command']}`  ",
-             f"Date: {meta['date']}, {meta['seconds']:.0f} s; arm 1 served by {meta['text_arm_backend']}", "",
+             f"Date: {meta['date']}, {meta['seconds']:.0f} s; arm 1 served by {meta['text_arm_backend']}; "
+             f"chunk KV prefilled at {meta['chunk_prefill']}; {args.facts_per_chunk} user facts per fact chunk", "",
              f"![cost curve]({stem.with_suffix('.png').name})", "", "| metric | value |", "|---|---|"]
     for key, value in latest.items():
         if key not in ("plot", "command", "device", "model", "date"):
@@ -309,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_with_servers(args, env, servers) -> dict:
     port = free_port()
-    servers.append(start_server(f"{sys.executable} -m amem_sgl.launch_server --config configs/default.yaml "
+    servers.append(start_server(f"{sys.executable} -m amem_sgl.launch_server --config {amem_config(args, env)} "
                                 f"--port {port}", port=port, log_path=args.out / "cost-curve-amem.log",
                                 cwd=ROOT, env=env))
     text_url = servers[0].url
@@ -319,8 +377,28 @@ def _run_with_servers(args, env, servers) -> dict:
                                     f"--port {port} --radix-cache-backend ''", port=port,
                                     log_path=args.out / "cost-curve-text.log", cwd=ROOT, env=env))
         text_url = servers[1].url
-    result = run_arms(servers[0].url, text_url, args.chunks, args.turns, args.k, args.max_tokens)
+    result = run_arms(servers[0].url, text_url, args.chunks, args.turns, args.k, args.max_tokens,
+                      args.facts_per_chunk)
     return result
+
+
+def amem_config(args, env: dict) -> Path:
+    """configs/default.yaml, with ``--prefill`` applied (written next to the run's work folders)."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    if args.prefill:
+        config.setdefault("amem", {}).setdefault("memory", {})["prefill"] = args.prefill
+    path = Path(env["AMEM_SGL_MEMORY_DIR"]).parent / "amem-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def default_prefill() -> str:
+    """amem.memory.prefill of configs/default.yaml."""
+    from amem_sgl.config import load_config_file
+
+    return load_config_file(ROOT / "configs" / "default.yaml").amem.memory.prefill
 
 
 def latest_floor(out: Path) -> float | None:

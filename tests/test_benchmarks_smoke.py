@@ -43,7 +43,7 @@ def test_cost_curve_quick_run_writes_valid_json_a_plot_and_latest(amem_server, t
                 "ttft_ratio_session", "break_even_queries", "answer_agreement", "numeric_floor_agreement",
                 "recompute_fraction"):
         assert key in latest
-    (report,) = tmp_path.glob("*cost-curve-quick.json")
+    (report,) = tmp_path.glob("*cost-curve-*-quick.json")
     rows = json.loads(report.read_text())["rows"]
     assert {r["arm"] for r in rows} == {"text", "query", "session"} and len(rows) == 18
     assert all(r["prompt_tokens"] > 0 and r["ttft_s"] > 0 for r in rows)
