@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turns", type=int, default=30)
     parser.add_argument("-k", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--facts-per-chunk", type=int, default=8,
+    parser.add_argument("--facts-per-chunk", type=int, default=16,
                         help="user facts per memory chunk (1: a ~20-token chunk per fact)")
     parser.add_argument("--prefill", choices=("remember", "first_use"), default=None,
                         help="amem.memory.prefill of the amem server started here (default: configs/default.yaml's)")
