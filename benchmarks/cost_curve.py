@@ -51,7 +51,7 @@ TOPICS = ["family", "work", "travel", "health", "hobbies", "home"]
 GOLD: dict[str, set[str]] = {}  # question -> the cities the memory connects its person to
 
 
-def make_memory(n_chunks: int, facts_per_chunk: int = 8, seed: int = 0) -> tuple[list[str], dict[str, list[str]]]:
+def make_memory(n_chunks: int, facts_per_chunk: int = 16, seed: int = 0) -> tuple[list[str], dict[str, list[str]]]:
     """User facts and document passages; each topic gets a share. Returns (texts, questions by topic).
 
     A third of the chunks are document passages (~150-300 tokens); the rest hold ``facts_per_chunk``
@@ -258,6 +258,19 @@ def summarize(result: dict) -> dict:
     }
 
 
+def replot(json_path: Path) -> Path:
+    """Draw a saved run's plot again (``<run>.json`` -> ``<run>.png``)."""
+    data = json.loads(Path(json_path).read_text())
+    rows = [Turn(**r) for r in data["rows"]]
+    once = data["summary"]["one_time_prefill_tokens"]
+    path = Path(json_path).with_suffix(".png")
+    s = data["summary"]
+    plot({"rows": rows, "one_time_prefill_used": once["used"]}, path,
+         f"{data['meta']['model']} on {data['meta']['device']}: {s['chunks']} chunks, {s['turns']} turns, "
+         f"top-{data['meta'].get('k', 4)}")
+    return path
+
+
 def plot(result: dict, path: Path, title: str) -> None:
     import matplotlib
 
@@ -275,8 +288,11 @@ def plot(result: dict, path: Path, title: str) -> None:
             b += r.ttft_s
             prefill.append(a)
             ttft.append(b)
-        axes[0].plot(turns, prefill, marker="o", ms=3, label=label)
+        line = axes[0].plot(turns, prefill, marker="o", ms=3, label=label)[0]
         axes[1].plot(turns, ttft, marker="o", ms=3, label=label)
+        if arm == "query" and result["one_time_prefill_used"]:  # the break-even picture
+            axes[0].plot(turns, [p + result["one_time_prefill_used"] for p in prefill], ls="--",
+                         color=line.get_color(), label=f"{label} + prefill of the chunks used")
     axes[0].set(xlabel="turn", ylabel="cumulative prefilled tokens", title="prefill")
     axes[1].set(xlabel="turn", ylabel="cumulative TTFT (s)", title="time to first token")
     for ax in axes:
@@ -297,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--facts-per-chunk", type=int, default=16,
                         help="user facts per memory chunk (1: a ~20-token chunk per fact)")
+    parser.add_argument("--blend", default=None,
+                        help="amem.blend.policy of the amem server started here, e.g. all (default: the config's)")
     parser.add_argument("--prefill", choices=("remember", "first_use"), default=None,
                         help="amem.memory.prefill of the amem server started here (default: configs/default.yaml's)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -327,11 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"device": device, "model": "SmolLM2-135M-Instruct (bf16)", "date": dt.datetime.now().isoformat(timespec="seconds"),
             "seconds": time.monotonic() - t0, "quick": args.quick,
             "chunk_prefill": ("the --url server's setting" if args.url else args.prefill or default_prefill()),
-            "facts_per_chunk": args.facts_per_chunk,
+            "facts_per_chunk": args.facts_per_chunk, "k": args.k, "blend": args.blend or "the config's (amem.blend)",
             "text_arm_backend": ("amem server, plain requests" if args.quick or args.url
                                  else "SGLang's built-in RadixCache (--radix-cache-backend '')"),
             "command": "python -m benchmarks.cost_curve " + " ".join(argv if argv is not None else sys.argv[1:])}
-    mode = meta["chunk_prefill"] if not args.url else "url"
+    mode = (meta["chunk_prefill"] if not args.url else "url") + (f"-{args.blend}" if args.blend else "")
     stem = args.out / (f"{dt.date.today().isoformat()}-{device}-cost-curve-{mode}-f{args.facts_per_chunk}"
                        f"{'-quick' if args.quick else ''}")
     plot(result, stem.with_suffix(".png"), f"{meta['model']} on {device}: {summary['chunks']} chunks, "
@@ -389,6 +407,8 @@ def amem_config(args, env: dict) -> Path:
     config = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
     if args.prefill:
         config.setdefault("amem", {}).setdefault("memory", {})["prefill"] = args.prefill
+    if args.blend:
+        config.setdefault("amem", {}).setdefault("blend", {})["policy"] = args.blend
     path = Path(env["AMEM_SGL_MEMORY_DIR"]).parent / "amem-config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
