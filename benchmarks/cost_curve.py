@@ -21,7 +21,7 @@ between arms and accuracy (the answer names the asked person's city).
 Writes ``benchmarks/results/<date>-<device>-cost-curve-<prefill>-f<facts>.{json,md,png}`` and updates
 ``latest.json``.
 
-    python -m benchmarks.cost_curve            # full: 2 servers, 240 chunks, 30 turns (~8 min on 2 CPU cores)
+    python -m benchmarks.cost_curve            # full: 2 servers + an fp32 one for the floor, 240 chunks, 30 turns (~12 min, 2 CPU cores)
     python -m benchmarks.cost_curve --quick    # smoke: 1 server, 40 chunks, 6 turns (< 3 min)
 """
 
@@ -150,15 +150,18 @@ def run_arms(amem_url: str, text_url: str, n_chunks: int, turns: int, k: int, ma
     asks = turn_questions(questions, turns)
     system = "You are a helpful assistant. Notes from memory follow; use them when they are relevant to the question."
     rows: list[Turn] = []
+    text_bodies: list[dict] = []  # arm 1's requests, replayed on an fp32 server for the numeric floor
     session = None
     for t, question in enumerate(tqdm(asks, desc="cost curve", unit="turn", file=sys.stderr)):
         # 1. text memory: recall (same retriever), texts re-sent in the prompt, plain SGLang serves it.
         recalled = sorted(memory.search(namespace, question, k), key=lambda c: order[c.id])
         # The same text the memory layer composes: system prompt, then each chunk followed by a newline.
         notes = "".join(c.text + "\n" for c in recalled)
-        usage, ttft, answer, _ = chat(text_url, {"model": "default", "max_tokens": max_tokens, "temperature": 0,
-                                                 "messages": [{"role": "system", "content": f"{system}\n{notes}"},
-                                                              {"role": "user", "content": question}]})
+        text_body = {"model": "default", "max_tokens": max_tokens, "temperature": 0,
+                     "messages": [{"role": "system", "content": f"{system}\n{notes}"},
+                                  {"role": "user", "content": question}]}
+        text_bodies.append(text_body)
+        usage, ttft, answer, _ = chat(text_url, text_body)
         rows.append(_row("text", t, usage, ttft, answer, [c.id for c in recalled]))
         # 2. amem per query.
         before = blend_counters(amem_url)
@@ -184,7 +187,8 @@ def run_arms(amem_url: str, text_url: str, n_chunks: int, turns: int, k: int, ma
     return {"rows": rows, "one_time_prefill_all": one_time,
             # what registering only the chunks the session used would have cost (or less, if less was)
             "one_time_prefill_used": min(one_time, used_tokens),
-            "chunks": len(remembered.ids), "remember_s": remember_s, "turns": turns, "k": k}
+            "chunks": len(remembered.ids), "remember_s": remember_s, "turns": turns, "k": k,
+            "text_bodies": text_bodies}
 
 
 def blend_counters(url: str, before: dict | None = None) -> dict:
@@ -340,7 +344,12 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers:
             server.stop()
     summary = summarize(result)
-    floor = args.numeric_floor if args.numeric_floor is not None else latest_floor(args.out)
+    if "floor" in result:
+        floor, floor_source = result["floor"], "this run's prompts: arm 1 again in fp32 vs bf16"
+    elif args.numeric_floor is not None:
+        floor, floor_source = args.numeric_floor, "--numeric-floor"
+    else:
+        floor, floor_source = latest_floor(args.out), "the latest numeric_floor run (fidelity questions)"
     device = device_name()
     meta = {"device": device, "model": "SmolLM2-135M-Instruct (bf16)", "date": dt.datetime.now().isoformat(timespec="seconds"),
             "seconds": time.monotonic() - t0, "quick": args.quick,
@@ -354,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                        f"{'-quick' if args.quick else ''}")
     plot(result, stem.with_suffix(".png"), f"{meta['model']} on {device}: {summary['chunks']} chunks, "
                                           f"{summary['turns']} turns, top-{args.k}")
-    payload = {"meta": meta, "summary": summary, "rows": [dataclasses.asdict(r) for r in result["rows"]]}
+    payload = {"meta": meta, "summary": summary, "rows": [dataclasses.asdict(r) for r in result["rows"]],
+               "fp32_answers": result.get("fp32_answers")}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     latest = {"device": device, "model": meta["model"], "date": meta["date"], "quick": args.quick,
               "prefill_ratio_per_query": summary["prefill_ratio_per_query"],
@@ -366,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
               "answer_agreement": summary["answer_agreement"]["query_vs_text"],
               "answer_agreement_detail": summary["answer_agreement"],
               "numeric_floor_agreement": floor,
+              "numeric_floor_source": floor_source,
               "accuracy": summary["accuracy"],
               "correctness_agreement": summary["correctness_agreement"],
               "recompute_fraction": summary["recompute_fraction"],
@@ -397,7 +408,23 @@ def _run_with_servers(args, env, servers) -> dict:
         text_url = servers[1].url
     result = run_arms(servers[0].url, text_url, args.chunks, args.turns, args.k, args.max_tokens,
                       args.facts_per_chunk)
+    if not args.quick:
+        for server in servers:
+            server.stop()
+        result["floor"], result["fp32_answers"] = numeric_floor(result, args.out)
     return result
+
+
+def numeric_floor(result: dict, out: Path) -> tuple[float, list[str]]:
+    """The numeric floor on this run's own prompts: arm 1's requests again on plain SGLang in fp32;
+    the share of answers identical to arm 1's (bf16)."""
+    port = free_port()
+    command = (f"{sys.executable} -m amem_sgl.launch_server --config configs/default.yaml --port {port} "
+               f"--radix-cache-backend '' --dtype float32")
+    text = [r.answer for r in result["rows"] if r.arm == "text"]
+    with start_server(command, port=port, log_path=out / "cost-curve-fp32.log", cwd=ROOT) as server:
+        fp32 = [chat(server.url, body)[2] for body in tqdm(result["text_bodies"], desc="fp32 floor", file=sys.stderr)]
+    return sum(a == b for a, b in zip(text, fp32)) / max(len(text), 1), fp32
 
 
 def amem_config(args, env: dict) -> Path:
