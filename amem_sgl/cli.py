@@ -23,7 +23,8 @@ import sys
 BENCHES = {"fidelity": "benchmarks.fidelity", "ttft": "benchmarks.ttft", "residency": "benchmarks.residency",
            "numeric-floor": "benchmarks.numeric_floor", "cost-curve": "benchmarks.cost_curve",
            "kernels": "benchmarks.kernels.bench_rope_rerotate",
-           "blend-attention": "benchmarks.kernels.bench_blend_attention"}
+           "blend-attention": "benchmarks.kernels.bench_blend_attention",
+           "fidelity-tradeoff": "benchmarks.fidelity_tradeoff"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +56,24 @@ def test_blend_attention_bench_runs_and_checks_its_output():
 
     rows = bench_blend_attention.run([256], bench_blend_attention.torch.device("cpu"))
     assert len(rows) == 2 and all(r["rel_error_vs_reference"] < 1e-2 and r["kernel_ms"] > 0 for r in rows)
+
+
+def test_fidelity_tradeoff_plots_every_policy_of_the_committed_runs(tmp_path):
+    import shutil
+
+    from benchmarks import fidelity_tradeoff
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    runs = sorted(results.glob("*-fidelity-*.json"))[:2] + sorted(results.glob("*-numeric-floor.json"))[-1:]
+    assert len(runs) == 3, "the committed fidelity and numeric-floor results are missing"
+    for path in runs:
+        shutil.copy(path, tmp_path)
+    assert fidelity_tradeoff.main(["--results", str(tmp_path / "none")]) == 1  # nothing to plot: says so
+    assert fidelity_tradeoff.main(["--results", str(tmp_path)]) == 0
+    (png,) = tmp_path.glob("*-fidelity-tradeoff.png")
+    (md,) = tmp_path.glob("*-fidelity-tradeoff.md")
+    assert png.stat().st_size > 10_000
+    expected = {group[: -len("overall")].strip() for path in runs[:2]
+                for group in json.loads(path.read_text())["summary"] if group.endswith("overall")}
+    listed = {line.split("|")[1].strip() for line in md.read_text().splitlines()[8:]}
+    assert expected and expected <= listed, (expected, listed)
