@@ -161,6 +161,12 @@ class _Namespace:
                 out[cid] = hit / total
         return out
 
+    def vectors(self, chunk_ids: list[str]) -> np.ndarray:
+        """The stored (normalized) embeddings of ``chunk_ids``."""
+        if not chunk_ids:
+            return np.empty((0, self.dim), dtype=np.float32)
+        return np.asarray(self.index.get_items([self.chunks[cid]["label"] for cid in chunk_ids]), dtype=np.float32)
+
     def search(self, vector: np.ndarray, k: int) -> list[tuple[str, float]]:
         live = len(self.labels)
         if live == 0:
@@ -275,9 +281,10 @@ class MemoryStore:
             with self._lock:
                 lexical = space.lexical(set(_terms(query)))
             candidates = dict(space.search(vector, max(4 * k, 32)))
-            for cid, _ in sorted(lexical.items(), key=lambda kv: -kv[1])[: 4 * k]:
-                if cid not in candidates:
-                    candidates[cid] = _cosine(vector, self.embedder.encode([space.chunks[cid]["text"]]))
+            extra = [cid for cid, _ in sorted(lexical.items(), key=lambda kv: -kv[1])[: 4 * k]
+                     if cid not in candidates]
+            for cid, stored in zip(extra, space.vectors(extra)):  # the index's vectors: no re-embedding
+                candidates[cid] = _cosine(vector, stored)
             scored = {cid: cos + self.lexical_weight * lexical.get(cid, 0.0) for cid, cos in candidates.items()}
             hits = sorted(scored.items(), key=lambda kv: -kv[1])[:k]
         return [(self.get(namespace, cid), score) for cid, score in hits if cid in space.chunks]
