@@ -142,11 +142,9 @@ class ChunkClient:
         else:
             out = self._post("/generate", body)
         meta = out["meta_info"]
-        usage = meta.get("amem") or [{}]
         return Generation(out["text"], list(out.get("output_ids") or []), meta["prompt_tokens"],
                           meta.get("cached_tokens", 0), time.perf_counter() - t0,
-                          first - t0 if first is not None else None,
-                          usage[0] if isinstance(usage, list) else usage)
+                          first - t0 if first is not None else None, amem_usage(meta))
 
     def _stream(self, path: str, body: dict) -> tuple[dict, float | None]:
         """POST a streaming request; the last event (with all output ids) and the first event's time."""
@@ -181,6 +179,12 @@ class ChunkClient:
         if reply.status_code != 200:
             raise AmemRequestError(reply.status_code, error_message(reply))
         return reply.json()
+
+
+def amem_usage(meta_info: dict) -> dict:
+    """What the cache did for a /generate request (its ``meta_info["amem"]``; {} when nothing)."""
+    usage = meta_info.get("amem") or [{}]
+    return usage[0] if isinstance(usage, list) else usage
 
 
 def error_message(reply: requests.Response) -> str:

@@ -33,6 +33,7 @@ from typing import Sequence
 
 import httpx
 
+from amem_sgl.chunks.client import amem_usage
 from amem_sgl.chunks.hints import build_kv_hints
 from amem_sgl.chunks.identity import chunk_id, validate_namespace
 from amem_sgl.config import AmemConfig
@@ -358,9 +359,8 @@ class MemoryLayer:
             logger.warning("amem memory: warming session %s failed: %s", session.session_id, reply.text[:300])
             return
         meta = reply.json().get("meta_info", {})
-        usage = meta.get("amem") or [{}]
         session.warm = {"prompt_tokens": meta.get("prompt_tokens", 0), "cached_tokens": meta.get("cached_tokens", 0),
-                        "amem": usage[0] if isinstance(usage, list) else usage}
+                        "amem": amem_usage(meta)}
 
     def end_session(self, session_id: str) -> bool:
         with self._lock:
