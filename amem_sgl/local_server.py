@@ -35,9 +35,7 @@ class LocalServer:
 
     def amem_state(self) -> dict:
         """The amem tree's report from /get_server_info (internal_states[0].amem)."""
-        info = requests.get(f"{self.url}/get_server_info", timeout=30).json()
-        (state,) = [s["amem"] for s in info["internal_states"]]
-        return state
+        return amem_state(self.url)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -53,6 +51,13 @@ class LocalServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def amem_state(url: str) -> dict:
+    """The amem tree's report from the server at ``url``'s /get_server_info (internal_states[0].amem)."""
+    info = requests.get(f"{url}/get_server_info", timeout=30).json()
+    (state,) = [s["amem"] for s in info["internal_states"]]
+    return state
 
 
 def start_server(command: str, *, port: int, log_path: Path, cwd: Path | None = None,

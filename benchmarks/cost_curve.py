@@ -40,26 +40,28 @@ from pathlib import Path
 import requests
 from tqdm.auto import tqdm
 
-from amem_sgl.local_server import free_port, start_server
+from amem_sgl.local_server import amem_state, free_port, start_server
 from amem_sgl.sdk import Amem
+from benchmarks import numeric_floor as numeric_floor_runs
 from benchmarks.fidelity import device_name
 from benchmarks.fidelity_data import CITIES, FILLER, FIRST, LAST
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TOPICS = ["family", "work", "travel", "health", "hobbies", "home"]
-GOLD: dict[str, set[str]] = {}  # question -> the cities the memory connects its person to
 
 
-def make_memory(n_chunks: int, facts_per_chunk: int = 16, seed: int = 0) -> tuple[list[str], dict[str, list[str]]]:
-    """User facts and document passages; each topic gets a share. Returns (texts, questions by topic).
+def make_memory(n_chunks: int, facts_per_chunk: int = 16,
+                seed: int = 0) -> tuple[list[str], dict[str, list[str]], dict[str, set[str]]]:
+    """User facts and document passages; each topic gets a share. Returns (texts, questions by topic,
+    gold: question -> the cities the memory connects its person to).
 
     A third of the chunks are document passages (~150-300 tokens); the rest hold ``facts_per_chunk``
     user facts each (~15 tokens a fact), as the memory layer packs a remembered list of facts into
     chunks of up to ``amem.memory.chunk_tokens`` (256) tokens. ``facts_per_chunk=1``: one short fact
     per chunk (~20 tokens), the worst case for chunk reuse."""
     rng = random.Random(seed)
-    texts, questions = [], {t: [] for t in TOPICS}
+    texts, questions, gold = [], {t: [] for t in TOPICS}, {}
     for i in range(n_chunks):
         topic = TOPICS[i % len(TOPICS)]
         if i % 3 == 0:  # a document passage
@@ -67,16 +69,16 @@ def make_memory(n_chunks: int, facts_per_chunk: int = 16, seed: int = 0) -> tupl
             body = " ".join(rng.sample(FILLER, rng.randint(8, 14)))
             texts.append(f"Notes on {topic} ({i}): {name} from {city}. {body}")
             questions[topic].append(f"In my {topic} notes, which city is {name} connected to?")
-            GOLD.setdefault(questions[topic][-1], set()).add(city)
+            gold.setdefault(questions[topic][-1], set()).add(city)
             continue
         facts = []
         for _ in range(facts_per_chunk):
             name, city = f"{rng.choice(FIRST)} {rng.choice(LAST)}", rng.choice(CITIES)
             facts.append(f"{name} is connected to {city} through {topic}.")
             questions[topic].append(f"In my {topic} notes, which city is {name} connected to?")
-            GOLD.setdefault(questions[topic][-1], set()).add(city)
+            gold.setdefault(questions[topic][-1], set()).add(city)
         texts.append(f"The user's {topic} notes ({i}): " + " ".join(facts))
-    return texts, questions
+    return texts, questions, gold
 
 
 def topic_changed(asks: list[str], t: int) -> bool:
@@ -135,7 +137,7 @@ def run_arms(amem_url: str, text_url: str, n_chunks: int, turns: int, k: int, ma
     memory = Amem(amem_url)
     # Arms 2 and 3 get a namespace each (same texts), so neither reuses the other's blended prefixes.
     namespace, session_ns = f"cost-q-{int(time.time())}", f"cost-s-{int(time.time())}"
-    texts, questions = make_memory(n_chunks, facts_per_chunk)
+    texts, questions, gold = make_memory(n_chunks, facts_per_chunk)
     # The one-time chunk prefill, as the server counts it (0 when chunks are prefilled on first use:
     # then that cost is inside the turns' prefill).
     before = registered_tokens(amem_url)
@@ -181,7 +183,7 @@ def run_arms(amem_url: str, text_url: str, n_chunks: int, turns: int, k: int, ma
                                                     "messages": [{"role": "user", "content": question}]},
                                          {"X-Amem-Session": session.session_id})
         rows.append(_row("session", t, usage, ttft, answer, used, blend_counters(amem_url, before), warm))
-    mark_correct(rows, asks)
+    mark_correct(rows, asks, gold)
     used_chunks = {c for r in rows if r.arm != "text" for c in r.chunks}
     used_tokens = sum(chunk_tokens.get(c, 0) for c in used_chunks)
     return {"rows": rows, "one_time_prefill_all": one_time,
@@ -194,15 +196,14 @@ def run_arms(amem_url: str, text_url: str, n_chunks: int, turns: int, k: int, ma
 def blend_counters(url: str, before: dict | None = None) -> dict:
     """The server's recompute counters (or their change since ``before``): streamed responses carry
     no usage.amem, and turns run one at a time, so the change is this turn's."""
-    stats = requests.get(f"{url}/get_server_info", timeout=60).json()["internal_states"][0]["amem"]["stats"]
+    stats = amem_state(url)["stats"]
     keys = ("recomputed_tokens", "gap_tokens", "probed_tokens")
     now = {k: int(stats.get(k, 0)) for k in keys}
     return now if before is None else {k: now[k] - before[k] for k in keys}
 
 
 def registered_tokens(url: str) -> int:
-    stats = requests.get(f"{url}/get_server_info", timeout=60).json()["internal_states"][0]["amem"]["stats"]
-    return int(stats.get("registered_tokens", 0))
+    return int(amem_state(url)["stats"].get("registered_tokens", 0))
 
 
 def _row(arm, t, usage, ttft, answer, chunks, counters: dict | None = None, warm: dict | None = None) -> Turn:
@@ -216,9 +217,9 @@ def _row(arm, t, usage, ttft, answer, chunks, counters: dict | None = None, warm
     return Turn(arm, t, prompt, cached, recomputed, prefilled, ttft, answer, chunks)
 
 
-def mark_correct(rows: list[Turn], asks: list[str]) -> None:
+def mark_correct(rows: list[Turn], asks: list[str], gold: dict[str, set[str]]) -> None:
     for row in rows:
-        row.correct = any(city in row.answer for city in GOLD.get(asks[row.turn], ()))
+        row.correct = any(city in row.answer for city in gold.get(asks[row.turn], ()))
 
 
 def summarize(result: dict) -> dict:
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.numeric_floor is not None:
         floor, floor_source = args.numeric_floor, "--numeric-floor"
     else:
-        floor, floor_source = latest_floor(args.out), "the latest numeric_floor run (fidelity questions)"
+        floor, floor_source = numeric_floor_runs.latest(args.out), "the latest numeric_floor run (fidelity questions)"
     device = device_name()
     meta = {"device": device, "model": "SmolLM2-135M-Instruct (bf16)", "date": dt.datetime.now().isoformat(timespec="seconds"),
             "seconds": time.monotonic() - t0, "quick": args.quick,
@@ -446,13 +447,6 @@ def default_prefill() -> str:
     from amem_sgl.config import load_config_file
 
     return load_config_file(ROOT / "configs" / "default.yaml").amem.memory.prefill
-
-
-def latest_floor(out: Path) -> float | None:
-    files = sorted(out.glob("*-numeric-floor.json"))
-    if not files:
-        return None
-    return json.loads(files[-1].read_text()).get("identical_answers_fp32_vs_bf16")
 
 
 if __name__ == "__main__":

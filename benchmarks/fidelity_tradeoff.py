@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks import numeric_floor
 from benchmarks.fidelity import device_name
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -40,18 +41,13 @@ def points(results: Path) -> list[dict]:
     return out
 
 
-def floor(results: Path) -> float | None:
-    files = sorted(results.glob("*-numeric-floor.json"))
-    return json.loads(files[-1].read_text()).get("identical_answers_fp32_vs_bf16") if files else None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: --results)")
     args = parser.parse_args(argv)
     out = args.out or args.results
-    pts, bar = points(args.results), floor(args.results)
+    pts, bar = points(args.results), numeric_floor.latest(args.results)
     if not pts:
         print(f"no fidelity runs in {args.results}", file=sys.stderr)
         return 1

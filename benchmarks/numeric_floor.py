@@ -41,6 +41,12 @@ def answers(dtype: str, questions, max_new_tokens: int, out: Path) -> list[tuple
         return result
 
 
+def latest(results: Path) -> float | None:
+    """The identical-answer rate of the newest numeric-floor run in ``results`` (None: no run)."""
+    files = sorted(results.glob("*-numeric-floor.json"))
+    return json.loads(files[-1].read_text()).get("identical_answers_fp32_vs_bf16") if files else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=60)

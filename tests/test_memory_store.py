@@ -73,9 +73,9 @@ def test_hybrid_recall_finds_a_name_buried_in_a_long_fact_chunk(tmp_path):
     """Chunks of 16 facts each (the cost curve's memory): the embedding of a whole chunk barely moves
     with one name in it, so embeddings alone often miss the asked person's chunk in the top 4 (0.70 of 20 asks here vs 0.95); the lexical
     part of hybrid recall (IDF-weighted query words) does."""
-    from benchmarks.cost_curve import GOLD, make_memory, turn_questions
+    from benchmarks.cost_curve import make_memory, turn_questions
 
-    texts, questions = make_memory(60, facts_per_chunk=16, seed=3)
+    texts, questions, gold = make_memory(60, facts_per_chunk=16, seed=3)
     asks = turn_questions(questions, 20, seed=4)
 
     def hit_rate(store: MemoryStore) -> float:
@@ -83,7 +83,7 @@ def test_hybrid_recall_finds_a_name_buried_in_a_long_fact_chunk(tmp_path):
         for ask in asks:
             name = ask.split("city is ")[1].split(" connected")[0]
             top = store.search("facts", ask, 4)
-            hits += any(name in c.text and any(city in c.text for city in GOLD[ask]) for c, _ in top)
+            hits += any(name in c.text and any(city in c.text for city in gold[ask]) for c, _ in top)
         return hits / len(asks)
 
     hybrid = MemoryStore(tmp_path)
