@@ -44,7 +44,7 @@ import torch
 
 from amem_sgl.blend.policy import BlendPolicy
 from amem_sgl.blend.runner import BlendPlan
-from amem_sgl.cache.splice import RopeSpec, splice_kv
+from amem_sgl.cache.splice import RopeSpec, copy_kv, pool_layers, splice_kv
 from amem_sgl.chunks.hints import ChunkRequest, ChunkSpan, parse_kv_hints
 from amem_sgl.chunks.identity import chunk_id
 from amem_sgl.sglang_compat import (
@@ -320,7 +320,6 @@ class ChunkRadixCache(RadixCache):
         todo = self._to_capture.get(req.rid)
         if not todo:
             return
-        pool = self.chunks.kv_pool
         row = self.req_to_token_pool.req_to_token[req.kv.req_pool_idx]
         for span in [s for s in todo if s.end <= up_to]:
             todo.remove(span)
@@ -331,10 +330,7 @@ class ChunkRadixCache(RadixCache):
             slots = self._alloc(len(span))
             if slots is None:
                 return
-            for layer in self._layers():
-                k_buffer, v_buffer = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
-                k_buffer[slots] = k_buffer[src]
-                v_buffer[slots] = v_buffer[src]
+            copy_kv(self.chunks.kv_pool, src, slots)
             self.register_chunk_slots(request.namespace, tokens, slots, span.start)
             self.stats.chunks_captured += 1
             self.stats.captured_tokens += len(span)
@@ -371,8 +367,7 @@ class ChunkRadixCache(RadixCache):
     # ------------------------------------------------------------------ residency tiers
 
     def _layers(self) -> range:
-        pool = self.chunks.kv_pool
-        return range(pool.start_layer, pool.start_layer + pool.layer_num)
+        return pool_layers(self.chunks.kv_pool)
 
     def _kv_layout(self) -> dict[str, str]:
         pool = self.chunks.kv_pool

@@ -78,10 +78,23 @@ def self_check(rope: RopeSpec | None, dtype: torch.dtype, num_heads: int, seed: 
                      f"dtype={dtype}")
 
 
+def pool_layers(kv_pool) -> range:
+    """The layer ids whose KV ``kv_pool`` holds."""
+    return range(kv_pool.start_layer, kv_pool.start_layer + kv_pool.layer_num)
+
+
+def copy_kv(kv_pool, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+    """Copy every layer's KV from ``src_slots`` to ``dst_slots`` as is (same positions)."""
+    for layer in pool_layers(kv_pool):
+        k, v = kv_pool.get_key_buffer(layer), kv_pool.get_value_buffer(layer)
+        k[dst_slots] = k[src_slots]
+        v[dst_slots] = v[src_slots]
+
+
 def splice_kv(kv_pool, src_slots: torch.Tensor, dst_slots: torch.Tensor, delta: torch.Tensor,
               rope: RopeSpec) -> None:
     """Copy every layer's KV from ``src_slots`` to ``dst_slots``, keys rotated by ``delta``."""
-    for layer in range(kv_pool.start_layer, kv_pool.start_layer + kv_pool.layer_num):
+    for layer in pool_layers(kv_pool):
         k = kv_pool.get_key_buffer(layer)
         rope_rerotate(k, src_slots, dst_slots, delta, rope.table, rotary_dim=rope.rotary_dim,
                       is_neox=rope.is_neox)
