@@ -7,7 +7,8 @@ Defaults added beneath whatever the command line and config file say:
 * ``--radix-cache-backend amem`` (ChunkRadixCache, registered through the ``sglang.srt.plugins``
   entry point) and ``--enable-cache-report`` (usage reports ``cached_tokens``);
 * with no CUDA device: the CPU engine (``--device cpu``, ``--attention-backend torch_native``,
-  ``SGLANG_USE_CPU_ENGINE=1``); with CUDA, SGLang's normal GPU path;
+  ``SGLANG_USE_CPU_ENGINE=1``) with :data:`CPU_DEFAULTS` (idle sleep, a bounded KV pool, metrics);
+  with CUDA, SGLang's normal GPU path;
 * no ``--model-path``: the embedded SmolLM2-135M-Instruct, converted once (amem_sgl.models);
 * ``amem.residency.enabled``: the residency service (amem_sgl.residency) started first as its own
   process, supervised (restarted if it dies) and stopped with the server; its address reaches the
@@ -32,6 +33,17 @@ from amem_sgl.config import CONFIG_ENV, AmemConfig, ModelConfig, load_config_fil
 BACKEND_FLAG = "radix-cache-backend"
 RESIDENCY_ADDR_ENV = "AMEM_SGL_RESIDENCY_ADDR"
 RESIDENCY_SHM_ENV = "AMEM_SGL_RESIDENCY_SHM"
+
+# SGLang settings amem's launcher uses on the CPU engine unless the command line or the config file
+# says otherwise (the same values as configs/default.yaml). Left to SGLang, an idle scheduler spins a
+# core (on 2 cores that halves everything else on the machine) and the KV pool is sized from free RAM
+# (~700K tokens, a 16 GB scheduler, 25 s to allocate); 128K tokens of SmolLM2 KV is 2.9 GB at bf16.
+CPU_DEFAULTS = {
+    "sleep-on-idle": True,
+    "max-total-tokens": 131072,
+    "max-running-requests": 16,
+    "enable-metrics": True,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +114,8 @@ def plan_launch(
     if str(device) == "cpu":
         default("device", "cpu")
         default("attention-backend", "torch_native")
+        for name, value in CPU_DEFAULTS.items():
+            default(name, value)
         env["SGLANG_USE_CPU_ENGINE"] = "1"
     if not lookup("model-path", "model")[0]:
         section["model-path"] = str(resolve_model(amem.model))
@@ -159,6 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     if backend == "amem" and plan.amem.memory.enabled:
         _start_memory(plan.amem, server_args)
     _request_guards(sgl.http_app(), plan.amem)  # added last: runs first, before any body is read
+    from amem_sgl.server.validation import install_token_id_check
+
+    install_token_id_check()  # token ids outside the vocabulary: 400, never a dead scheduler
     try:
         sgl.run_server(server_args)
     finally:

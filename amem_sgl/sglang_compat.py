@@ -15,6 +15,7 @@ from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req
 from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
 from sglang.srt.entrypoints.openai import protocol as _openai_protocol
 from sglang.srt.entrypoints.openai.usage_processor import UsageProcessor
+from sglang.srt.managers.tokenizer_manager import TokenizerManager
 from sglang.srt.managers.tp_worker import TpModelWorker
 from sglang.srt.managers.scheduler_components.internal_state import (
     SchedulerInternalStateController,
@@ -92,6 +93,12 @@ TORCH_NATIVE_EXTEND_TARGET = (
     f"{TorchNativeAttnBackend.__module__}.{TorchNativeAttnBackend.__qualname__}._run_sdpa_forward_extend"
 )
 
+# Dotted path of the tokenizer manager's per-request validation (HTTP process, before the scheduler):
+# where amem_sgl.server.validation checks token ids against the vocabulary.
+TOKENIZER_VALIDATE_TARGET = (
+    f"{TokenizerManager.__module__}.{TokenizerManager.__qualname__}._validate_one_request"
+)
+
 # Dotted path of the scheduler's internal-state readback (served by /get_server_info).
 INTERNAL_STATE_TARGET = (
     f"{SchedulerInternalStateController.__module__}."
@@ -132,6 +139,11 @@ def add_around_hook(target: str, hook) -> None:
     HookRegistry.register(target, hook, HookType.AROUND)
 
 
+def apply_hooks() -> None:
+    """Apply hooks registered after SGLang's own plugin load (already-patched targets are skipped)."""
+    HookRegistry.apply_hooks()
+
+
 def http_app():
     """SGLang's FastAPI application object (middleware and routes may be added before start)."""
     from sglang.srt.entrypoints.http_server import app
@@ -164,6 +176,7 @@ __all__ = [
     "Req",
     "ReqToTokenPool",
     "SamplingParams",
+    "TOKENIZER_VALIDATE_TARGET",
     "TORCH_NATIVE_EXTEND_TARGET",
     "TORCH_NATIVE_FORWARD_EXTEND_TARGET",
     "TorchNativeAttnBackend",
@@ -176,6 +189,7 @@ __all__ = [
     "TreeLock",
     "TreeNode",
     "add_around_hook",
+    "apply_hooks",
     "add_internal_state_hook",
     "check_sglang_version",
     "get_radix_cache_factory",

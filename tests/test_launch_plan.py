@@ -36,9 +36,35 @@ def test_cpu_defaults_without_cuda():
     assert p.cli_args == ["--port", "1234"]
     assert p.sglang_config == {"radix-cache-backend": "amem", "enable-cache-report": True,
                                "device": "cpu", "attention-backend": "torch_native",
+                               "sleep-on-idle": True, "max-total-tokens": 131072,
+                               "max-running-requests": 16, "enable-metrics": True,
                                "model-path": EMBEDDED}
     assert p.env["SGLANG_USE_CPU_ENGINE"] == "1"
     assert json.loads(p.env[CONFIG_ENV]) == json.loads(AmemConfig().to_json())
+
+
+def test_cpu_defaults_without_config_are_the_default_configs_and_reach_sglangs_parser(tmp_path):
+    """No --config: SGLang's own parser sees idle sleep and a bounded KV pool (the values of
+    configs/default.yaml), and a flag on the command line still wins."""
+    import yaml
+
+    from amem_sgl import sglang_compat as sgl
+    from amem_sgl.launch_server import CPU_DEFAULTS
+
+    shipped = yaml.safe_load(open("configs/default.yaml"))["sglang"]
+    for name, value in CPU_DEFAULTS.items():
+        assert shipped[name.replace("-", "_")] == value, name
+
+    def server_args(argv):
+        p = plan(argv)
+        path = tmp_path / "merged.yaml"
+        path.write_text(yaml.safe_dump(p.sglang_config))
+        return sgl.prepare_server_args(p.sglang_argv(str(path)))
+
+    args = server_args([])
+    assert args.sleep_on_idle is True and args.max_total_tokens == 131072 and args.enable_metrics is True
+    args = server_args(["--max-total-tokens", "4096"])
+    assert args.max_total_tokens == 4096 and args.sleep_on_idle is True
 
 
 def test_cuda_leaves_sglangs_gpu_path_alone():
