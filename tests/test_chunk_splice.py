@@ -325,7 +325,7 @@ def test_with_blending_a_missing_chunk_is_computed_by_the_blend_pass_and_capture
     prompt, spans = compose([A, X, B])
     req = start(cache, pools, prompt, build_kv_hints("alice", spans, capture=True))
     assert req.prefix_len == spans[2][1]  # A, X and B all come before the computed tail
-    plan = cache.pending_blends[req.rid]
+    plan = cache.blend_plans[req.rid]
     assert set(range(*spans[1])) <= set(plan.positions) and plan.gaps == tuple(range(*spans[1]))
     x_slots = row_slots(pools, req, *spans[1])
     pools.write_kv(x_slots, X, range(*spans[1]))  # what the blend pass writes at X's positions

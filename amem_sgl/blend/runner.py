@@ -64,8 +64,8 @@ class BlendRunner:
     def run(self, worker, batch) -> None:
         if batch is None or not batch.forward_mode.is_extend() or batch.forward_mode.is_target_verify():
             return
-        picked = [(i, self.cache.pending_blends.pop(req.rid)) for i, req in enumerate(batch.reqs)
-                  if req.rid in self.cache.pending_blends]
+        picked = [(i, self.cache.blend_plans.pop(req.rid)) for i, req in enumerate(batch.reqs)
+                  if req.rid in self.cache.blend_plans]
         if not picked:
             return
         runner = worker.model_runner

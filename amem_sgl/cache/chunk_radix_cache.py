@@ -143,7 +143,7 @@ class ChunkRadixCache(RadixCache):
         self.chunks = chunks
         self.chunk_meta: dict[str, ChunkMeta] = {}
         self._splices: dict[str, _Splice] = {}
-        self.pending_blends: dict[str, BlendPlan] = {}  # handed-over splices awaiting their blend pass
+        self.blend_plans: dict[str, BlendPlan] = {}  # handed-over splices awaiting their blend pass
         self._to_capture: dict[str, list[ChunkSpan]] = {}  # capture requests: the spans they compute
         self.metrics = None  # amem_sgl.metrics.AmemMetrics when the server runs with --enable-metrics
         self.residency = None  # amem_sgl.residency.client.ResidencyClient when the service runs
@@ -208,7 +208,7 @@ class ChunkRadixCache(RadixCache):
         check_layer = min(policy.check_layer, layers - 1)
         positions = sorted(set(chunk_positions) | set(splice.gaps))
         if positions or budget:
-            self.pending_blends[req.rid] = BlendPlan(splice.end, tuple(positions), tuple(splice.segments),
+            self.blend_plans[req.rid] = BlendPlan(splice.end, tuple(positions), tuple(splice.segments),
                                                      budget, check_layer, tuple(splice.gaps))
         spliced = splice.end - splice.base_len - len(splice.gaps)
         probed = spliced if budget else 0
@@ -267,7 +267,7 @@ class ChunkRadixCache(RadixCache):
     def on_release(self, req, *, checkpointed: bool) -> None:
         super().on_release(req, checkpointed=checkpointed)
         self._drop_splice(req.rid)
-        self.pending_blends.pop(req.rid, None)
+        self.blend_plans.pop(req.rid, None)
         self._to_capture.pop(req.rid, None)
 
     # ------------------------------------------------------------------ chunk nodes

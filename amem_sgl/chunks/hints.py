@@ -18,8 +18,9 @@ actions they do not implement". amem's action::
   when its prefill is done (its KV copied; canonical position = where it was computed, behind this
   request's context). The memory layer sends it, so a chunk is prefilled once, in its first turn.
 * ``blend`` (optional, splice only) -- ``{"policy": ..., "sink_tokens": k, "ratio": r,
-  "check_layer": l}`` (see amem_sgl.blend.policy; all but ``policy`` optional) overrides the
-  server's blend policy (amem.blend) for this request.
+  "check_layer": l}`` (all but ``policy`` optional) or a policy's spelling (``"edges:8"``,
+  ``"hkvd:0.15@2"``) overrides the server's blend policy (amem.blend) for this request. Either form
+  is checked against the registered strategies (amem_sgl.blend.policy.REGISTRY).
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ import dataclasses
 import uuid
 from typing import Any, Iterable
 
-from amem_sgl.blend.policy import BlendPolicy
+from amem_sgl.blend.policy import BlendPolicy, spellings
+from amem_sgl.chunks.identity import validate_namespace
 
 BLEND_KEYS = {field.name for field in dataclasses.fields(BlendPolicy)}
-from amem_sgl.chunks.identity import validate_namespace
 
 ACTION_TYPE = "amem.chunks"
 ACTION_VERSION = "1"
@@ -156,15 +157,25 @@ def parse_kv_hints(envelope: Any) -> ChunkRequest | None:
         raise ValueError("amem.chunks: capture must be true or false")
     blend = payload.get("blend")
     if blend is not None:
-        if not isinstance(blend, dict) or "policy" not in blend or set(blend) - BLEND_KEYS:
-            raise ValueError("amem.chunks: blend must be an object with 'policy' and optional "
-                             "'sink_tokens', 'ratio', 'check_layer'")
-        blend = BlendPolicy(**blend)
+        blend = _parse_blend(blend)
     forget = payload.get("forget")
     if forget is not None and not isinstance(forget, list):
         raise ValueError("amem.chunks: forget must be a list of chunk ids or ['*']")
     return ChunkRequest(payload.get("namespace"), tuple(ChunkSpan(s, e) for s, e in spans), register,
                         blend, tuple(forget) if forget is not None else None, capture).validate()
+
+
+def _parse_blend(blend: Any) -> BlendPolicy:
+    """A payload's ``blend``: a policy's spelling or an object of BlendPolicy's fields."""
+    try:
+        if isinstance(blend, str):
+            return BlendPolicy.parse(blend)
+        if isinstance(blend, dict) and "policy" in blend and not set(blend) - BLEND_KEYS:
+            return BlendPolicy(**blend).validate()
+    except ValueError as err:
+        raise ValueError(f"amem.chunks: {err}") from None
+    raise ValueError("amem.chunks: blend must be a policy spelling (" + spellings() + ") or an object "
+                     "with 'policy' and optional 'sink_tokens', 'ratio', 'check_layer'")
 
 
 def _field(obj: Any, name: str) -> Any:
