@@ -9,13 +9,21 @@
         answer = session.ask("Where do I work?")
         print(answer.text, answer.reused_kv)   # the second turn reuses the session's blended KV
 
-Every call raises :class:`AmemError` (``status``, ``message`` from the server) on a refusal.
+    # The call shape of the product amem imitates works too: a session object or its id.
+    session = amem.start_session("alice")
+    print(amem.ask("alice", "Where does my sister live?", session=session))   # str(answer) is the text
+
+Errors: the server's refusals raise :class:`AmemError` (``status`` and the server's ``message``);
+a server that cannot be reached raises ``AmemError`` with status 0 ("cannot reach ..."); wrong
+arguments are caught before anything is sent (``TypeError`` for a wrong type, ``ValueError`` for a
+bad value). ``api_key`` (or ``$AMEM_API_KEY``) is sent as ``Authorization: Bearer <key>``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Sequence
+import os
+from typing import Any, Iterable, Sequence, Union
 
 import requests
 
@@ -52,6 +60,9 @@ class Answer:
     cached_tokens: int
     usage: dict  # the response's usage.amem (spliced / recomputed / ... tokens)
 
+    def __str__(self) -> str:
+        return self.text
+
     @property
     def reused_kv(self) -> bool:
         """Every memory chunk came from reused KV (spliced, or a prefix hit) with nothing recomputed."""
@@ -62,9 +73,20 @@ class Answer:
         return int(self.usage.get("spliced_tokens", 0))
 
 
+API_KEY_ENV = "AMEM_API_KEY"
+
+
 class Amem:
-    def __init__(self, url: str = "http://127.0.0.1:30000", *, model: str = "default", timeout: float = 600) -> None:
+    def __init__(self, url: str = "http://127.0.0.1:30000", *, api_key: str | None = None, model: str = "default",
+                 timeout: float = 600) -> None:
+        _require(url, str, "url")
+        _require(model, str, "model")
+        if api_key is not None:
+            _require(api_key, str, "api_key")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, got {url!r}")
         self.url, self.model, self.timeout = url.rstrip("/"), model, timeout
+        self.api_key = api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or None)
 
     # ------------------------------------------------------------------ memory
 
@@ -73,11 +95,19 @@ class Amem:
         """Store texts (and/or ``{"text", "metadata"}`` documents); long ones are split into chunks.
         ``prefill``: "remember" (compute their KV now) or "first_use" (in the first turn that recalls
         them); default: the server's ``amem.memory.prefill``."""
+        _require(namespace, str, "namespace")
+        if metadata is not None:
+            _require(metadata, dict, "metadata")
+        if prefill not in (None, "remember", "first_use"):
+            raise ValueError(f"prefill must be 'remember' or 'first_use', got {prefill!r}")
         body: dict[str, Any] = {"namespace": namespace, "metadata": metadata or {}}
         if prefill is not None:
             body["prefill"] = prefill
         if isinstance(texts, str):
             texts = [texts]
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            _require(text, str, f"texts[{i}]")
         if texts:
             body["texts"] = list(texts)
         documents = list(documents)
@@ -88,13 +118,20 @@ class Amem:
 
     def forget(self, namespace: str, chunk_id: str | None = None) -> list[str]:
         """Forget one chunk, or the whole namespace (texts, index and KV on every tier)."""
+        _require(namespace, str, "namespace")
+        if chunk_id is not None:
+            _require(chunk_id, str, "chunk_id")
         path = f"/amem/v1/namespaces/{namespace}" + (f"/chunks/{chunk_id}" if chunk_id else "")
         return self._call("DELETE", path)["forgotten"]
 
     def list(self, namespace: str) -> list[Chunk]:
+        _require(namespace, str, "namespace")
         return [_chunk(c) for c in self._call("GET", f"/amem/v1/namespaces/{namespace}/chunks")["chunks"]]
 
     def search(self, namespace: str, query: str, k: int = 4) -> list[Chunk]:
+        _require(namespace, str, "namespace")
+        _require(query, str, "query")
+        _require_count(k, "k")
         data = self._call("POST", "/amem/v1/search", {"namespace": namespace, "query": query, "k": k})
         return [_chunk(c) for c in data["results"]]
 
@@ -105,14 +142,46 @@ class Amem:
 
     def start_session(self, namespace: str, *, query: str | None = None, chunk_ids: Sequence[str] | None = None,
                       k: int | None = None) -> "Session":
-        """Pin (and warm) a working set: the chunks ``query`` recalls, the given ids, or the latest."""
+        """Pin (and warm) a working set: the chunks ``query`` recalls, the given ids, or the latest.
+        The returned :class:`Session` is accepted by :meth:`ask` (``session=``), as is its id."""
+        _require(namespace, str, "namespace")
+        if query is not None:
+            _require(query, str, "query")
+        if chunk_ids is not None:
+            if isinstance(chunk_ids, str):
+                raise TypeError("chunk_ids must be a list of chunk id strings, not one string")
+            for i, cid in enumerate(chunk_ids):
+                _require(cid, str, f"chunk_ids[{i}]")
+        if k is not None:
+            _require_count(k, "k")
         body = {"namespace": namespace, "query": query, "chunk_ids": list(chunk_ids) if chunk_ids else None, "k": k}
         data = self._call("POST", "/amem/v1/sessions", {k_: v for k_, v in body.items() if v is not None})
         return Session(self, data["session_id"], namespace, data["chunk_ids"], data.get("warm") or {})
 
-    def ask(self, namespace: str | None, question: str, *, history: Sequence[dict] = (), session: str | None = None,
-            max_tokens: int = 64, temperature: float = 0.0) -> Answer:
-        """One chat turn through the OpenAI route, with ``namespace``'s memory (or the session's)."""
+    def ask(self, namespace: str | None, question: str, *, history: Sequence[dict] = (),
+            session: Union["Session", str, None] = None, max_tokens: int = 64, temperature: float = 0.0) -> Answer:
+        """One chat turn through the OpenAI route, with ``namespace``'s memory (or the session's:
+        ``session`` is a :class:`Session` from :meth:`start_session` or its id)."""
+        if namespace is not None:
+            _require(namespace, str, "namespace")
+        _require(question, str, "question")
+        if isinstance(history, (str, bytes, dict)):
+            raise TypeError("history must be a list of {'role', 'content'} messages")
+        for i, message in enumerate(history):
+            _require(message, dict, f"history[{i}]")
+            if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+                raise ValueError(f"history[{i}] must have string 'role' and 'content'")
+        _require_count(max_tokens, "max_tokens")
+        if type(temperature) not in (int, float) or temperature < 0:
+            raise (TypeError if type(temperature) not in (int, float) else ValueError)(
+                f"temperature must be a number >= 0, got {temperature!r}")
+        if isinstance(session, Session):
+            if namespace is not None and namespace != session.namespace:
+                raise ValueError(f"session {session.session_id} belongs to namespace {session.namespace!r}, "
+                                 f"not {namespace!r}")
+            session = session.session_id
+        elif session is not None:
+            _require(session, str, "session")
         messages = [*history, {"role": "user", "content": question}]
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
                                 "temperature": temperature}
@@ -132,9 +201,13 @@ class Amem:
     # ------------------------------------------------------------------ plumbing
 
     def _request(self, method: str, path: str, body: dict | None = None, headers: dict | None = None):
+        headers = dict(headers or {})
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
         try:
             reply = requests.request(method, self.url + path, json=body, headers=headers, timeout=self.timeout)
-        except requests.RequestException as err:
+        except (requests.ConnectionError, requests.Timeout) as err:
+            # Only a connection failure is "cannot reach"; anything else is a bug to surface as such.
             raise AmemError(0, f"cannot reach {self.url}: {err}") from None
         if reply.status_code >= 400:
             raise AmemError(reply.status_code, error_message(reply))
@@ -155,6 +228,13 @@ class Session:
     def ask(self, question: str, **kwargs) -> Answer:
         return self.client.ask(None, question, session=self.session_id, **kwargs)
 
+    @property
+    def id(self) -> str:
+        return self.session_id
+
+    def __str__(self) -> str:
+        return self.session_id
+
     def end(self) -> None:
         self.client._call("DELETE", f"/amem/v1/sessions/{self.session_id}")
 
@@ -166,6 +246,17 @@ class Session:
             self.end()
         except AmemError:
             pass
+
+
+def _require(value, kind: type, name: str) -> None:
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise TypeError(f"{name} must be {kind.__name__}, got {type(value).__name__} ({value!r:.60})")
+
+
+def _require_count(value, name: str) -> None:
+    _require(value, int, name)
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _chunk(c: dict) -> Chunk:

@@ -34,7 +34,8 @@ class AmemRequestError(RuntimeError):
     """The server refused a request; ``status`` and the server's ``message`` are kept."""
 
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
+        # status 0: no HTTP answer at all (the server could not be reached).
+        super().__init__(f"HTTP {status}: {message}" if status else message)
         self.status, self.message = status, message
 
 
@@ -98,6 +99,8 @@ class Generation:
     ttft_s: float | None = None
     # The server's per-request report (meta_info["amem"]): spliced_tokens, recomputed_tokens, ...
     amem: dict = dataclasses.field(default_factory=dict)
+    # The response's whole meta_info (logprobs when asked for with ``extra``).
+    meta_info: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def computed_prompt_tokens(self) -> int:
@@ -123,14 +126,15 @@ class ChunkClient:
 
     def generate(self, prompt: ComposedPrompt, namespace: str | None = None, *, max_new_tokens: int = 32,
                  isolated: bool = False, blend: BlendPolicy | None = None, ttft: bool = False,
-                 cache_salt: str | None = None) -> Generation:
+                 cache_salt: str | None = None, extra: dict | None = None) -> Generation:
         """Greedy generation. With ``namespace`` the chunk spans are declared (spliced where resident,
         blended by ``blend`` or the server's policy); ``isolated`` runs it under a fresh cache salt:
         a full prefill that shares no KV with anything; ``cache_salt`` keeps its ordinary prefix
         apart from other requests' (chunk nodes are still shared); ``ttft`` streams it and records
-        the time to the first output."""
+        the time to the first output; ``extra`` adds fields to the /generate body (e.g.
+        ``return_logprob``)."""
         body = {"input_ids": prompt.input_ids,
-                "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0}}
+                "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0}, **(extra or {})}
         if namespace is not None and prompt.spans:
             body["kv_hints"] = build_kv_hints(namespace, prompt.spans, blend=blend)
         if isolated or cache_salt is not None:
@@ -144,7 +148,7 @@ class ChunkClient:
         meta = out["meta_info"]
         return Generation(out["text"], list(out.get("output_ids") or []), meta["prompt_tokens"],
                           meta.get("cached_tokens", 0), time.perf_counter() - t0,
-                          first - t0 if first is not None else None, amem_usage(meta))
+                          first - t0 if first is not None else None, amem_usage(meta), meta)
 
     def _stream(self, path: str, body: dict) -> tuple[dict, float | None]:
         """POST a streaming request; the last event (with all output ids) and the first event's time."""
