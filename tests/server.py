@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 
@@ -26,10 +27,16 @@ class RunningServer(LocalServer):
     kernel_call_log: Path = Path("/dev/null")
 
 
+# A smaller KV pool for the session server (e.g. while several test sessions share the machine):
+# appended as a flag, which wins over the config file.
+MAX_TOTAL_TOKENS_ENV = "AMEM_TEST_MAX_TOTAL_TOKENS"
+
+
 def start_readme_server(workdir: Path) -> RunningServer:
     port = free_port()
     kernel_call_log = workdir / "sgl_kernel_calls.log"
-    server = start_server(f"{readme_serve_command()} --port {port}", port=port,
+    extra = f" --max-total-tokens {int(os.environ[MAX_TOTAL_TOKENS_ENV])}" if os.environ.get(MAX_TOTAL_TOKENS_ENV) else ""
+    server = start_server(f"{readme_serve_command()} --port {port}{extra}", port=port,
                           log_path=workdir / "server.log", cwd=ROOT, timeout_s=STARTUP_BOUND_S,
                           env={"AMEM_SGL_KERNEL_CALL_LOG": str(kernel_call_log), "PYTHONUNBUFFERED": "1",
                                # a fresh disk tier per test session: no chunks from earlier runs
