@@ -238,10 +238,13 @@ def summarize(result: dict) -> dict:
                 return q + 1
         return None
 
+    # Like with like: the turns where the memory arm used exactly arm 1's chunks (same k, same recall).
+    same_chunks = sum(sorted(p.chunks) == sorted(q.chunks) for p, q in zip(by["query"], by["text"]))
     agree = lambda x, y: sum(p.answer == q.answer for p, q in zip(by[x], by[y])) / max(n, 1)  # noqa: E731
     recomputed = sum(r.recomputed_tokens for r in by["query"])
     return {
         "turns": n, "chunks": result["chunks"],
+        "turns_with_arm1_chunks": {"query": same_chunks, "of": n},
         "cumulative_prefill_tokens": cum, "cumulative_ttft_s": ttft,
         "prefill_ratio_per_query": cum["text"] / max(cum["query"], 1),
         "prefill_ratio_session": cum["text"] / max(cum["session"], 1),
@@ -381,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
               "accuracy": summary["accuracy"],
               "correctness_agreement": summary["correctness_agreement"],
               "recompute_fraction": summary["recompute_fraction"],
+              "turns_with_arm1_chunks": summary["turns_with_arm1_chunks"],
               "plot": stem.with_suffix(".png").name, "command": meta["command"]}
     (args.out / ("latest-quick.json" if args.quick else "latest.json")).write_text(json.dumps(latest, indent=2))
     lines = [f"# Cost curve ({meta['model']}, {device})", "", f"Command: `{meta['command']}`  ",
@@ -429,10 +433,14 @@ def numeric_floor(result: dict, out: Path) -> tuple[float, list[str]]:
 
 
 def amem_config(args, env: dict) -> Path:
-    """configs/default.yaml, with ``--prefill`` applied (written next to the run's work folders)."""
+    """configs/default.yaml with ``-k``, ``--prefill`` and ``--blend`` applied (written next to the run's
+    work folders)."""
     import yaml
 
     config = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    # The server recalls -k chunks per memory turn, as arm 1 does (it recalled its configured 4 while
+    # arm 1 sent -k: with -k 8, prompts of 1,616 vs 830 tokens).
+    config.setdefault("amem", {}).setdefault("memory", {})["top_k"] = args.k
     if args.prefill:
         config.setdefault("amem", {}).setdefault("memory", {})["prefill"] = args.prefill
     if args.blend:
