@@ -7,6 +7,7 @@
     amem forget NAMESPACE [CHUNK_ID]
     amem bench [fidelity|ttft|residency|kernels|...] [args...]      # python -m benchmarks.<name>
     amem mcp                                                        # MCP stdio server
+    amem proxy --upstream URL [--memory URL | --store DIR] [...]    # the closed-API drop-in (docs/proxy.md)
     amem version
 
 The server URL comes from ``--url`` or ``$AMEM_URL`` (default http://127.0.0.1:30000).
@@ -34,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
 
         serve(argv[1:])
         return 0
+    if argv[:1] == ["proxy"]:
+        from amem_sgl.proxy.__main__ import main as proxy
+
+        return proxy(argv[1:])
     if argv[:1] == ["bench"]:
         name = argv[1] if len(argv) > 1 and not argv[1].startswith("-") else "cost-curve"
         rest = argv[2:] if len(argv) > 1 and not argv[1].startswith("-") else argv[1:]
@@ -52,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="start the server (all sglang.launch_server flags)")
     sub.add_parser("bench", help="run a benchmark")
+    sub.add_parser("proxy", help="the OpenAI/Anthropic proxy with recalled memory (amem proxy --help)")
     p = sub.add_parser("remember", help="remember texts")
     p.add_argument("namespace")
     p.add_argument("texts", nargs="*")

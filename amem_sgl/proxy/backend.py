@@ -1,0 +1,100 @@
+"""Where the proxy's memory lives: a local store folder (``--store DIR``: the project's MemoryStore,
+same embedder, hybrid recall, per-namespace hnswlib index, persisted) or a running amem server
+(``--memory URL``: its ``/amem/v1`` API). Memory is text here: no KV, no SGLang in this process.
+
+Both answer :meth:`recall` (the top-k chunks for a query, as dicts with id, text, tokens, created)
+and :meth:`inventory` (every chunk id of a namespace with its token count).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import httpx
+
+from amem_sgl.chunks.identity import chunk_id
+from amem_sgl.memory.store import MemoryStore, UnknownNamespace
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+TEXT_MODEL_ID = "amem-proxy-text"  # chunk ids of text memory: (namespace, this, the text's UTF-8 bytes)
+
+
+class BackendError(RuntimeError):
+    """The memory backend could not answer (``status``: what the proxy answers with)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class LocalBackend:
+    def __init__(self, root, chunk_tokens: int = 128) -> None:
+        self.store = MemoryStore(root)
+        self.chunk_tokens = chunk_tokens
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.store.embedder.model.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def split(self, text: str) -> list[str]:
+        """Sentence-bounded pieces of at most ``chunk_tokens`` embedder tokens (one longer sentence stays whole)."""
+        pieces, current, size = [], [], 0
+        for sentence in (s.strip() for s in _SENTENCE.split(text) if s and s.strip()):
+            n = len(self._encode(sentence))
+            if current and size + n > self.chunk_tokens:
+                pieces.append(" ".join(current))
+                current, size = [], 0
+            current.append(sentence)
+            size += n
+        if current:
+            pieces.append(" ".join(current))
+        return pieces
+
+    def remember(self, namespace: str, docs: list[tuple[str, dict]]) -> list[dict]:
+        items = []
+        for text, meta in docs:
+            for piece in self.split(text):
+                ids = self._encode(piece)
+                items.append((chunk_id(namespace, TEXT_MODEL_ID, list(piece.encode("utf-8"))), piece, ids, meta))
+        new = set(self.store.add(namespace, items))
+        return [{"id": cid, "tokens": len(ids), "new": cid in new, "text": text} for cid, text, ids, _ in items]
+
+    async def recall(self, namespace: str, query: str, k: int) -> list[dict]:
+        if not self.store.has_namespace(namespace):
+            return []
+        hits = await asyncio.to_thread(self.store.search, namespace, query, k)
+        return [{**c.to_json(), "score": s} for c, s in hits]
+
+    async def inventory(self, namespace: str) -> dict[str, int]:
+        try:
+            return {c.chunk_id: c.tokens for c in self.store.list(namespace)}
+        except UnknownNamespace:
+            return {}
+
+
+class RemoteBackend:
+    """An amem server's memory API (``/amem/v1/search`` and the chunk list)."""
+
+    def __init__(self, url: str, client: httpx.AsyncClient) -> None:
+        self.url, self.client = url.rstrip("/"), client
+
+    async def _call(self, method: str, path: str, **kwargs) -> dict | None:
+        try:
+            reply = await self.client.request(method, self.url + path, **kwargs)
+        except httpx.TimeoutException as err:
+            raise BackendError(504, f"memory server {self.url} timed out: {err}") from None
+        except httpx.HTTPError as err:
+            raise BackendError(502, f"memory server {self.url} unreachable: {err}") from None
+        if reply.status_code == 404:
+            return None  # no memory in this namespace yet
+        if reply.status_code >= 400:
+            raise BackendError(502, f"memory server {self.url} answered {reply.status_code}: {reply.text[:300]}")
+        return reply.json()
+
+    async def recall(self, namespace: str, query: str, k: int) -> list[dict]:
+        data = await self._call("POST", "/amem/v1/search", json={"namespace": namespace, "query": query, "k": k})
+        return list((data or {}).get("results", []))
+
+    async def inventory(self, namespace: str) -> dict[str, int]:
+        data = await self._call("GET", f"/amem/v1/namespaces/{namespace}/chunks")
+        return {c["id"]: int(c.get("tokens", 0)) for c in (data or {}).get("chunks", [])}

@@ -1,0 +1,241 @@
+"""The proxy's HTTP app: OpenAI ``/v1/chat/completions`` and Anthropic ``/v1/messages`` with memory,
+the memory API on the server's paths, and everything else passed through to the upstream.
+
+A chat request names its namespace with ``X-Amem-Namespace``, OpenAI's ``user`` or Anthropic's
+``metadata.user_id``; one that names none is forwarded untouched (body bytes and headers, streamed
+back as they come). Bad input gets the API's own error shape with a 4xx; upstream errors are passed
+on as they came, an unreachable upstream is 502 and a timeout 504: the proxy never answers 500.
+:func:`authorize` is the one place a namespace is checked against the caller (a no-op for now).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from amem_sgl.chunks.identity import validate_namespace
+from amem_sgl.proxy import layout, pricing
+from amem_sgl.proxy.backend import BackendError, LocalBackend, RemoteBackend
+from amem_sgl.proxy.memory_routes import memory_router
+from amem_sgl.proxy.sessions import SessionStore, digest, session_key
+from amem_sgl.proxy.usage import Report, stream_with_usage
+
+logger = logging.getLogger(__name__)
+HOP = {"host", "connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate",
+       "te", "trailer", "transfer-encoding", "upgrade"}
+NAMESPACE_HEADER, SESSION_HEADER = "x-amem-namespace", "x-amem-session"
+API_OF_PATH = {"/v1/chat/completions": "openai", "/v1/messages": "anthropic"}
+
+
+@dataclasses.dataclass
+class ProxyConfig:
+    upstream: str
+    memory_url: str | None = None
+    store_dir: str | None = None
+    state_dir: str = "~/.cache/amem_sgl/proxy"
+    k: int = 6  # chunks recalled per turn
+    block_k: int = 12  # chunks in a (re)built memory block
+    drift: float = 0.5  # rebuild the block when more than this share of the top-k is not in it
+    ttl: str = "5m"  # Anthropic cache_control TTL: 5m or 1h
+    timeout_s: float = 600.0
+    prices: dict = dataclasses.field(default_factory=lambda: pricing.PRICES)
+
+
+class ProxyError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+def error_response(api: str, status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    if api == "anthropic":
+        return JSONResponse({"type": "error", "error": {"type": kind, "message": message}}, status_code=status)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
+                        status_code=status)
+
+
+async def authorize(request: Request, namespace: str) -> None:
+    """Raise ProxyError(401/403) when the caller may not use ``namespace``. The single namespace check
+    of the proxy: namespace-scoped API keys (amem_sgl.server.auth) plug in here. A no-op for now."""
+    return None
+
+
+def _headers_out(request: Request, drop: set[str] = frozenset()) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in request.headers.items() if k not in HOP and k not in drop]
+
+
+def _headers_back(reply: httpx.Response, drop: set[str] = frozenset()) -> dict:
+    return {k: v for k, v in reply.headers.items() if k not in HOP and k not in drop}
+
+
+def create_app(config: ProxyConfig) -> FastAPI:
+    app = FastAPI(title="amem proxy", docs_url=None, redoc_url=None)
+    client = httpx.AsyncClient(timeout=httpx.Timeout(config.timeout_s), follow_redirects=False)
+    for name in list(client.headers):  # no default headers: a pass-through adds nothing of its own
+        del client.headers[name]
+    if config.memory_url:
+        backend = RemoteBackend(config.memory_url, client)
+    else:
+        backend = LocalBackend(config.store_dir or "~/.cache/amem_sgl/proxy/memory")
+    sessions = SessionStore(config.state_dir)
+    upstream = config.upstream.rstrip("/")
+    app.state.config, app.state.backend, app.state.sessions = config, backend, sessions
+
+    async def send(api: str, request: Request, base: str, body: bytes, headers) -> httpx.Response | JSONResponse:
+        url = base + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        try:
+            return await client.send(client.build_request(request.method, url, content=body, headers=headers),
+                                     stream=True)
+        except httpx.TimeoutException as err:
+            return error_response(api, 504, f"upstream {base} timed out: {err}", "timeout_error")
+        except httpx.HTTPError as err:
+            return error_response(api, 502, f"upstream {base} unreachable: {err!r}", "api_error")
+
+    async def passthrough(request: Request, api: str, base: str = upstream, body: bytes | None = None) -> Response:
+        reply = await send(api, request, base, await request.body() if body is None else body,
+                           _headers_out(request))
+        if isinstance(reply, Response):
+            return reply
+        return StreamingResponse(reply.aiter_raw(), status_code=reply.status_code, headers=_headers_back(reply),
+                                 background=_closer(reply))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "upstream": upstream, "memory": config.memory_url or "local store"}
+
+    async def to_memory_server(request: Request) -> Response:
+        return await passthrough(request, "openai", config.memory_url.rstrip("/"))
+
+    app.include_router(memory_router(backend, sessions, to_memory_server if config.memory_url else None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response("openai", 422, f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(ProxyError)
+    async def _refused(request: Request, exc: ProxyError):
+        return error_response(API_OF_PATH.get(request.url.path, "openai"), exc.status, str(exc), exc.kind)
+
+    @app.exception_handler(BackendError)
+    async def _backend(request: Request, exc: BackendError):
+        return error_response(API_OF_PATH.get(request.url.path, "openai"), exc.status, str(exc), "api_error")
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):  # never a 500: a proxy failure is a bad gateway
+        logger.exception("proxy failure on %s", request.url.path)
+        return error_response(API_OF_PATH.get(request.url.path, "openai"), 502, f"amem proxy failed: {exc!r}",
+                              "api_error")
+
+    async def chat(request: Request) -> Response:
+        api = API_OF_PATH[request.url.path]
+        raw = await request.body()
+        header_ns = request.headers.get(NAMESPACE_HEADER)
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        if header_ns is None and not _named(api, body):
+            return await passthrough(request, api, body=raw)  # no namespace: forwarded as it came
+        if not isinstance(body, dict):
+            raise ProxyError(400, "the request body must be a JSON object")
+        namespace = header_ns if header_ns is not None else _named(api, body)
+        try:
+            validate_namespace(namespace)
+        except ValueError as err:
+            raise ProxyError(400, str(err)) from None
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise ProxyError(400, "messages: a non-empty list of message objects is required")
+        await authorize(request, namespace)
+        forwarded, report = await _compose(api, request, body, namespace)
+        headers = _headers_out(request, {"content-length", "accept-encoding", NAMESPACE_HEADER, SESSION_HEADER})
+        reply = await send(api, request, upstream, json.dumps(forwarded).encode(), headers)
+        if isinstance(reply, Response):
+            return reply
+        marks = {"x-amem-namespace": namespace, "x-amem-session": report.session,
+                 "x-amem-chunks": ",".join(report.turn.chunk_ids)}
+        back = _headers_back(reply, {"content-length", "content-encoding"})
+        if reply.status_code >= 400:  # the upstream's own error, as it came
+            content = await reply.aread()
+            await reply.aclose()
+            return Response(content, status_code=reply.status_code, headers=back)
+        if forwarded.get("stream"):
+            return StreamingResponse(stream_with_usage(reply.aiter_bytes(), report), status_code=reply.status_code,
+                                     headers={**back, **marks}, background=_closer(reply))
+        content = await reply.aread()
+        await reply.aclose()
+        try:
+            data = report.add_to(json.loads(content))
+        except ValueError:
+            return Response(content, status_code=reply.status_code, headers={**back, **marks})
+        return JSONResponse(data, status_code=reply.status_code, headers={**marks, **{
+            k: v for k, v in back.items() if k != "content-type"}})
+
+    async def _compose(api: str, request: Request, body: dict, namespace: str) -> tuple[dict, Report]:
+        messages = body["messages"]
+        newest = layout.last_user(messages)
+        system = body.get("system") if api == "anthropic" else [
+            m for m in messages[: newest or 0] if m.get("role") in ("system", "developer")]
+        first_user = next((m.get("content") for m in messages if m.get("role") == "user"), None)
+        try:
+            key = session_key(api, namespace, request.headers.get(SESSION_HEADER), system, first_user)
+        except ValueError as err:
+            raise ProxyError(400, str(err)) from None
+        async with sessions.lock(key):
+            session = sessions.get(key, namespace)
+            known = await backend.inventory(namespace)
+            recalled = []
+            fresh = newest is not None and layout.turn_key(newest, messages[newest]) not in session.turns
+            if fresh:
+                query = layout.text_of(messages[newest].get("content"))
+                recalled = await backend.recall(namespace, query, config.block_k) if query.strip() else []
+            turn, new_chunks = layout.plan_memory(session, recalled, known, config.k, config.drift)
+            inject, turn.replayed = layout.injections(session, messages, newest if fresh else None, new_chunks, known)
+            if api == "openai":
+                forwarded = layout.openai_layout(body, session, turn, inject, digest("amem-namespace", namespace)[:32])
+            else:
+                forwarded = layout.anthropic_layout(body, session, turn, inject, config.ttl)
+            session.requests += 1
+            sessions.save(session)
+        injected_ids = list(turn.block_ids)
+        for i in inject:
+            injected_ids += session.turns[layout.turn_key(i, messages[i])]["ids"]
+        report = Report(api, body.get("model"), namespace, key, turn, sum(known.get(c, 0) for c in injected_ids),
+                        sum(known.values()), config.ttl, config.prices)
+        return forwarded, report
+
+    app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
+    app.add_api_route("/v1/messages", chat, methods=["POST"])
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"])
+    async def everything_else(request: Request):
+        return await passthrough(request, "anthropic" if request.url.path.startswith("/v1/messages") else "openai")
+
+    @app.on_event("shutdown")
+    async def _close():
+        await client.aclose()
+
+    return app
+
+
+def _named(api: str, body) -> str | None:
+    if not isinstance(body, dict):
+        return None
+    if api == "openai":
+        return body.get("user") if isinstance(body.get("user"), str) else None
+    meta = body.get("metadata")
+    return meta.get("user_id") if isinstance(meta, dict) and isinstance(meta.get("user_id"), str) else None
+
+
+def _closer(reply: httpx.Response):
+    from starlette.background import BackgroundTask
+
+    return BackgroundTask(reply.aclose)
