@@ -38,10 +38,11 @@ def gen():
 def make_service(tmp_path):
     started = []
 
-    def start(*, cpu_chunks=100, disk_chunks=100, policy="value", size=nbytes(chunk(torch.Generator()))):
-        sup = Supervisor(root=tmp_path / "disk", address=f"ipc://{tmp_path}/residency.sock",
+    def start(*, cpu_chunks=100, disk_chunks=100, policy="value", size=nbytes(chunk(torch.Generator())),
+              weights=None, name="disk"):
+        sup = Supervisor(root=tmp_path / name, address=f"ipc://{tmp_path}/{name}.sock",
                          cpu_bytes=cpu_chunks * size, disk_bytes=disk_chunks * (size + 2048), policy=policy,
-                         shm_dir=str(tmp_path / "shm"), log_path=tmp_path / "residency.log").start()
+                         weights=weights, shm_dir=str(tmp_path / "shm"), log_path=tmp_path / "residency.log").start()
         started.append(sup)
         return sup, ResidencyClient(sup.address, tmp_path / "shm", timeout_s=10)
 
@@ -62,7 +63,8 @@ def test_round_trip_is_bit_exact_through_cpu_and_disk_tiers_and_a_restart(make_s
                                                                              torch.float16])}
     for cid, tensors in originals.items():
         reply = client.store(cid, "ns", MODEL, tensors, {"canonical_start": 7}).result(30)
-        assert reply == {"ok": True, "cpu": True, "disk": True}
+        assert reply == {"ok": True, "cpu": True, "disk": True, "key": reply["key"]}
+        assert reply["key"].startswith(f"{cid}.tp0of1.")
     for cid, tensors in originals.items():
         got, meta, tier = client.fetch(cid, "ns", MODEL)
         assert tier == "cpu" and meta["canonical_start"] == "7" and bits_equal(got, tensors)
@@ -152,13 +154,13 @@ def test_a_hand_corrupted_file_is_quarantined_never_served(make_service, gen, tm
     sup, client = make_service(cpu_chunks=0)
     original = chunk(gen)
     assert client.store("bad", "ns", MODEL, original, {}).result(30)["disk"]
-    path = tmp_path / "disk" / "bad.safetensors"
+    (path,) = (tmp_path / "disk").glob("bad.*.safetensors")
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF  # one flipped byte in the tensor data
     path.write_bytes(bytes(data))
     assert client.fetch("bad", "ns", MODEL) is None
     assert client.request("stats")["quarantined"] == 1 and not path.exists()
-    assert "quarantined bad.safetensors" in (tmp_path / "residency.log").read_text()
+    assert f"quarantined {path.name}" in (tmp_path / "residency.log").read_text()
 
 
 def test_malformed_messages_get_an_error_and_the_service_stays_up(make_service, tmp_path):
@@ -181,3 +183,71 @@ def test_a_dead_service_is_a_miss_not_an_error(tmp_path):
     assert client.fetch("x", "ns", MODEL) is None and client.request("ping") is None
     assert client.store("x", "ns", MODEL, {"k": torch.ones(2)}, {}).result(10) is None
     assert not list((tmp_path / "shm").iterdir())  # the staged file was not leaked
+
+
+def test_two_tp_ranks_storing_one_chunk_id_keep_their_own_shards(make_service, gen, tmp_path):
+    """A simulated second rank: each rank of a TP=2 server stores its head shard of the same chunk
+    id; neither overwrites the other, each fetches its own, a single-GPU request finds neither."""
+    sup, client = make_service()
+    shards = {rank: chunk(gen) for rank in (0, 1)}
+    keys = {rank: client.store("c", "ns", MODEL, shards[rank], {"canonical_start": 3}, tp_rank=rank,
+                               tp_size=2).result(30)["key"] for rank in (0, 1)}
+    assert keys[0] != keys[1] and len(list((tmp_path / "disk").glob("c.*.safetensors"))) == 2
+    assert client.contains(["c", "other"], MODEL, tp_rank=1, tp_size=2) == {"c": "cpu", "other": None}
+    assert client.contains(["c"], MODEL) == {"c": None}  # rank 0 of 1: not stored
+    assert client.fetch("c", "ns", MODEL) is None and client.fetch("c", "ns", MODEL, tp_rank=0, tp_size=4) is None
+    sup.stop()  # and after a restart, from the disk tier
+    sup, client = make_service()
+    for rank in (0, 1):
+        got, meta, tier = client.fetch("c", "ns", MODEL, tp_rank=rank, tp_size=2)
+        assert tier == "disk" and bits_equal(got, shards[rank]) and meta["tp_rank"] == str(rank)
+    rows = client.request("list", namespace="ns")["chunks"]
+    assert sorted((r["chunk_id"], r["tp_rank"], r["tp_size"]) for r in rows) == [("c", 0, 2), ("c", 1, 2)]
+    assert client.request("delete", chunk_ids=["c"])["deleted"] == 2
+    assert not list((tmp_path / "disk").glob("c.*"))
+
+
+def test_a_layout_names_the_stored_copy_and_defaults_keep_todays_calls(make_service, gen):
+    sup, client = make_service()
+    fp32 = chunk(gen, dtype=torch.float32)
+    layout = {"dtype": "torch.float32", "layers": str(LAYERS), "kv_heads": str(HEADS), "head_dim": str(DIM)}
+    client.store("c", "ns", MODEL, fp32, {}).result(30)  # the call the cache makes today
+    assert bits_equal(client.fetch("c", "ns", MODEL)[0], fp32)  # and its fetch: rank 0 of 1, any layout
+    assert bits_equal(client.fetch("c", "ns", MODEL, layout=layout)[0], fp32)
+    assert client.fetch("c", "ns", MODEL, layout={**layout, "dtype": "torch.bfloat16"}) is None
+    assert client.fetch("c", "ns", MODEL, layout={**layout, "kv_heads": "8"}) is None
+
+
+@pytest.mark.parametrize("report", ["relevance", "relevance-before-store", "none"])
+def test_a_highly_relevant_chunk_outlives_a_recent_irrelevant_one(make_service, gen, report):
+    """The CPU tier holds two chunks. R is stored first (oldest), I after it, then N arrives and
+    one must go. With R's recall score reported (after or before it was stored) the value policy
+    keeps R and demotes I, the more recent; without a score, R goes: the relevance term decides."""
+    sup, client = make_service(cpu_chunks=2, weights={"half_life_s": 5.0})
+    if report == "relevance-before-store":
+        assert client.relevance({"R": 0.95}).result(30) == {"ok": True, "updated": 0}
+    client.store("R", "ns", MODEL, chunk(gen), {}).result(30)
+    if report == "relevance":
+        assert client.relevance({"R": 0.95}).result(30) == {"ok": True, "updated": 1}
+    time.sleep(0.3)
+    client.store("I", "ns", MODEL, chunk(gen), {}).result(30)
+    time.sleep(0.3)
+    client.store("N", "ns", MODEL, chunk(gen), {}).result(30)
+    rows = {r["chunk_id"]: r for r in client.request("list", namespace="ns")["chunks"]}
+    in_cpu = {cid for cid, r in rows.items() if "cpu" in r["tiers"]}
+    assert len(in_cpu) == 2 and all("disk" in r["tiers"] for r in rows.values())  # demotion, not loss
+    if report == "none":
+        assert in_cpu == {"I", "N"} and rows["R"]["relevance"] == 0.0
+    else:
+        assert in_cpu == {"R", "N"} and rows["R"]["relevance"] == 0.95
+
+
+def test_hit_with_scores_records_relevance_and_reuse(make_service, gen):
+    sup, client = make_service()
+    client.store("a", "ns", MODEL, chunk(gen), {}).result(30)
+    client.hit(["a", "unknown"], relevance=[0.7, 0.2])
+    client.flush()
+    (row,) = client.request("list", namespace="ns")["chunks"]
+    assert (row["hits"], row["relevance"]) == (1, 0.7)
+    assert client.request("hit", chunk_ids=["a"], relevance=[0.1, 0.2]) is None  # one score per id, or refused
+    assert client.request("relevance", scores={"a": "high"}) is None

@@ -4,14 +4,19 @@ Requests carry ``op`` and the op's fields; replies carry ``ok`` (and ``error`` w
 tensors never travel through the socket: they are safetensors files in a shared-memory folder
 (``/dev/shm`` where there is one), named in ``path``; whoever receives a file owns and deletes it.
 
+Where a request names chunks it may add ``tp_rank``, ``tp_size`` (default 0 of 1) and ``layout``
+({dtype, layers, kv_heads, head_dim}; default: any): the stored key (amem_sgl.residency.keys). A
+``put`` takes them from the staged file's metadata.
+
 ops (request fields -> reply fields):
 * ``ping`` -> ``pid``, ``version``
 * ``put`` chunk_id, namespace, model_id, path, relevance? -> ``cpu``, ``disk`` (which tiers took it;
-  ``disk`` true means the file is durable: the acknowledgement a crash cannot take back)
-* ``get`` chunk_id, namespace, model_id -> ``found``, ``tier`` ("cpu"|"disk"), ``path``
-* ``hit`` chunk_ids -> (counts device hits toward reuse)
-* ``relevance`` scores {chunk_id: score} -> ``updated``
-* ``prefetch`` chunk_ids, namespace, model_id -> ``loaded`` (disk -> CPU), ``missing``
+  ``disk`` true means the file is durable: the acknowledgement a crash cannot take back), ``key``
+* ``get`` chunk_id, namespace, model_id, [rank] -> ``found``, ``tier`` ("cpu"|"disk"), ``path``, ``key``
+* ``contains`` chunk_ids, model_id, [rank] -> ``tiers`` {chunk_id: "cpu"|"disk"|null}
+* ``hit`` chunk_ids, relevance? [score per id] -> (counts device hits toward reuse; records scores)
+* ``relevance`` scores {chunk_id: score 0..1} -> ``updated`` (stored keys reached; kept for later puts)
+* ``prefetch`` chunk_ids, namespace, model_id, [rank] -> ``loaded`` (disk -> CPU), ``missing``
 * ``delete`` chunk_ids | namespace -> ``deleted``
 * ``list`` namespace? -> ``chunks`` [{chunk_id, namespace, tiers, nbytes, hits, relevance}]
 * ``stats`` -> tier bytes, budgets, counters
@@ -22,7 +27,7 @@ from __future__ import annotations
 import msgpack
 
 VERSION = 1
-OPS = ("ping", "put", "get", "hit", "relevance", "prefetch", "delete", "list", "stats")
+OPS = ("ping", "put", "get", "contains", "hit", "relevance", "prefetch", "delete", "list", "stats")
 
 
 class ProtocolError(ValueError):

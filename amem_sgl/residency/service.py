@@ -1,10 +1,17 @@
 """The residency service: chunk KV below the device pool, in its own process.
 
-Two bounded tiers under one policy (amem_sgl.residency.policy):
+Two bounded tiers (amem_sgl.residency.tiers, one interface, looked up in order) under one policy
+(amem_sgl.residency.policy):
 * CPU  -- tensors in this process's memory (pinned when CUDA is present, for fast host-to-device);
 * disk -- safetensors files (amem_sgl.residency.disk_store): durable, checksummed, found again at
   start, the source of truth across restarts. ``manifest.json`` beside them keeps the policy's
-  per-chunk statistics (hits, relevance, last use) across restarts; it is advisory, the files rule.
+  per-key statistics (hits, relevance, last use) across restarts; it is advisory, the files rule.
+
+Everything is stored under a key (amem_sgl.residency.keys): chunk id, model id, dtype, KV layout
+and TP rank/size, so each rank of a tensor-parallel server keeps its own head shard of a chunk. A
+request names the chunk and, optionally, its rank (default 0 of 1) and layout (default: any).
+The memory layer reports recall scores (``relevance``, or ``hit`` with scores): the value policy's
+relevance term, kept per chunk id (also for chunks stored later).
 
 A ``put`` (the scheduler registered a chunk) is written through to disk before it is acknowledged,
 and admitted to the CPU tier if the policy finds it room; CPU eviction is demotion (the disk copy
@@ -33,36 +40,25 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 
 from amem_sgl.residency import protocol
-from amem_sgl.residency.disk_store import DiskStore, StoredChunk, _header
+from amem_sgl.residency.disk_store import _header
+from amem_sgl.residency.keys import LAYOUT_FIELDS, StoreKey
 from amem_sgl.residency.policy import ChunkStats, PolicyWeights, ValuePolicy, make_policy
+from amem_sgl.residency.tiers import CpuTier, DiskTier, Entry, PutItem, TierChain, tensors_nbytes
 
 logger = logging.getLogger("amem_sgl.residency")
 
 MANIFEST = "manifest.json"
+MAX_PENDING_RELEVANCE = 100_000  # scores reported for chunks not stored yet, kept for their put
 
 
-def tensors_nbytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-class CpuTier:
-    def __init__(self, budget_bytes: int, pin: bool) -> None:
-        self.budget_bytes, self.pin = budget_bytes, pin
-        self.items: dict[str, tuple[dict[str, torch.Tensor], dict]] = {}
-        self.nbytes: dict[str, int] = {}
-
-    def bytes_used(self) -> int:
-        return sum(self.nbytes.values())
-
-    def add(self, chunk_id: str, tensors: dict[str, torch.Tensor], header: dict) -> None:
-        if self.pin:
-            tensors = {k: v.pin_memory() for k, v in tensors.items()}
-        self.items[chunk_id] = (tensors, header)
-        self.nbytes[chunk_id] = tensors_nbytes(tensors)
-
-    def drop(self, chunk_id: str) -> bool:
-        self.nbytes.pop(chunk_id, None)
-        return self.items.pop(chunk_id, None) is not None
+def _rank_fields(message: dict) -> tuple[int, int, dict | None]:
+    """A request's optional TP rank/size (default rank 0 of 1) and layout (default: any)."""
+    tp_rank, tp_size, layout = message.get("tp_rank", 0), message.get("tp_size", 1), message.get("layout")
+    if not isinstance(tp_rank, int) or not isinstance(tp_size, int) or not 0 <= tp_rank < tp_size:
+        raise protocol.ProtocolError(f"{message.get('op')}: tp_rank/tp_size must be ints, 0 <= rank < size")
+    if layout is not None and (not isinstance(layout, dict) or set(layout) - set(LAYOUT_FIELDS)):
+        raise protocol.ProtocolError(f"{message.get('op')}: layout must be a map of {', '.join(LAYOUT_FIELDS)}")
+    return tp_rank, tp_size, layout
 
 
 class ResidencyService:
@@ -70,14 +66,16 @@ class ResidencyService:
                  weights: PolicyWeights = PolicyWeights(), shm_dir: str | os.PathLike | None = None) -> None:
         self.root = Path(root).expanduser()
         self.policy: ValuePolicy = make_policy(policy, weights)
-        self.disk = DiskStore(self.root, disk_bytes, self._disk_victims)
-        self.cpu = CpuTier(cpu_bytes, pin=torch.cuda.is_available())
+        self.cpu = CpuTier(cpu_bytes, pin=torch.cuda.is_available(), choose_victims=self._victims)
+        self.disk = DiskTier(self.root, disk_bytes, choose_victims=self._victims_or_none)
+        self.chain = TierChain([self.cpu, self.disk])  # lookup order; a shared store would go last
         self.shm_dir = Path(shm_dir) if shm_dir else default_shm_dir()
         self.shm_dir.mkdir(parents=True, exist_ok=True)
-        self.stats: dict[str, ChunkStats] = {}
+        self.stats: dict[str, ChunkStats] = {}  # by stored key name (StoreKey.name)
+        self.relevance: dict[str, float] = {}  # by chunk id: the memory layer's last recall score
         self.counters = {k: 0 for k in ("puts", "gets", "cpu_hits", "disk_hits", "misses", "device_hits",
-                                        "cpu_evictions", "cpu_refused", "disk_refused", "prefetched")}
-        self._newcomer: ChunkStats | None = None
+                                        "cpu_evictions", "cpu_refused", "disk_refused", "prefetched",
+                                        "relevance_reports")}
         self._load_manifest()
         self._ops_since_manifest = 0
 
@@ -106,81 +104,114 @@ class ResidencyService:
         finally:
             Path(path).unlink(missing_ok=True)
         tensors, header = st_load(data), _header(data)
+        key = StoreKey.from_header({**header, "chunk_id": chunk_id, "model_id": model_id}, tensors)
         meta = {k: v for k, v in header.items() if k not in ("chunk_id", "namespace", "model_id", "checksum")}
-        stats = self.stats.get(chunk_id) or ChunkStats(chunk_id, tensors_nbytes(tensors))
-        stats.relevance = float(message.get("relevance", stats.relevance))
+        if "relevance" in message:
+            self._set_relevance(chunk_id, float(message["relevance"]))
+        stats = self.stats.get(key.name) or ChunkStats(key.name, tensors_nbytes(tensors))
+        stats.relevance = self.relevance.get(chunk_id, stats.relevance)
         stats.last_used = time.time()
-        self._newcomer = stats
-        try:
-            on_disk = self.disk.put(chunk_id, namespace, model_id, tensors, meta)
-        finally:
-            self._newcomer = None
+        self.stats[key.name] = stats  # the policy values the newcomer from here
+        item = PutItem(key, namespace, tensors, meta)
+        (on_disk,) = self.disk.put([item])
         if not on_disk:
             self.counters["disk_refused"] += 1
-        self.stats[chunk_id] = stats
-        in_cpu = self._admit_cpu(chunk_id, tensors, {**meta, "namespace": namespace, "model_id": model_id}, stats)
+        in_cpu = self._admit_cpu(item)
         if not on_disk and not in_cpu:
-            self.stats.pop(chunk_id, None)
-        return {"cpu": in_cpu, "disk": on_disk}
+            self.stats.pop(key.name, None)
+        return {"cpu": in_cpu, "disk": on_disk, "key": key.name}
+
+    def _matching(self, message: dict, chunk_id: str, model_id: str) -> list[StoreKey]:
+        tp_rank, tp_size, layout = _rank_fields(message)
+        return [k for k in self.chain.find(chunk_id) if k.matches(chunk_id, model_id, tp_rank, tp_size, layout)]
 
     def op_get(self, message: dict) -> dict:
         chunk_id, namespace, model_id = protocol.require(message, chunk_id=str, namespace=str, model_id=str)
         self.counters["gets"] += 1
-        tier, item = "cpu", self.cpu.items.get(chunk_id)
-        if item is not None and (item[1].get("namespace"), item[1].get("model_id")) != (namespace, model_id):
-            item = None  # never served across namespaces or models
-        if item is None:
-            tier, loaded = "disk", self.disk.get(chunk_id, namespace, model_id)
-            if loaded is None:
-                self.counters["misses"] += 1
-                return {"found": False}
-            tensors, header = loaded
-            item = (tensors, header)
-        stats = self.stats.setdefault(chunk_id, ChunkStats(chunk_id, tensors_nbytes(item[0])))
+        found = None
+        for key in self._matching(message, chunk_id, model_id):  # never across namespaces, models or ranks
+            (found,) = self.chain.get([key], namespace)
+            if found is not None:
+                break
+        if found is None:
+            self.counters["misses"] += 1
+            return {"found": False}
+        (tensors, header), tier = found
+        stats = self.stats.setdefault(key.name, ChunkStats(key.name, tensors_nbytes(tensors)))
         stats.hits += 1
         stats.last_used = time.time()
         self.counters[f"{tier}_hits"] += 1
-        if tier == "disk":
-            self._admit_cpu(chunk_id, item[0], item[1], stats)
+        if tier != "cpu":
+            self._admit_cpu(PutItem(key, namespace, tensors, _caller_meta(header)))
         path = self.shm_dir / f"get-{chunk_id[:24]}-{uuid.uuid4().hex}.safetensors"
         tmp = path.with_suffix(".tmp")
-        save_file(item[0], str(tmp), metadata={k: str(v) for k, v in item[1].items()})
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in header.items()})
         os.replace(tmp, path)
-        return {"found": True, "tier": tier, "path": str(path)}
+        return {"found": True, "tier": tier, "path": str(path), "key": key.name}
+
+    def op_contains(self, message: dict) -> dict:
+        chunk_ids, model_id = protocol.require(message, chunk_ids=list, model_id=str)
+        tiers = {}
+        for cid in chunk_ids:
+            keys = self._matching(message, str(cid), model_id)
+            located = self.chain.locate(keys)
+            tiers[cid] = "cpu" if "cpu" in located else next((t for t in located if t), None)
+        return {"tiers": tiers}
 
     def op_hit(self, message: dict) -> dict:
         (chunk_ids,) = protocol.require(message, chunk_ids=list)
+        relevance = message.get("relevance")
+        if relevance is not None and (not isinstance(relevance, list) or len(relevance) != len(chunk_ids)):
+            raise protocol.ProtocolError("hit: relevance must be a list with one score per chunk id")
         now = time.time()
-        for cid in chunk_ids:
-            stats = self.stats.get(cid)
-            if stats is not None:
-                stats.hits += 1
-                stats.last_used = now
-                self.counters["device_hits"] += 1
+        for i, cid in enumerate(chunk_ids):
+            if relevance is not None:
+                self._set_relevance(cid, relevance[i])
+            for key in self.chain.find(cid):
+                stats = self.stats.get(key.name)
+                if stats is not None:
+                    stats.hits += 1
+                    stats.last_used = now
+                    self.counters["device_hits"] += 1
         return {}
 
     def op_relevance(self, message: dict) -> dict:
         (scores,) = protocol.require(message, scores=dict)
+        return {"updated": sum(self._set_relevance(cid, score) for cid, score in scores.items())}
+
+    def _set_relevance(self, chunk_id, score) -> int:
+        """Record a recall score (0..1) for every stored key of the chunk, and for its future puts;
+        returns how many stored keys it reached."""
+        if not isinstance(chunk_id, str) or isinstance(score, bool) or not isinstance(score, (int, float)):
+            raise protocol.ProtocolError("relevance: scores map chunk ids to numbers")
+        score = min(max(float(score), 0.0), 1.0)
+        self.counters["relevance_reports"] += 1
+        self.relevance.pop(chunk_id, None)
+        self.relevance[chunk_id] = score
+        while len(self.relevance) > MAX_PENDING_RELEVANCE:
+            self.relevance.pop(next(iter(self.relevance)))
         updated = 0
-        for cid, score in scores.items():
-            if cid in self.stats and isinstance(score, (int, float)):
-                self.stats[cid].relevance = float(score)
+        for key in self.chain.find(chunk_id):
+            if key.name in self.stats:
+                self.stats[key.name].relevance = score
                 updated += 1
-        return {"updated": updated}
+        return updated
 
     def op_prefetch(self, message: dict) -> dict:
         chunk_ids, namespace, model_id = protocol.require(message, chunk_ids=list, namespace=str, model_id=str)
         loaded, missing = 0, []
         for cid in chunk_ids:
-            if cid in self.cpu.items:
+            keys = self._matching(message, cid, model_id)
+            if any(self.cpu.contains(keys)):
                 continue
-            got = self.disk.get(cid, namespace, model_id)
+            got = next(((k, g) for k in keys for g in self.disk.get([k], namespace) if g is not None), None)
             if got is None:
                 missing.append(cid)
                 continue
-            stats = self.stats.setdefault(cid, ChunkStats(cid, tensors_nbytes(got[0])))
+            key, (tensors, header) = got
+            stats = self.stats.setdefault(key.name, ChunkStats(key.name, tensors_nbytes(tensors)))
             stats.last_used = time.time()
-            if self._admit_cpu(cid, got[0], got[1], stats):
+            if self._admit_cpu(PutItem(key, namespace, tensors, _caller_meta(header))):
                 loaded += 1
         self.counters["prefetched"] += loaded
         return {"loaded": loaded, "missing": missing}
@@ -188,89 +219,84 @@ class ResidencyService:
     def op_delete(self, message: dict) -> dict:
         if "namespace" in message:
             (namespace,) = protocol.require(message, namespace=str)
-            chunk_ids = [e.chunk_id for e in self.disk.entries() if e.namespace == namespace]
-            chunk_ids += [cid for cid, (_, h) in self.cpu.items.items() if h.get("namespace") == namespace]
+            names = [e.name for tier in self.chain.tiers for e in tier.entries() if e.namespace == namespace]
         else:
             (chunk_ids,) = protocol.require(message, chunk_ids=list)
-        deleted = 0
-        for cid in set(chunk_ids):
-            gone = self.disk.delete(cid) | self.cpu.drop(cid)
-            self.stats.pop(cid, None)
-            deleted += gone
-        return {"deleted": deleted}
+            names = [k.name for cid in chunk_ids for k in self.chain.find(cid)]
+        names = list(dict.fromkeys(names))
+        for name in names:
+            self.stats.pop(name, None)
+        return {"deleted": self.chain.delete(names)}
 
     def op_list(self, message: dict) -> dict:
         namespace = message.get("namespace")
-        seen: dict[str, dict] = {}
-        for e in self.disk.entries():
-            seen[e.chunk_id] = {"chunk_id": e.chunk_id, "namespace": e.namespace, "tiers": ["disk"],
-                                "nbytes": e.nbytes}
-        for cid, (tensors, header) in self.cpu.items.items():
-            row = seen.setdefault(cid, {"chunk_id": cid, "namespace": header.get("namespace"), "tiers": [],
-                                        "nbytes": self.cpu.nbytes[cid]})
-            row["tiers"].insert(0, "cpu")
-        rows = [r for r in seen.values() if namespace is None or r["namespace"] == namespace]
-        for r in rows:
-            s = self.stats.get(r["chunk_id"])
+        rows: dict[str, dict] = {}
+        for tier in self.chain.tiers:
+            for e in tier.entries():
+                row = rows.setdefault(e.name, {"chunk_id": e.key.chunk_id, "key": e.name, "namespace": e.namespace,
+                                               "tp_rank": e.key.tp_rank, "tp_size": e.key.tp_size,
+                                               "tiers": [], "nbytes": e.nbytes})
+                row["tiers"].append(tier.name)
+        out = [r for r in rows.values() if namespace is None or r["namespace"] == namespace]
+        for r in out:
+            s = self.stats.get(r["key"])
             r["hits"], r["relevance"] = (s.hits, s.relevance) if s else (0, 0.0)
-        return {"chunks": rows}
+        return {"chunks": out}
 
     def op_stats(self, message: dict) -> dict:
+        quarantine = self.disk.quarantine_dir
         return {"policy": self.policy.name, "cpu_bytes": self.cpu.bytes_used(), "cpu_budget": self.cpu.budget_bytes,
-                "cpu_chunks": len(self.cpu.items), "disk_bytes": self.disk.bytes_used(),
+                "cpu_chunks": len(self.cpu.entries()), "disk_bytes": self.disk.bytes_used(),
                 "disk_budget": self.disk.budget_bytes, "disk_chunks": len(self.disk.entries()),
-                "quarantined": len(list(self.disk.quarantine_dir.glob("*"))) if self.disk.quarantine_dir.exists() else 0,
-                **self.counters}
+                "quarantined": len(list(quarantine.glob("*"))) if quarantine.exists() else 0, **self.counters}
 
     # ------------------------------------------------------------------ policy
 
-    def _admit_cpu(self, chunk_id: str, tensors, header: dict, stats: ChunkStats) -> bool:
-        if chunk_id in self.cpu.items:
-            return True
-        nbytes = tensors_nbytes(tensors)
-        if nbytes > self.cpu.budget_bytes:
+    def _admit_cpu(self, item: PutItem) -> bool:
+        before = len(self.cpu.entries())
+        (admitted,) = self.cpu.put([item])
+        if admitted:
+            self.counters["cpu_evictions"] += before + 1 - len(self.cpu.entries())
+        else:
             self.counters["cpu_refused"] += 1
-            return False
-        need = self.cpu.bytes_used() + nbytes - self.cpu.budget_bytes
-        residents = [self.stats.get(cid) or ChunkStats(cid, n) for cid, n in self.cpu.nbytes.items()]
-        victims = self.policy.victims(residents, stats, need)
-        if victims is None:
-            self.counters["cpu_refused"] += 1
-            return False
-        for cid in victims:
-            self.cpu.drop(cid)  # demotion: the disk copy (if the disk tier kept one) stays
-            self.counters["cpu_evictions"] += 1
-        self.cpu.add(chunk_id, tensors, header)
-        return True
+        return admitted
 
-    def _disk_victims(self, entries: list[StoredChunk], need: int) -> list[str]:
-        newcomer = self._newcomer or ChunkStats("?", need)
-        residents = [self.stats.get(e.chunk_id) or ChunkStats(e.chunk_id, e.nbytes, e.mtime) for e in entries]
-        return self.policy.victims(residents, newcomer, need) or []
+    def _victims(self, entries: list[Entry], newcomer: str, need: int) -> list[str] | None:
+        """The policy's pick among a tier's residents (demotion from CPU: the disk copy stays)."""
+        now = time.time()
+        residents = [self.stats.get(e.name) or ChunkStats(e.name, e.nbytes, e.mtime or now) for e in entries]
+        return self.policy.victims(residents, self.stats.get(newcomer) or ChunkStats(newcomer, need), need)
+
+    def _victims_or_none(self, entries: list[Entry], newcomer: str, need: int) -> list[str]:
+        return self._victims(entries, newcomer, need) or []
 
     # ------------------------------------------------------------------ manifest
 
     def save_manifest(self) -> None:
         self._ops_since_manifest = 0
         data = {"version": protocol.VERSION, "policy": self.policy.name,
-                "chunks": {cid: s.to_json() for cid, s in self.stats.items()}}
+                "chunks": {name: s.to_json() for name, s in self.stats.items()}}
         tmp = self.root / f".{MANIFEST}.tmp"
         tmp.write_text(json.dumps(data))
         os.replace(tmp, self.root / MANIFEST)
 
     def _load_manifest(self) -> None:
         path = self.root / MANIFEST
-        known = {e.chunk_id: e for e in self.disk.entries()}
         try:
             chunks = json.loads(path.read_text()).get("chunks", {}) if path.exists() else {}
         except (OSError, ValueError) as err:
             logger.warning("amem residency: ignoring unreadable manifest %s (%s)", path, err)
             chunks = {}
-        for cid, entry in known.items():
-            saved = chunks.get(cid) or {}
-            self.stats[cid] = ChunkStats(cid, entry.nbytes, float(saved.get("last_used", entry.mtime)),
-                                         int(saved.get("hits", 0)), float(saved.get("relevance", 0.0)))
-        logger.info("amem residency: %d chunks on disk (%d bytes) in %s", len(known), self.disk.bytes_used(), self.root)
+        for e in self.disk.entries():
+            saved = chunks.get(e.name) or chunks.get(e.key.chunk_id) or {}  # by chunk id: an older manifest
+            self.stats[e.name] = ChunkStats(e.name, e.nbytes, float(saved.get("last_used", e.mtime)),
+                                            int(saved.get("hits", 0)), float(saved.get("relevance", 0.0)))
+        logger.info("amem residency: %d chunks on disk (%d bytes) in %s", len(self.stats), self.disk.bytes_used(),
+                    self.root)
+
+
+def _caller_meta(header: dict) -> dict:
+    return {k: v for k, v in header.items() if k not in ("chunk_id", "namespace", "model_id", "checksum")}
 
 
 def default_shm_dir() -> Path:
