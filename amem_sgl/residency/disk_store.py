@@ -118,14 +118,7 @@ class DiskStore:
                 self.delete(victim)
             if self.bytes_used() + len(data) > self.budget_bytes:
                 return False
-        path = self._path(key.name)
-        tmp = self.root / f"{TMP_PREFIX}{key.name}-{os.getpid()}-{time.monotonic_ns()}"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        self._fsync_dir()
+        path = self._write(key.name, data)
         self._index[key.name] = StoredChunk(key, namespace, len(data), path.stat().st_mtime, extra)
         return True
 
@@ -195,13 +188,7 @@ class DiskStore:
         is removed, so a crash in between leaves one of the two complete."""
         data = path.read_bytes()
         header = {**_header(data), **key.header()}
-        target = self._path(key.name)
-        tmp = self.root / f"{TMP_PREFIX}{key.name}-{os.getpid()}-{time.monotonic_ns()}"
-        with open(tmp, "wb") as fh:
-            fh.write(st_save(st_load(data), metadata=header))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        target = self._write(key.name, st_save(st_load(data), metadata=header))
         path.unlink()
         self._fsync_dir()
         logger.info("amem disk store: %s -> %s (key with TP rank and layout)", path.name, target.name)
@@ -215,6 +202,19 @@ class DiskStore:
         except FileNotFoundError:
             return
         logger.error("amem disk store: quarantined %s (%s: %s) -> %s", path.name, type(err).__name__, err, target)
+
+    def _write(self, name: str, data: bytes) -> Path:
+        """``data`` as the file of stored key ``name``: a temporary in the same folder, fsync, atomic
+        rename, fsync of the folder."""
+        path = self._path(name)
+        tmp = self.root / f"{TMP_PREFIX}{name}-{os.getpid()}-{time.monotonic_ns()}"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        self._fsync_dir()
+        return path
 
     def _path(self, name: str) -> Path:
         if not name or "/" in name or name.startswith("."):
