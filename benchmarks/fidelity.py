@@ -1,27 +1,31 @@
 """Fidelity of chunk reuse against a full re-prefill of the same prompt, on the real server.
 
-For every question (benchmarks.fidelity_data): its chunks are registered (KV computed once, behind
-the chat preamble), the prompt [preamble][chunks in shuffled order][question] is composed, and the
-same input_ids are generated greedily:
+Two question sets (benchmarks.fidelity_data): ``main`` -- single-fact lookups among distractor
+facts of other kinds, which a full prefill of SmolLM2-135M answers (0.77 on 60), the yardstick of
+the product's promise; ``twohop`` -- the earlier one/two-hop city questions (full prefill right
+~0.3 of the time). ``--split calibration`` draws the main set's calibration split (other people,
+another seed stream), the one any tuned threshold is fitted on; reported figures use ``test``.
 
-* ``full`` -- once, under a fresh cache salt: a full prefill that shares no KV with anything;
-* ``reuse`` -- once per blend policy (each in its own namespace, so each splices afresh): chunk
-  spans declared, resident chunks spliced (KV copied, keys re-rotated) and the policy's tokens
-  recomputed in a blend pass.
+For every question its chunks are registered (KV computed once, behind the chat preamble), the
+prompt [preamble][chunks in shuffled order][question] is composed, and the same input_ids are
+generated greedily:
 
-Chunks are registered once per question; each policy splices them under its own cache salt, so no
-policy sees another's blended prefix (the salted preamble is computed in the blend pass).
+* ``full`` -- once, under a fresh cache salt: a full prefill that shares no KV with anything (its
+  top-20 first-token logprobs returned);
+* ``reuse`` -- once per blend policy (the request's ``kv_hints`` blend field), each under its own
+  cache salt so it splices afresh: resident chunks spliced (KV copied, keys re-rotated) and the
+  policy's tokens recomputed in a blend pass (the logprobs of the full arm's top-20 returned).
 
-Reported overall, per length band and per hop count: first-token agreement, identical greedy
-answers, correctness (gold city in the answer) of both arms and their agreement, exact match (the
-first city the answer names is the gold one) and token F1 against the gold answer for both arms,
-the recomputed fraction of chunk tokens (recompute cost in full-depth token equivalents: the
-deviation probe's layers count too), prompt tokens the model computed in each arm, and TTFT (both
-arms streamed, timed to the first output) as full ÷ reuse.
+Reported overall, per length band and per hop count (benchmarks.fidelity_metrics): identical
+greedy answers, answer agreement (normalised extracted answers equal), accuracy of both arms and its
+difference, first-token agreement and KL(full || reuse), the recompute fraction (probe layers
+counted), the prefill-token ratio and TTFT ratio (both arms streamed), and with ``--floor`` the
+numeric floor on the same prompts (the full arm replayed on an fp32 server), per group.
 
+    python -m benchmarks.fidelity --set main --n 60 --policies none edges:8 hkvd:0.08 all --floor
     python -m benchmarks.fidelity                  # starts a server with configs/default.yaml
     python -m benchmarks.fidelity --url http://127.0.0.1:30000 --n 120
-    python -m benchmarks.fidelity --quick          # 6 questions, for a smoke run
+    python -m benchmarks.fidelity --quick          # 3 questions, for a smoke run
     python -m benchmarks.fidelity --policies none sink:4 hkvd:0.15 sink+hkvd:4:0.1 all --n 60
 """
 
@@ -44,9 +48,9 @@ from tqdm.auto import tqdm
 
 from amem_sgl.blend.policy import BlendPolicy
 from amem_sgl.chunks.client import ChunkClient
-from benchmarks.fidelity_data import CITIES, Question, make_questions
-
-CITY_WORDS = {c.lower() for c in CITIES}
+from benchmarks.fidelity_data import make_lookups, make_questions
+from benchmarks.fidelity_metrics import (answer_of, first_token_id_logprobs, first_token_kl, first_top_logprobs,
+                                         logprob_request, summarize_rows, target_gaps)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -58,27 +62,31 @@ class Row:
     qid: str
     band: str
     hops: int
+    kind: str
     prompt_tokens: int
     chunk_tokens: int
     reuse_computed_tokens: int
     full_computed_tokens: int
     first_token_agree: bool
     identical: bool
-    reuse_correct: bool
+    answer_agree: bool  # the normalised extracted answers are equal
+    reuse_correct: bool  # the extracted answer is the gold one
     full_correct: bool
     reuse_answer: str
     full_answer: str
-    reuse_latency_s: float
-    full_latency_s: float
+    reuse_extracted: str
+    full_extracted: str
+    first_token_kl: float | None  # KL(full || reuse) of the first token (fidelity_metrics)
     recomputed_chunk_tokens: int
     recompute_cost_tokens: float  # recomputed + probe layers, in full-depth token equivalents
-    reuse_ttft_s: float
-    full_ttft_s: float
-    reuse_em: bool
-    full_em: bool
+    reuse_ttft_s: float | None
+    full_ttft_s: float | None
     reuse_f1: float
     full_f1: float
     preamble_tokens_in_blend_pass: int
+    full_output_ids: list[int]
+    floor_identical: bool | None = None  # an fp32 full prefill gives the bf16 one's answer
+    floor_answer_agree: bool | None = None
 
 
 def parse_policy(text: str) -> BlendPolicy:
@@ -93,12 +101,6 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
-def exact_match(answer: str, gold: str) -> bool:
-    """The first city the answer names is the gold city."""
-    named = [w for w in _words(answer) if w in CITY_WORDS]
-    return bool(named) and named[0] == gold.lower()
-
-
 def token_f1(answer: str, gold: str) -> float:
     """SQuAD-style token F1 of the answer against the gold answer."""
     pred, ref = _words(answer), _words(gold)
@@ -109,90 +111,105 @@ def token_f1(answer: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def evaluate(client: ChunkClient, questions: list[Question], namespace: str, max_new_tokens: int,
+def load_items(dataset: str, n: int, seed: int, split: str = "test") -> list:
+    """The harness's items: ``main`` (single-fact lookups, the product's yardstick) or ``twohop``
+    (the earlier 200-question set: one- and two-hop city questions; test split only)."""
+    if dataset == "main":
+        return make_lookups(n, seed=seed, split=split)
+    if dataset == "twohop":
+        if split != "test":
+            raise ValueError("the two-hop set has no calibration split")
+        return make_questions(n, seed=seed)
+    raise ValueError(f"unknown set {dataset!r} (main, twohop)")
+
+
+def evaluate(client: ChunkClient, items: list, namespace: str, max_new_tokens: int,
              policies: list[BlendPolicy], num_layers: int) -> list[Row]:
     rows = []
-    for q in tqdm(questions, desc="fidelity", unit="question", file=sys.stderr):
+    for q in tqdm(items, desc="fidelity", unit="question", file=sys.stderr):
         # Chunks are registered once; every policy splices them afresh under its own cache salt (so
         # no policy reuses another's blended prefix; the uncached preamble is computed in the blend
         # pass, a numeric no-op against a cached one).
         chunks = [client.register(text, namespace).token_ids for text in q.chunks]
         prompt = client.layout.compose(chunks, q.prompt)
-        full = client.generate(prompt, max_new_tokens=max_new_tokens, isolated=True, ttft=True)
+        full = client.generate(prompt, max_new_tokens=max_new_tokens, isolated=True, ttft=True,
+                               extra=logprob_request())
+        full_top = first_top_logprobs(full.meta_info)
+        gold = q.gold.lower()
         for policy in policies:
             label = policy_label(policy)
             reuse = client.generate(prompt, namespace, max_new_tokens=max_new_tokens, blend=policy, ttft=True,
-                                    cache_salt=f"{label}-{uuid.uuid4().hex}")
+                                    cache_salt=f"{label}-{uuid.uuid4().hex}",
+                                    extra=logprob_request(list(full_top) or None))
             # The server's own report of what it recomputed (0 when nothing was spliced).
             recomputed = int(reuse.amem.get("recomputed_tokens", 0))
             # The salted preamble is computed by the blend pass (SGLang counts it as cached). In serving
             # it is an ordinary cached prefix, so it is kept out of the prefill count and reported apart.
             gap = int(reuse.amem.get("gap_tokens", 0))
             cost = recomputed + reuse.amem.get("probed_tokens", 0) * reuse.amem.get("probe_layers", 0) / num_layers
-            gold = q.gold.lower()
+            ra, fa = answer_of(reuse.text), answer_of(full.text)
             rows.append(Row(
-                label, q.qid, q.band, q.hops, len(prompt.input_ids), prompt.chunk_tokens,
-                reuse.computed_prompt_tokens + recomputed, full.computed_prompt_tokens,
-                reuse.output_ids[:1] == full.output_ids[:1], reuse.output_ids == full.output_ids,
-                gold in reuse.text.lower(), gold in full.text.lower(), reuse.text, full.text,
-                reuse.latency_s, full.latency_s, recomputed, cost, reuse.ttft_s, full.ttft_s,
-                exact_match(reuse.text, gold), exact_match(full.text, gold),
-                token_f1(reuse.text, gold), token_f1(full.text, gold), gap))
+                label, q.qid, q.band, q.hops, getattr(q, "kind", "city"), len(prompt.input_ids),
+                prompt.chunk_tokens, reuse.computed_prompt_tokens + recomputed, full.computed_prompt_tokens,
+                reuse.output_ids[:1] == full.output_ids[:1], reuse.output_ids == full.output_ids, ra == fa,
+                ra == gold, fa == gold, reuse.text, full.text, ra, fa,
+                first_token_kl(full_top, first_token_id_logprobs(reuse.meta_info)), recomputed, cost,
+                reuse.ttft_s, full.ttft_s, token_f1(reuse.text, gold), token_f1(full.text, gold), gap,
+                full.output_ids))
     return rows
 
 
-def summarize(rows: list[Row]) -> dict:
-    def stats(group: list[Row]) -> dict:
-        n = len(group)
-        reuse_tokens = sum(r.reuse_computed_tokens for r in group)
-        full_tokens = sum(r.full_computed_tokens for r in group)
-        return {
-            "n": n,
-            "first_token_agreement": sum(r.first_token_agree for r in group) / n,
-            "identical_answers": sum(r.identical for r in group) / n,
-            "reuse_accuracy": sum(r.reuse_correct for r in group) / n,
-            "full_accuracy": sum(r.full_correct for r in group) / n,
-            "correctness_agreement": sum(r.reuse_correct == r.full_correct for r in group) / n,
-            "mean_prompt_tokens": sum(r.prompt_tokens for r in group) / n,
-            "mean_chunk_tokens": sum(r.chunk_tokens for r in group) / n,
-            "reuse_em": sum(r.reuse_em for r in group) / n,
-            "full_em": sum(r.full_em for r in group) / n,
-            "reuse_f1": sum(r.reuse_f1 for r in group) / n,
-            "full_f1": sum(r.full_f1 for r in group) / n,
-            "recomputed_fraction": sum(r.recompute_cost_tokens for r in group)
-            / max(sum(r.chunk_tokens for r in group), 1),
-            "recomputed_token_fraction": sum(r.recomputed_chunk_tokens for r in group)
-            / max(sum(r.chunk_tokens for r in group), 1),
-            "ttft_ratio_full_over_reuse": sum(r.full_ttft_s for r in group)
-            / max(sum(r.reuse_ttft_s for r in group), 1e-9),
-            "reuse_computed_tokens": reuse_tokens,
-            "full_computed_tokens": full_tokens,
-            "prefill_ratio_full_over_reuse": full_tokens / max(reuse_tokens, 1),
-            "latency_ratio_full_over_reuse": sum(r.full_latency_s for r in group)
-            / max(sum(r.reuse_latency_s for r in group), 1e-9),
-        }
+def add_floor(rows: list[Row], fp32_outputs: dict[str, tuple[list[int], str]]) -> None:
+    """Mark each row with the numeric floor of its prompt: does an fp32 full prefill give the bf16
+    full prefill's answer (``fp32_outputs``: qid -> (output ids, text), see benchmarks.numeric_floor)."""
+    for r in rows:
+        if r.qid in fp32_outputs:
+            ids, text = fp32_outputs[r.qid]
+            r.floor_identical = ids == r.full_output_ids
+            r.floor_answer_agree = answer_of(text) == r.full_extracted
 
-    by: dict[tuple, list[Row]] = defaultdict(list)
+
+def summarize(rows: list[Row]) -> dict:
+    by: dict[tuple, list[dict]] = defaultdict(list)
     bands = {"short": 0, "medium": 1, "long": 2}
     policies = list(dict.fromkeys(r.policy for r in rows))
     for r in rows:
-        p = policies.index(r.policy)
-        by[(p, 0, 0, f"{r.policy} overall")].append(r)
-        by[(p, 1, bands.get(r.band, 9), f"{r.policy} band={r.band}")].append(r)
-        by[(p, 2, r.hops, f"{r.policy} hops={r.hops}")].append(r)
-    return {key[-1]: stats(by[key]) for key in sorted(by)}
+        p, d = policies.index(r.policy), dataclasses.asdict(r)
+        by[(p, 0, 0, f"{r.policy} overall")].append(d)
+        by[(p, 1, bands.get(r.band, 9), f"{r.policy} band={r.band}")].append(d)
+        by[(p, 2, r.hops, f"{r.policy} hops={r.hops}")].append(d)
+    return {key[-1]: summarize_rows(by[key]) for key in sorted(by)}
 
 
-def bench_config(out_dir: Path) -> Path:
-    """configs/default.yaml without the residency service: fidelity is about blending, and writing
-    every chunk of every policy through to disk would only add I/O (~23 KB per SmolLM2 token)."""
+def bench_config(out_dir: Path, dtype: str | None = None) -> Path:
+    """configs/default.yaml without the residency service (fidelity is about blending, and writing
+    every chunk of every policy through to disk would only add I/O, ~23 KB per SmolLM2 token), with
+    the 16K-token pool a shared 2-core machine asks for, and optionally another dtype (the floor)."""
     import yaml
 
     config = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
     config.setdefault("amem", {})["residency"] = {"enabled": False}
-    path = out_dir / "fidelity-config.yaml"
+    config.setdefault("sglang", {})["max_total_tokens"] = min(config["sglang"].get("max_total_tokens", 16384), 16384)
+    if dtype:
+        config["sglang"]["dtype"] = dtype
+    path = out_dir / f"fidelity-config{'-' + dtype if dtype else ''}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+# One torch thread per benchmark server: on a shared 2-core machine the default (a thread per core,
+# spinning) made a 135M model decode at 0.3-0.6 token/s when other processes ran; one thread: ~10x.
+BENCH_THREADS = os.environ.get("OMP_NUM_THREADS", "1")
+
+
+def start_bench_server(out: Path, dtype: str | None = None):
+    from amem_sgl.local_server import free_port, start_server
+
+    port = free_port()
+    out.mkdir(parents=True, exist_ok=True)
+    return start_server(f"{sys.executable} -m amem_sgl.launch_server --config {bench_config(out, dtype)} "
+                        f"--port {port}", port=port, log_path=out / f"fidelity-server{'-' + dtype if dtype else ''}.log",
+                        cwd=ROOT, env={"OMP_NUM_THREADS": BENCH_THREADS})
 
 
 def model_layers(client: ChunkClient) -> int:
@@ -209,62 +226,94 @@ def device_name() -> str:
     return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
 
 
+COLUMNS = ["n", "identical_answers", "numeric_floor", "answer_agreement", "reuse_accuracy", "full_accuracy",
+           "accuracy_delta", "first_token_agreement", "first_token_kl", "recomputed_fraction", "mean_chunk_tokens",
+           "prefill_ratio_full_over_reuse", "ttft_ratio_full_over_reuse"]
+
+
+def _cell(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else ("-" if value is None else str(value))
+
+
 def write_report(summary: dict, rows: list[Row], meta: dict, out_dir: Path, tag: str) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{dt.date.today().isoformat()}-{meta['device']}-{tag}"
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    json_path.write_text(json.dumps({"meta": meta, "summary": summary,
+    targets = {g[: -len(" overall")]: target_gaps(s) for g, s in summary.items() if g.endswith(" overall")}
+    json_path.write_text(json.dumps({"meta": meta, "summary": summary, "targets": targets,
                                      "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
-    cols = ["n", "identical_answers", "first_token_agreement", "correctness_agreement", "reuse_accuracy",
-            "full_accuracy", "reuse_em", "full_em", "reuse_f1", "full_f1", "recomputed_fraction",
-            "mean_chunk_tokens", "prefill_ratio_full_over_reuse", "ttft_ratio_full_over_reuse"]
-    lines = [f"# Fidelity: {meta['policy']} vs full re-prefill ({meta['model']}, {meta['device']})", "",
+    lines = [f"# Fidelity ({meta['set']} set, {meta['split']} split): {meta['policy']} vs full re-prefill "
+             f"({meta['model']}, {meta['device']})", "",
              f"Command: `{meta['command']}`  ", f"Date: {meta['date']}, {meta['seconds']:.0f} s", "",
-             "| group | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+             "| group | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for group, s in summary.items():
-        lines.append(f"| {group} | " + " | ".join(
-            f"{s[c]:.3f}" if isinstance(s[c], float) else str(s[c]) for c in cols) + " |")
+        lines.append(f"| {group} | " + " | ".join(_cell(s.get(c)) for c in COLUMNS) + " |")
+    lines += ["", "Targets (at the default: identical >= floor, agreement >= 0.99, |accuracy delta| <= 0.01):", "",
+              "| policy | identical - floor | agreement - 0.99 | accuracy within 0.01 |", "|---|---|---|---|"]
+    for policy, t in targets.items():
+        lines.append(f"| {policy} | {_cell(t['identical_minus_floor'])} | {_cell(t['agreement_minus_0.99'])} | "
+                     f"{t['accuracy_within_0.01']} |")
+    lines += ["", "identical_answers: greedy output ids equal; answer_agreement: normalised extracted answers equal; "
+              "numeric_floor: fp32 vs bf16 full prefill on the same prompts (identical output ids); first_token_kl: "
+              "KL(full || reuse) over the full arm's top-20 first tokens + the rest (a lower bound); "
+              "recomputed_fraction: recomputed chunk tokens + probe layers, of a full prefill of the chunks."]
     md_path.write_text("\n".join(lines) + "\n")
     return json_path, md_path
+
+
+def run(url: str, dataset: str, n: int, seed: int, split: str, policies: list[BlendPolicy], max_new_tokens: int,
+        out: Path, floor: bool, command: str, tag_suffix: str = "") -> tuple[Path, Path, dict]:
+    """One fidelity run: every policy against the same full prefills (and the floor on the same prompts)."""
+    t0 = time.monotonic()
+    client = ChunkClient(url)
+    items = load_items(dataset, n, seed, split)
+    rows = evaluate(client, items, f"fidelity-{dataset}-{split}-{seed}", max_new_tokens, policies,
+                    model_layers(client))
+    if floor:
+        from benchmarks import numeric_floor
+
+        add_floor(rows, numeric_floor.replay_fp32(client, items, max_new_tokens, out))
+    summary = summarize(rows)
+    meta = {"set": dataset, "split": split, "n": n, "policy": ", ".join(policy_label(p) for p in policies),
+            "model": "SmolLM2-135M-Instruct (bf16)", "device": device_name(),
+            "date": dt.datetime.now().isoformat(timespec="seconds"), "seconds": time.monotonic() - t0,
+            "max_new_tokens": max_new_tokens, "seed": seed, "numeric_floor": floor, "command": command}
+    tag = "-".join(re.sub(r"[^a-z0-9.]", "", policy_label(p)) for p in policies)
+    tag = tag if len(tag) <= 70 else f"{len(policies)}policies"
+    set_tag = "" if dataset == "twohop" and split == "test" else f"{dataset}-" + ("" if split == "test" else "calib-")
+    json_path, md_path = write_report(summary, rows, meta, out, f"fidelity-{set_tag}{tag}{tag_suffix}")
+    return json_path, md_path, summary
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running amem server (default: start one)")
+    parser.add_argument("--set", dest="dataset", default="main", choices=["main", "twohop"],
+                        help="main: single-fact lookups (default); twohop: the earlier one/two-hop city set")
+    parser.add_argument("--split", default="test", choices=["test", "calibration"],
+                        help="main set only: calibration is for tuning thresholds, never for reported figures")
     parser.add_argument("--n", type=int, default=120, help="questions (spread over the length bands)")
-    parser.add_argument("--quick", action="store_true", help="6 questions: a smoke run")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run for CI: 3 questions (one per band), 8 new tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--policies", nargs="+", default=["none"],
                         help="blend policies to compare (each against the same full prefill): none, all, sink:K, "
                              "tail:K, edges:K, hkvd:R[@L], sink+hkvd:K:R[@L], edges+hkvd:K:R[@L]")
+    parser.add_argument("--floor", action="store_true",
+                        help="also replay the full prefills on an fp32 server (the numeric floor, same prompts)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    n = 6 if args.quick else args.n
-
+    n, max_new_tokens = (3, 8) if args.quick else (args.n, args.max_new_tokens)
+    command = "python -m benchmarks.fidelity " + " ".join(argv if argv is not None else sys.argv[1:])
     server = None
     if args.url is None:
-        from amem_sgl.local_server import free_port, start_server
-
-        port = free_port()
-        args.out.mkdir(parents=True, exist_ok=True)
-        server = start_server(f"{sys.executable} -m amem_sgl.launch_server --config {bench_config(args.out)} "
-                              f"--port {port}", port=port, log_path=args.out / "fidelity-server.log", cwd=ROOT)
+        server = start_bench_server(args.out)
         args.url = server.url
     try:
-        t0 = time.monotonic()
-        client = ChunkClient(args.url)
         policies = [parse_policy(p) for p in args.policies]
-        rows = evaluate(client, make_questions(n, seed=args.seed), f"fidelity-{args.seed}", args.max_new_tokens,
-                        policies, model_layers(client))
-        summary = summarize(rows)
-        meta = {"policy": ", ".join(policy_label(p) for p in policies), "model": "SmolLM2-135M-Instruct (bf16)",
-                "device": device_name(), "date": dt.datetime.now().isoformat(timespec="seconds"),
-                "seconds": time.monotonic() - t0, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-                "command": "python -m benchmarks.fidelity " + " ".join(argv if argv is not None else sys.argv[1:])}
-        tag = "fidelity-" + "-".join(re.sub(r"[^a-z0-9.]", "", policy_label(p)) for p in policies)
-        tag = tag if len(tag) <= 80 else f"fidelity-{len(policies)}policies"
-        json_path, md_path = write_report(summary, rows, meta, args.out, tag + ("-quick" if args.quick else ""))
+        json_path, md_path, _ = run(args.url, args.dataset, n, args.seed, args.split, policies, max_new_tokens,
+                                    args.out, args.floor, command, "-quick" if args.quick else "")
         print(md_path.read_text())
         print(f"wrote {json_path} and {md_path}")
     finally:

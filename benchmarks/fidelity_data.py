@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 
 FIRST = ["Nadia", "Tomas", "Priya", "Kenji", "Amara", "Lukas", "Sofia", "Mateo", "Ingrid", "Yusuf",
          "Elena", "Rafael", "Mei", "Oskar", "Leila", "Dmitri", "Chloe", "Anders", "Fatima", "Hugo",
@@ -106,3 +107,105 @@ def make_questions(n: int, *, seed: int = 0, bands=("short", "medium", "long"),
         questions.append(Question(f"q{i:04d}", band, hops, question, city,
                                   tuple(_passage(rng, fact, band) for fact in facts)))
     return questions
+
+
+# ---------------------------------------------------------------------------- the main set: lookups
+#
+# Single-fact lookups a full prefill answers: one chunk holds the asked fact about a person, the
+# distractor chunks hold facts of *other* kinds (about the same person or others), so the question's
+# kind picks one fact out. SmolLM2-135M answered ~0.8 of such lookups among 3 facts of different
+# kinds sent as text, but only 0.23-0.45 among 6 facts of one kind, so kinds are never repeated.
+
+PETS = ["Biscuit", "Pepper", "Mochi", "Rex", "Luna", "Ziggy", "Noodle", "Pickles", "Waffles", "Juniper",
+        "Maple", "Sprout", "Bandit", "Clover", "Toffee", "Nugget", "Pixel", "Marble", "Domino", "Sherlock"]
+COLOURS = ["green", "purple", "orange", "yellow", "blue", "red", "pink", "brown", "silver", "turquoise"]
+COMPANIES = ["Siemens", "Toyota", "Nestle", "Samsung", "Boeing", "Adidas", "Nokia", "Heineken", "Lego",
+             "Ikea", "Philips", "Spotify", "Ericsson", "Canon", "Volvo", "Unilever", "Shell", "Intel"]
+NUMBERS = [str(n) for n in range(12, 98)]
+
+# kind -> (answer vocabulary, fact template, question, instruction)
+KINDS = {
+    "city": (CITIES, "{p} lives in {a}.", "In which city does {p} live?", "Answer with the name of the city only."),
+    "pet": (PETS, "{p} has a dog named {a}.", "What is the name of {p}'s dog?", "Answer with the dog's name only."),
+    "colour": (COLOURS, "{p}'s favourite colour is {a}.", "What is {p}'s favourite colour?",
+               "Answer with the colour only."),
+    "company": (COMPANIES, "{p} works at {a}.", "Which company does {p} work at?",
+                "Answer with the name of the company only."),
+    "number": (NUMBERS, "{p}'s house number is {a}.", "What is {p}'s house number?", "Answer with the number only."),
+}
+# The main set's length bands: filler sentences around each fact (~20, ~100 and ~300 tokens a chunk).
+LOOKUP_FILLER_SENTENCES = {"short": 1, "medium": 6, "long": 21}
+SPLITS = ("test", "calibration")
+
+
+@dataclasses.dataclass(frozen=True)
+class Lookup:
+    """A main-set item: same fields the harness reads from a :class:`Question`."""
+
+    qid: str
+    band: str
+    kind: str
+    question: str
+    gold: str
+    chunks: tuple[str, ...]
+    hops: int = 1
+
+    @property
+    def prompt(self) -> str:
+        return f"Using the notes above, answer the question. {self.question} {KINDS[self.kind][3]}"
+
+
+def split_people(split: str) -> list[str]:
+    """The split's people: test and calibration never share a name (every other full name)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    people = [f"{f} {l}" for f in FIRST for l in LAST]
+    return people[SPLITS.index(split)::2]
+
+
+def make_lookups(n: int, *, seed: int = 0, split: str = "test", bands=("short", "medium", "long"),
+                 chunks_per_item: int = 4) -> list[Lookup]:
+    """``n`` lookups (round-robin over bands and kinds), ``chunks_per_item`` chunks each: the fact
+    asked for and distractors of other kinds, in shuffled order. The calibration split uses other
+    people and another random stream (seed offset), so nothing tuned on it has seen a test item."""
+    if not 2 <= chunks_per_item <= len(KINDS):
+        raise ValueError(f"chunks_per_item must be in [2, {len(KINDS)}]")
+    rng = random.Random(seed * 2 + SPLITS.index(split) + 1_000_003)
+    people = split_people(split)
+    rng.shuffle(people)
+    kinds = list(KINDS)
+    items = []
+    for i in range(n):
+        band, kind = bands[i % len(bands)], kinds[(i // len(bands)) % len(kinds)]
+        person = people[i % len(people)]
+        vocab, fact, question, _ = KINDS[kind]
+        gold = rng.choice(vocab)
+        facts = [fact.format(p=person, a=gold)]
+        for other in rng.sample([k for k in kinds if k != kind], chunks_per_item - 1):
+            # Half the distractors are about the same person (the question's kind tells them apart).
+            who = person if rng.random() < 0.5 else rng.choice(people)
+            facts.append(KINDS[other][1].format(p=who, a=rng.choice(KINDS[other][0])))
+        rng.shuffle(facts)
+        chunks = tuple(_lookup_passage(rng, f, band) for f in facts)
+        items.append(Lookup(f"{split[0]}{i:04d}", band, kind, question.format(p=person), gold, chunks))
+    return items
+
+
+def _lookup_passage(rng: random.Random, fact: str, band: str) -> str:
+    sentences = rng.sample(FILLER, LOOKUP_FILLER_SENTENCES[band])
+    sentences.insert(rng.randrange(len(sentences) + 1), fact)
+    return " ".join(sentences) + "\n"
+
+
+ANSWER_VOCAB = {w.lower() for vocab, *_ in KINDS.values() for w in vocab}
+
+
+def extract_answer(text: str) -> str:
+    """The normalised answer a reply gives: the first known entity it names (any kind: a wrong
+    kind is a wrong answer, not no answer), else its first line lower-cased without punctuation."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    for w in words:
+        if w in ANSWER_VOCAB:
+            return w
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return " ".join(re.findall(r"[a-z0-9]+", first.lower()))

@@ -1,9 +1,11 @@
 """The recompute / quality trade-off of every blend policy measured so far, in one picture.
 
-Reads every fidelity run in ``--results`` (``*-fidelity-*.json``, written by ``benchmarks.fidelity``)
-and the latest numeric floor (``*-numeric-floor.json``), and plots, per policy and run, the share of
-answers identical to a full re-prefill against the fraction of chunk compute spent (probe layers
-included), with the floor as a line. Writes ``<date>-<device>-fidelity-tradeoff.{png,md}``.
+Reads every fidelity run in ``--results`` (``*-fidelity-*.json``, written by ``benchmarks.fidelity``;
+calibration-split runs are left out) and the latest numeric floor of each question set (main: the
+floor a ``--floor`` run measured on its prompts; two-hop: the same, else ``*-numeric-floor.json``),
+and plots, per set, policy and run, the share of answers identical to a full re-prefill against the
+fraction of chunk compute spent (probe layers included), with each set's floor as a line. Writes
+``<date>-<device>-fidelity-tradeoff.{png,md}``.
 
     python -m benchmarks.fidelity_tradeoff
 """
@@ -27,15 +29,19 @@ def points(results: Path) -> list[dict]:
     out, seen = [], set()
     for path in sorted(results.glob("*-fidelity-*.json")):
         data = json.loads(path.read_text())
+        meta = data.get("meta", {})
+        if meta.get("split", "test") != "test":
+            continue
+        dataset = meta.get("set", "twohop")
         for group, row in data.get("summary", {}).items():
             if not group.endswith("overall") or "recomputed_fraction" not in row:
                 continue
             policy = group[: -len("overall")].strip() or data["meta"].get("policy", "none")
-            point = (policy, row["n"], row["identical_answers"], row["recomputed_fraction"])
+            point = (dataset, policy, row["n"], row["identical_answers"], row["recomputed_fraction"])
             if point in seen:  # the same policy measured again on the same questions
                 continue
             seen.add(point)
-            out.append({"policy": policy, "n": row["n"], "identical": row["identical_answers"],
+            out.append({"set": dataset, "policy": policy, "n": row["n"], "identical": row["identical_answers"],
                         "first_token": row["first_token_agreement"], "recompute": row["recomputed_fraction"],
                         "run": path.name})
     return out
@@ -47,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: --results)")
     args = parser.parse_args(argv)
     out = args.out or args.results
-    pts, bar = points(args.results), numeric_floor.latest(args.results)
+    pts = points(args.results)
+    bars = {d: numeric_floor.latest(args.results, d) for d in dict.fromkeys(p["set"] for p in pts)}
     if not pts:
         print(f"no fidelity runs in {args.results}", file=sys.stderr)
         return 1
@@ -57,15 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for n in sorted({p["n"] for p in pts}):
-        group = [p for p in pts if p["n"] == n]
-        ax.scatter([p["recompute"] * 100 for p in group], [p["identical"] for p in group],
-                   label=f"{n} questions", s=28)
+    colours = {}
+    for dataset, n in sorted({(p["set"], p["n"]) for p in pts}):
+        group = [p for p in pts if p["n"] == n and p["set"] == dataset]
+        dots = ax.scatter([p["recompute"] * 100 for p in group], [p["identical"] for p in group],
+                          label=f"{dataset} set, {n} questions", s=28, marker="o" if dataset == "main" else "^")
+        colours.setdefault(dataset, dots.get_facecolor()[0])
         for p in group:
             ax.annotate(p["policy"], (p["recompute"] * 100, p["identical"]), fontsize=7,
                         xytext=(4, 2), textcoords="offset points")
-    if bar is not None:
-        ax.axhline(bar, ls="--", color="grey", label=f"numeric floor (fp32 vs bf16) {bar:.3f}")
+    for dataset, bar in bars.items():
+        if bar is not None:
+            ax.axhline(bar, ls="--", color=colours.get(dataset, "grey"),
+                       label=f"{dataset} set: numeric floor (fp32 vs bf16) {bar:.3f}")
     ax.set_xscale("symlog", linthresh=1)
     ax.set(xlabel="chunk compute spent (% of a full re-prefill of the chunks)",
            ylabel="answers identical to a full re-prefill", ylim=(0, 1.05), xlim=(0, 130))
@@ -78,10 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     fig.savefig(stem.with_suffix(".png"), dpi=110)
     plt.close(fig)
     lines = ["# Blend policies: recompute vs fidelity", "", "Command: `python -m benchmarks.fidelity_tradeoff`", "",
-             f"![trade-off]({stem.with_suffix('.png').name})", "", f"Numeric floor: {bar}", "",
-             "| policy | questions | identical answers | first token | recompute | run |", "|---|---|---|---|---|---|"]
-    for p in sorted(pts, key=lambda p: (p["recompute"], p["policy"])):
-        lines.append(f"| {p['policy']} | {p['n']} | {p['identical']:.3f} | {p['first_token']:.3f} | "
+             f"![trade-off]({stem.with_suffix('.png').name})", "",
+             "Numeric floor: " + ", ".join(f"{d} set {b}" for d, b in bars.items()), "",
+             "| policy | set | questions | identical answers | first token | recompute | run |",
+             "|---|---|---|---|---|---|---|"]
+    for p in sorted(pts, key=lambda p: (p["set"], p["recompute"], p["policy"])):
+        lines.append(f"| {p['policy']} | {p['set']} | {p['n']} | {p['identical']:.3f} | {p['first_token']:.3f} | "
                      f"{p['recompute'] * 100:.1f}% | {p['run']} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -5,7 +5,11 @@ two servers started one after the other: ``--dtype bfloat16`` (the served defaul
 ``--dtype float32``. The identical-answer rate between them is the bar a KV-reuse policy is held to:
 agreement with a bf16 full prefill at or above it is as good as the numbers allow.
 
-    python -m benchmarks.numeric_floor [--n 60] [--seed 0]
+    python -m benchmarks.numeric_floor [--n 60] [--seed 0] [--set twohop|main]
+
+The fidelity harness measures the floor on its own run's prompts (``python -m benchmarks.fidelity
+--floor``): its bf16 full-prefill arm replayed on an fp32 server (:func:`replay_fp32`), per question,
+so every band and group of the run carries its own floor.
 """
 
 from __future__ import annotations
@@ -41,8 +45,35 @@ def answers(dtype: str, questions, max_new_tokens: int, out: Path) -> list[tuple
         return result
 
 
-def latest(results: Path) -> float | None:
-    """The identical-answer rate of the newest numeric-floor run in ``results`` (None: no run)."""
+def replay_fp32(client: ChunkClient, items, max_new_tokens: int, out: Path) -> dict[str, tuple[list[int], str]]:
+    """The items' full prefills (composed by ``client``'s layout: the same input ids as the bf16
+    run) answered greedily on an fp32 server started for it: qid -> (output ids, text)."""
+    from benchmarks.fidelity import start_bench_server
+
+    with start_bench_server(out, "float32") as server:
+        fp32 = ChunkClient(server.url, client.layout.tokenizer)
+        result = {}
+        for q in tqdm(items, desc="full prefill float32", file=sys.stderr):
+            prompt = client.layout.compose([client.layout.tokens(c) for c in q.chunks], q.prompt)
+            g = fp32.generate(prompt, max_new_tokens=max_new_tokens, isolated=True)
+            result[q.qid] = (g.output_ids, g.text)
+        return result
+
+
+def latest(results: Path, dataset: str | None = None) -> float | None:
+    """The identical-answer rate of the newest numeric floor in ``results`` (None: none): with
+    ``dataset`` ("main", "twohop"), the floor a fidelity run with --floor measured on that set's
+    prompts (its "none overall" row), falling back, for the two-hop set, to the standalone runs."""
+    if dataset is not None:
+        for path in sorted(results.glob("*-fidelity-*.json"), reverse=True):
+            data = json.loads(path.read_text())
+            meta = data.get("meta", {})
+            if meta.get("set", "twohop") == dataset and meta.get("split", "test") == "test" and meta.get("numeric_floor"):
+                row = next((s for g, s in data["summary"].items() if g.endswith("overall")), {})
+                if row.get("numeric_floor") is not None:
+                    return row["numeric_floor"]
+        if dataset != "twohop":
+            return None
     files = sorted(results.glob("*-numeric-floor.json"))
     return json.loads(files[-1].read_text()).get("identical_answers_fp32_vs_bf16") if files else None
 

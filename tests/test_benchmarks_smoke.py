@@ -12,20 +12,59 @@ from benchmarks.kernels import bench_rope_rerotate
 
 
 @pytest.mark.slow
-def test_fidelity_quick_run_writes_a_valid_report(amem_server, tmp_path):
+def test_fidelity_quick_run_writes_a_valid_report_and_plot(amem_server, tmp_path):
+    from benchmarks import fidelity_tradeoff
+
     argv = ["--url", amem_server.url, "--quick", "--out", str(tmp_path), "--policies", "none", "all"]
     assert fidelity.main(argv) == 0
-    (report,) = tmp_path.glob("*fidelity-none-all-quick.json")
+    (report,) = tmp_path.glob("*fidelity-main-none-all-quick.json")
     data = json.loads(report.read_text())
+    assert data["meta"]["set"] == "main" and data["meta"]["split"] == "test"
     none, everything = data["summary"]["none overall"], data["summary"]["all overall"]
-    assert none["n"] == everything["n"] == 6 and len(data["rows"]) == 12
-    assert {"none band=short", "none band=long", "all hops=2"} <= set(data["summary"])
+    assert none["n"] == everything["n"] == 3 and len(data["rows"]) == 6
+    assert {"none band=short", "none band=medium", "none band=long"} <= set(data["summary"])
+    for key in ("identical_answers", "answer_agreement", "reuse_accuracy", "full_accuracy", "accuracy_delta",
+                "first_token_kl", "recomputed_fraction", "prefill_ratio_full_over_reuse", "ttft_ratio_full_over_reuse"):
+        assert key in none, key
     assert none["recomputed_fraction"] == 0.0 and everything["recomputed_fraction"] == 1.0
-    # Pure reuse computes fewer prompt tokens than the isolated full prefill on every question...
+    # The KL comes from the server's logprobs on every row (a number, not a missing value).
+    assert all(isinstance(r["first_token_kl"], float) and r["first_token_kl"] >= 0 for r in data["rows"])
+    # Pure reuse computes fewer prompt tokens than the isolated full prefill on every question.
     assert all(r["reuse_computed_tokens"] < r["full_computed_tokens"] for r in data["rows"] if r["policy"] == "none")
-    # ...and recomputing every spliced token in the blend pass gives the full prefill's answers.
-    assert everything["identical_answers"] >= 5 / 6
-    assert (tmp_path / report.name.replace(".json", ".md")).read_text().startswith("# Fidelity")
+    assert set(data["targets"]) == {"none", "all"}
+    assert (tmp_path / report.name.replace(".json", ".md")).read_text().startswith("# Fidelity (main set")
+    # The trade-off plot draws the run.
+    assert fidelity_tradeoff.main(["--results", str(tmp_path)]) == 0
+    (png,) = tmp_path.glob("*-fidelity-tradeoff.png")
+    assert png.stat().st_size > 10_000
+
+
+def test_main_set_is_balanced_shuffled_and_disjoint_from_calibration():
+    from benchmarks.fidelity_data import KINDS, make_lookups, split_people
+
+    test, calib = make_lookups(60), make_lookups(60, split="calibration")
+    assert {q.band for q in test} == {"short", "medium", "long"} and {q.kind for q in test} == set(KINDS)
+    asked = lambda items: {name for q in items for name in split_people("test") + split_people("calibration")
+                           if name in q.question}  # noqa: E731
+    assert asked(test) and not asked(test) & asked(calib)
+    assert all(sum(q.gold in c for c in q.chunks) >= 1 for q in test)
+    # The answer's chunk is not always in the same place.
+    positions = {next(i for i, c in enumerate(q.chunks) if q.gold in c) for q in test}
+    assert len(positions) >= 3, positions
+    assert make_lookups(60) == test  # deterministic
+
+
+def test_first_token_kl_is_zero_for_equal_and_positive_for_different_distributions():
+    import math
+
+    from benchmarks.fidelity_metrics import first_token_kl
+
+    full = {1: math.log(0.7), 2: math.log(0.2)}
+    assert first_token_kl(full, dict(full)) == 0.0
+    shifted = {1: math.log(0.2), 2: math.log(0.7)}
+    expected = 0.7 * math.log(0.7 / 0.2) + 0.2 * math.log(0.2 / 0.7)  # the rest (0.1 vs 0.1) adds 0
+    assert abs(first_token_kl(full, shifted) - expected) < 1e-9
+    assert first_token_kl(full, {1: 0.0}) is None  # a token of the full arm missing on the reuse side
 
 
 def test_kernel_bench_runs_and_checks_its_output(tmp_path, capsys):
