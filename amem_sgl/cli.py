@@ -7,10 +7,12 @@
     amem forget NAMESPACE [CHUNK_ID]
     amem bench [fidelity|ttft|residency|kernels|...] [args...]      # python -m benchmarks.<name>
     amem mcp                                                        # MCP stdio server
+    amem keys add FILE NAMESPACE... [--admin]                       # an API key (printed once)
     amem proxy --upstream URL [--memory URL | --store DIR] [...]    # the closed-API drop-in (docs/proxy.md)
     amem version
 
-The server URL comes from ``--url`` or ``$AMEM_URL`` (default http://127.0.0.1:30000).
+The server URL comes from ``--url`` or ``$AMEM_URL`` (default http://127.0.0.1:30000), the API key
+(servers with ``amem.auth.keys_file``) from ``--api-key`` or ``$AMEM_API_KEY``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="amem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=os.environ.get("AMEM_URL", "http://127.0.0.1:30000"))
+    parser.add_argument("--api-key", default=os.environ.get("AMEM_API_KEY") or None,
+                        help="API key sent as a bearer token (default: $AMEM_API_KEY)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="start the server (all sglang.launch_server flags)")
     sub.add_parser("bench", help="run a benchmark")
@@ -76,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("namespace")
     p.add_argument("chunk_id", nargs="?")
     sub.add_parser("mcp", help="MCP stdio server for a running amem server")
+    p = sub.add_parser("keys", help="API keys scoped to namespaces (the server's amem.auth.keys_file)")
+    keys_sub = p.add_subparsers(dest="keys_command", required=True)
+    p = keys_sub.add_parser("add", help="create a key; prints it once, stores only its hash in FILE")
+    p.add_argument("file", help="the keys file (created if missing; written atomically, mode 0600)")
+    p.add_argument("namespaces", nargs="*", help="namespaces or glob patterns (team-*) the key covers")
+    p.add_argument("--admin", action="store_true", help="cover every namespace")
     sub.add_parser("version", help="print versions")
     args = parser.parse_args(argv)
 
@@ -95,11 +105,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "mcp":
         from amem_sgl.mcp_server import main as mcp_main
 
-        return mcp_main(args.url)
+        return mcp_main(args.url, api_key=args.api_key)
+    if args.command == "keys":
+        from amem_sgl.server.auth import add_key
+
+        try:
+            key, name = add_key(args.file, args.namespaces, admin=args.admin)
+        except ValueError as err:
+            print(f"amem keys add: {err}", file=sys.stderr)
+            return 2
+        covers = "every namespace (admin)" if args.admin else ", ".join(args.namespaces)
+        print(key)
+        print(f"key {name} for {covers} stored (as its hash) in {args.file}; this is the only time the key "
+              "is shown", file=sys.stderr)
+        return 0
 
     from amem_sgl.sdk import Amem, AmemError
 
-    client = Amem(args.url)
+    client = Amem(args.url, api_key=args.api_key)
     try:
         if args.command == "remember":
             texts = list(args.texts) + [open(f, encoding="utf-8").read() for f in args.file]

@@ -140,6 +140,16 @@ class AttentionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AuthConfig:
+    # API keys scoped to namespaces (amem_sgl.server.auth; create them with `amem keys add FILE NS...`).
+    # Set: every request that uses a namespace needs a key covering it; the file is re-read when it
+    # changes. Empty: no amem keys (open), allowed on a loopback host only, unless allow_open.
+    keys_file: str = ""
+    # Serve a non-loopback host (--host 0.0.0.0, a LAN address) without a keys file.
+    allow_open: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class AmemConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
@@ -148,6 +158,7 @@ class AmemConfig:
     blend: BlendConfig = dataclasses.field(default_factory=BlendConfig)
     residency: ResidencyConfig = dataclasses.field(default_factory=ResidencyConfig)
     memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
+    auth: AuthConfig = dataclasses.field(default_factory=AuthConfig)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "AmemConfig":

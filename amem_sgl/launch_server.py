@@ -13,6 +13,10 @@ Defaults added beneath whatever the command line and config file say:
 * ``amem.residency.enabled``: the residency service (amem_sgl.residency) started first as its own
   process, supervised (restarted if it dies) and stopped with the server; its address reaches the
   scheduler through ``AMEM_SGL_RESIDENCY_ADDR``.
+* ``amem.auth``: with ``keys_file``, API keys scoped to namespaces (amem_sgl.server.auth); without
+  it, a non-loopback ``--host`` is refused unless ``allow_open``. The per-server secret (chunk ids,
+  namespace salts) is created beside the memory dir and reaches the scheduler in
+  ``AMEM_SGL_SECRET_FILE``.
 
 Precedence is command line > config file > these defaults (SGLang's own ``--config`` merge).
 """
@@ -123,16 +127,45 @@ def plan_launch(
     if model_path is not None and os.path.isdir(str(model_path)):
         env["HF_HUB_OFFLINE"] = "1"  # a local folder needs no hub; never wait on one
     backend = str(lookup(BACKEND_FLAG)[1] or "")
+    _check_auth(amem, lookup("host")[1])
     return LaunchPlan(cli_args=rest, sglang_config=section, amem=amem, env=env, backend=backend)
 
 
-def _request_guards(app, amem: AmemConfig) -> None:
-    from amem_sgl.server.limits import ChunkHintsGuard, RequestBodyLimit
+def _check_auth(amem: AmemConfig, host) -> None:
+    """Refuse a plan that would serve memory to anyone (non-loopback, no keys) or whose keys file
+    cannot be read (ValueError with the reason)."""
+    from amem_sgl.server.auth import KeyStore, exposure_error
+
+    # SGLang's own default host is 127.0.0.1.
+    problem = exposure_error("127.0.0.1" if host is None else str(host), amem.auth.keys_file, amem.auth.allow_open)
+    if problem:
+        raise ValueError(problem)
+    if amem.auth.keys_file:
+        KeyStore(amem.auth.keys_file)  # raises with the reason
+
+
+def _request_guards(app, amem: AmemConfig, authenticator=None, sglang_api_key: str | None = None) -> None:
+    from amem_sgl.memory.api import session_namespace
+    from amem_sgl.server.limits import AuthGuard, ChunkHintsGuard, RequestBodyLimit, install_outermost
 
     # Starlette runs the last-added middleware first: the size limit sees the request before the
     # hints guard reads its body.
     app.add_middleware(ChunkHintsGuard, max_chunk_tokens=amem.chunks.max_chunk_tokens)
     app.add_middleware(RequestBodyLimit, max_bytes=amem.server.max_request_bytes)
+    if authenticator is not None:  # first of all, before SGLang's --api-key check (added at start)
+        install_outermost(app, AuthGuard, authenticator=authenticator, max_bytes=amem.server.max_request_bytes,
+                          session_namespace=session_namespace, sglang_api_key=sglang_api_key)
+
+
+def _authenticator(amem: AmemConfig, server_args):
+    """This server's principals (amem keys, SGLang's keys, the memory layer's token), installed."""
+    from amem_sgl.server import auth
+
+    keys = auth.KeyStore(amem.auth.keys_file) if amem.auth.keys_file else None
+    sglang_keys = tuple(k for k in (server_args.api_key, getattr(server_args, "admin_api_key", None)) if k)
+    authenticator = auth.Authenticator(keys=keys, sglang_keys=sglang_keys)
+    auth.install(authenticator)
+    return authenticator
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,11 +174,14 @@ def main(argv: list[str] | None = None) -> None:
 
     from amem_sgl.models import ensure_embedded_model
 
-    plan = plan_launch(
-        argv,
-        cuda_available=torch.cuda.is_available(),
-        resolve_model=lambda model_config: ensure_embedded_model(config=model_config),
-    )
+    try:
+        plan = plan_launch(
+            argv,
+            cuda_available=torch.cuda.is_available(),
+            resolve_model=lambda model_config: ensure_embedded_model(config=model_config),
+        )
+    except ValueError as err:
+        raise SystemExit(f"amem_sgl: {err}") from None
     for name, value in plan.env.items():
         if name == "HF_HUB_OFFLINE":
             os.environ.setdefault(name, value)  # the user's own setting wins
@@ -169,10 +205,16 @@ def main(argv: list[str] | None = None) -> None:
         server_args = sgl.prepare_server_args(plan.sglang_argv(config_path))
     finally:
         os.unlink(config_path)
+    from amem_sgl.server.auth import ensure_secret, publish_secret, secret_path
+
+    # Before the scheduler and the memory layer compute a chunk id or a namespace salt.
+    publish_secret(ensure_secret(secret_path(plan.amem.memory.resolved_dir())))
+    authenticator = _authenticator(plan.amem, server_args)
     residency = _start_residency(plan.amem) if backend == "amem" else None
     if backend == "amem" and plan.amem.memory.enabled:
-        _start_memory(plan.amem, server_args)
-    _request_guards(sgl.http_app(), plan.amem)  # added last: runs first, before any body is read
+        _start_memory(plan.amem, server_args, authenticator.internal_headers())
+    # added last: runs first, before any body is read (the auth guard before everything)
+    _request_guards(sgl.http_app(), plan.amem, authenticator, server_args.api_key)
     from amem_sgl.server.validation import install_token_id_check
 
     install_token_id_check()  # token ids outside the vocabulary: 400, never a dead scheduler
@@ -184,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         sgl.kill_process_tree(os.getpid(), include_parent=False)
 
 
-def _start_memory(amem: AmemConfig, server_args) -> None:
+def _start_memory(amem: AmemConfig, server_args, request_headers: dict | None = None) -> None:
     """The memory layer in this (HTTP) process: its routes on SGLang's app, the OpenAI hooks' data."""
     from amem_sgl import sglang_compat as sgl
     from amem_sgl.memory import layer
@@ -197,10 +239,12 @@ def _start_memory(amem: AmemConfig, server_args) -> None:
         residency = ResidencyClient(os.environ[RESIDENCY_ADDR_ENV], os.environ[RESIDENCY_SHM_ENV],
                                     timeout_s=amem.residency.timeout_s)
     host = "127.0.0.1" if server_args.host in ("0.0.0.0", "::", "") else server_args.host
-    layer.install(layer.MemoryLayer(
+    memory = layer.MemoryLayer(
         amem, base_url=f"http://{host}:{server_args.port}",
         model_id=str(server_args.served_model_name or server_args.model_path),
-        tokenizer_path=str(server_args.tokenizer_path or server_args.model_path), residency=residency))
+        tokenizer_path=str(server_args.tokenizer_path or server_args.model_path), residency=residency)
+    memory.request_headers = dict(request_headers or {})
+    layer.install(memory)
     install_routes(sgl.http_app())
 
 

@@ -4,7 +4,9 @@ Tools, each scoped by namespace: ``remember`` (store texts), ``recall`` (search,
 ``ask`` (a chat turn with the namespace's memory), ``forget`` (one chunk or the whole namespace).
 stdout carries the MCP protocol only; logs go to stderr.
 
-    amem mcp --url http://127.0.0.1:30000
+    amem mcp --url http://127.0.0.1:30000 [--api-key KEY]     # or $AMEM_API_KEY
+
+A server with API keys (amem.auth.keys_file) answers each tool only for the namespaces the key covers.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from amem_sgl.sdk import Amem, AmemError
 logger = logging.getLogger("amem_sgl.mcp")
 
 
-def build_server(url: str):
+def build_server(url: str, api_key: str | None = None):
     from mcp.server.mcpserver import MCPServer
 
-    client = Amem(url)
+    client = Amem(url, api_key=api_key)  # None: $AMEM_API_KEY
     server = MCPServer("amem", instructions="Long-term memory for agents, kept as reused KV in an amem server. "
                        "Pick one namespace per user or project.")
 
@@ -46,11 +48,11 @@ def build_server(url: str):
     return server
 
 
-def main(url: str) -> int:
+def main(url: str, api_key: str | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="[amem mcp] %(levelname)s %(message)s")
     logger.info("serving MCP over stdio for %s", url)
     try:
-        build_server(url).run("stdio")
+        build_server(url, api_key).run("stdio")
     except AmemError as err:  # pragma: no cover -- surfaced per tool call by MCP itself
         logger.error("%s", err)
         return 1

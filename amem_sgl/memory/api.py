@@ -13,7 +13,9 @@ Routes (JSON):
 * ``DELETE /amem/v1/sessions/{id}``
 
 Errors are ``{"error": {"message", "type", "code"}}`` with a 4xx status (unknown namespace or chunk
-404, bad values 400, wrong types 422, too large 413).
+404, bad values 400, wrong types 422, too large 413; with API keys, 401 without a valid key and 403
+for a namespace the key does not cover -- checked here, on the namespace each route really uses,
+after amem_sgl.server.limits.AuthGuard authenticated the key; the namespace list shows only covered ones).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from amem_sgl.memory import layer as memory
 from amem_sgl.memory.store import UnknownChunk, UnknownNamespace
+from amem_sgl.server import auth
 from amem_sgl.server.limits import _read_body, _replay
 
 _CHUNK_ID = re.compile(r"^[0-9a-f]{64}$")
@@ -70,9 +73,27 @@ class SessionRequest(BaseModel):
     k: Optional[int] = Field(default=None, ge=1, le=100)
 
 
+_ERROR_TYPES = {401: "authentication_error", 403: "permission_error"}
+
+
 def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": status}},
-                        status_code=status)
+    kind = _ERROR_TYPES.get(status, "invalid_request_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def _authorize(namespace: str) -> str:
+    """Refuse (401/403) unless the request's API key covers ``namespace``; returns it."""
+    denied = auth.denial([namespace])
+    if denied is not None:
+        raise memory.MemoryError_(*denied)
+    return namespace
+
+
+def session_namespace(session_id: str) -> str | None:
+    """The namespace a live session belongs to (None: unknown)."""
+    layer = memory.ACTIVE
+    session = layer.sessions.get(session_id) if layer is not None else None
+    return session.namespace if session is not None else None
 
 
 def _layer() -> memory.MemoryLayer:
@@ -109,6 +130,7 @@ router = APIRouter(prefix="/amem/v1", tags=["amem memory"], route_class=_MemoryR
 
 @router.post("/remember", summary="Remember texts or documents in a namespace")
 async def remember(body: RememberRequest):
+    _authorize(body.namespace)
     docs = [(t, dict(body.metadata)) for t in body.texts or []]
     docs += [(d.text, {**body.metadata, **d.metadata}) for d in body.documents or []]
     if not docs:
@@ -120,39 +142,42 @@ async def remember(body: RememberRequest):
 
 @router.get("/namespaces", summary="Namespaces that hold memory")
 async def namespaces():
-    return {"namespaces": _layer().store.namespaces()}
+    return {"namespaces": auth.visible(_layer().store.namespaces())}
 
 
 @router.get("/namespaces/{namespace}/chunks", summary="List a namespace's chunks")
 async def list_chunks(namespace: str):
-    return {"namespace": namespace, "chunks": [c.to_json() for c in _layer().store.list(namespace)]}
+    return {"namespace": namespace, "chunks": [c.to_json() for c in _layer().store.list(_authorize(namespace))]}
 
 
 @router.get("/namespaces/{namespace}/chunks/{chunk_id}", summary="One chunk")
 async def get_chunk(namespace: str, chunk_id: str):
+    _authorize(namespace)
     _check_ids([chunk_id])
     return _layer().store.get(namespace, chunk_id).to_json()
 
 
 @router.delete("/namespaces/{namespace}/chunks/{chunk_id}", summary="Forget one chunk (text, index, KV)")
 async def forget_chunk(namespace: str, chunk_id: str):
+    _authorize(namespace)
     _check_ids([chunk_id])
     return {"namespace": namespace, "forgotten": await _layer().forget(namespace, [chunk_id])}
 
 
 @router.delete("/namespaces/{namespace}", summary="Forget a namespace (texts, index, KV on every tier)")
 async def forget_namespace(namespace: str):
-    return {"namespace": namespace, "forgotten": await _layer().forget(namespace, None)}
+    return {"namespace": namespace, "forgotten": await _layer().forget(_authorize(namespace), None)}
 
 
 @router.post("/search", summary="Recall only: the chunks most similar to a query, with scores")
 async def search(body: SearchRequest):
-    hits = _layer().recall(body.namespace, body.query, body.k)
+    hits = _layer().recall(_authorize(body.namespace), body.query, body.k)
     return {"namespace": body.namespace, "results": [{**c.to_json(), "score": s} for c, s in hits]}
 
 
 @router.post("/sessions", summary="Start a session: pin and warm a working set")
 async def start_session(body: SessionRequest):
+    _authorize(body.namespace)
     if body.chunk_ids:
         _check_ids(body.chunk_ids)
     session = await _layer().start_session(body.namespace, body.query, body.chunk_ids, body.k)
@@ -161,6 +186,9 @@ async def start_session(body: SessionRequest):
 
 @router.delete("/sessions/{session_id}", summary="End a session")
 async def end_session(session_id: str):
+    owner = session_namespace(session_id)
+    if owner is not None:
+        _authorize(owner)
     if not _layer().end_session(session_id):
         raise memory.MemoryError_(404, f"unknown or expired session {session_id!r}")
     return {"session_id": session_id, "ended": True}

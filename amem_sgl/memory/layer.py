@@ -97,6 +97,8 @@ class MemoryLayer:
         self.store = MemoryStore(self.config.resolved_dir(), Embedder(self.config.embedder or None),
                                  lexical_weight=self.config.lexical_weight)
         self.residency = residency  # ResidencyClient or None
+        # Sent with the requests to this server's own /generate (the launcher sets its internal API token).
+        self.request_headers: dict[str, str] = {}
         self.sessions: dict[str, Session] = {}
         self.plans: collections.OrderedDict[str, Plan] = collections.OrderedDict()  # by request id
         self._lock = threading.Lock()
@@ -196,7 +198,7 @@ class MemoryLayer:
         started, done = time.monotonic(), 0
         step = max(1, len(todo) // 10)
         semaphore = asyncio.Semaphore(int(os.environ.get("AMEM_SGL_REGISTER_CONCURRENCY", "8")))
-        async with httpx.AsyncClient(timeout=600) as client:
+        async with httpx.AsyncClient(timeout=600, headers=self.request_headers) as client:
             async def one(tokens: list[int]) -> None:
                 nonlocal done
                 body = {"input_ids": pre + tokens, "sampling_params": {"max_new_tokens": 0},
@@ -217,7 +219,7 @@ class MemoryLayer:
         # The device tree (a forget action), then the residency tiers.
         body = {"input_ids": self.preamble[:1] or [0], "sampling_params": {"max_new_tokens": 0},
                 "kv_hints": build_kv_hints(namespace, [], forget=["*"] if chunk_ids is None else list(chunk_ids))}
-        async with httpx.AsyncClient(timeout=120) as client:
+        async with httpx.AsyncClient(timeout=120, headers=self.request_headers) as client:
             reply = await client.post(f"{self.base_url}/generate", json=body)
         if reply.status_code != 200:
             logger.warning("amem memory: device forget for %s failed: %s", namespace, reply.text[:300])
@@ -353,7 +355,7 @@ class MemoryLayer:
         ids, spans = self.compose(session.namespace, [{"role": "user", "content": ""}], chunks)
         body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 0},
                 "kv_hints": self.hints(session.namespace, spans)}
-        async with httpx.AsyncClient(timeout=600) as client:
+        async with httpx.AsyncClient(timeout=600, headers=self.request_headers) as client:
             reply = await client.post(f"{self.base_url}/generate", json=body)
         if reply.status_code != 200:
             logger.warning("amem memory: warming session %s failed: %s", session.session_id, reply.text[:300])

@@ -5,6 +5,11 @@
 * :class:`ChunkHintsGuard` -- a ``/generate`` request whose ``kv_hints`` carry a malformed
   ``amem.chunks`` action (bad namespace, spans out of order or past the prompt, oversized chunk,
   unknown fields) gets 400 with the reason, instead of being silently prefilled.
+* :class:`AuthGuard` -- with API keys (amem_sgl.server.auth), every request that uses a namespace
+  (memory routes, OpenAI/Anthropic turns naming a namespace or session, ``/generate`` with chunk
+  hints) needs a key covering it: 401 without a valid one, 403 for a namespace it does not cover,
+  each in its API's error shape. It runs first of all (:func:`install_outermost`), before SGLang's
+  own ``--api-key`` check, which it composes with: see :class:`AuthGuard`.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 
 from amem_sgl.chunks.hints import ACTION_TYPE, parse_kv_hints
+from amem_sgl.server import auth as _auth
 
 
 def error_body(message: str, status: int, kind: str) -> bytes:
@@ -129,3 +135,165 @@ class ChunkHintsGuard:
             except ValueError as err:
                 return str(err)
         return None
+
+
+# ---------------------------------------------------------------- API keys
+
+MEMORY_PREFIX = "/amem/v1"
+USER_PATHS = ("/v1/chat/completions", "/v1/completions", "/invocations", "/v1/responses")  # `user` = namespace
+HINT_PATHS = ("/generate",)  # amem.chunks actions in kv_hints
+_KINDS = {401: "authentication_error", 403: "permission_error", 413: "request_too_large",
+          415: "invalid_request_error", 503: "service_unavailable"}
+
+
+def denial_response(path: str, status: int, message: str) -> bytes:
+    """An auth (or guard) error in the shape of the API ``path`` belongs to."""
+    kind = _KINDS.get(status, "invalid_request_error")
+    if path == MEMORY_PREFIX or path.startswith(MEMORY_PREFIX + "/"):
+        return json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
+    if path.startswith("/v1/messages"):
+        return json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
+    if path.startswith("/v1/responses"):
+        return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
+    if path.startswith("/v1/") or path == "/invocations":
+        return error_body(message, status, kind)
+    return json.dumps({"error": {"message": message}}).encode()
+
+
+def body_namespaces(path: str, body: bytes) -> tuple[bool, list[str]]:
+    """(uses memory, namespaces named) of a request body: ``user`` on the OpenAI routes, the
+    namespace of every amem.chunks action on ``/generate`` (single or batch)."""
+    hint = path in HINT_PATHS
+    marker = b"kv_hints" if hint else b"user"
+    if marker not in body and b"\\u" not in body:  # an escaped key would spell it with \u
+        return False, []
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False, []  # SGLang answers malformed JSON itself
+    if not isinstance(data, dict):
+        return False, []
+    if not hint:
+        user = data.get("user")
+        return (True, [user]) if isinstance(user, str) and user else (False, [])
+    hints = data.get("kv_hints")
+    found, names = False, []
+    for envelope in hints if isinstance(hints, list) else [hints]:
+        actions = envelope.get("actions") if isinstance(envelope, dict) else None
+        for action in actions if isinstance(actions, list) else []:
+            if isinstance(action, dict) and action.get("action_type") == ACTION_TYPE:
+                found = True  # a malformed one (no namespace) still needs a key; ChunkHintsGuard refuses it
+                payload = action.get("payload")
+                namespace = payload.get("namespace") if isinstance(payload, dict) else None
+                if isinstance(namespace, str):
+                    names.append(namespace)
+    return found, names
+
+
+class AuthGuard:
+    """Authenticates ``Authorization: Bearer`` and authorizes the namespaces a request uses.
+
+    Composition with SGLang's ``--api-key`` (same header): SGLang's key is an admin principal here,
+    and an amem key is accepted in its place on the requests amem guards -- this guard, having
+    authorized one, hands it on with SGLang's key in the header, so SGLang's check passes. Requests
+    that use no namespace are SGLang's business and pass untouched: with ``--api-key`` they need
+    SGLang's key (an amem key does not unlock plain inference or SGLang's admin routes); without it
+    they are open, as in SGLang. The memory layer's internal token is always handed on this way.
+    """
+
+    def __init__(self, app, authenticator: "_auth.Authenticator", *, max_bytes: int,
+                 session_namespace=lambda session_id: None, sglang_api_key: str | None = None) -> None:
+        self.app = app
+        self.auth = authenticator
+        self.max_bytes = max_bytes
+        self.session_namespace = session_namespace
+        self.sglang_api_key = sglang_api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") == "OPTIONS":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        headers = {k.lower(): v for k, v in scope.get("headers") or ()}
+        try:
+            principal, unavailable = self.auth.resolve(_bearer(headers.get(b"authorization"))), None
+        except _auth.AuthUnavailable as err:
+            principal, unavailable = None, str(err)
+        guarded = path == MEMORY_PREFIX or path.startswith(MEMORY_PREFIX + "/")
+        needs: list[str] = []
+        if b"x-amem-namespace" in headers:
+            guarded = True
+            needs.append(headers[b"x-amem-namespace"].decode("latin-1"))
+        if b"x-amem-session" in headers:
+            guarded = True
+            owner = self.session_namespace(headers[b"x-amem-session"].decode("latin-1"))
+            if owner:
+                needs.append(owner)
+        body = None
+        if (self.auth.enabled and scope.get("method") == "POST" and path in USER_PATHS + HINT_PATHS
+                and not (principal is not None and principal.name == "sglang-api-key")):
+            if b"x-body-compressed" in headers:
+                return await self._deny(send, path, 415, "compressed request bodies are not accepted on this "
+                                                         "route while amem API keys are on")
+            body, interrupted, size = await _read_body(receive, limit=self.max_bytes)
+            if interrupted is not None:
+                return await self.app(scope, _replay(b"", receive, first=interrupted), send)
+            if body is None:
+                return await self._deny(send, path, 413, f"request body is over {size} bytes; this server accepts "
+                                        f"at most {self.max_bytes} bytes (amem.server.max_request_bytes)")
+            uses, names = body_namespaces(path, body)
+            guarded = guarded or uses
+            needs += names
+        if guarded and self.auth.enabled:
+            status, message = None, None
+            if unavailable:
+                status, message = 503, "authentication is unavailable: the server's keys file cannot be read"
+            elif principal is None:
+                status, message = 401, "a valid amem API key is required (Authorization: Bearer <key>)"
+            else:
+                denied = next((n for n in needs if not principal.covers(n)), None)
+                if denied is not None:
+                    status, message = 403, f"this API key does not cover namespace {denied!r}"
+            if status is not None:
+                return await self._deny(send, path, status, message)
+        if principal is not None and self.sglang_api_key and principal.name != "sglang-api-key" and (
+                guarded or principal.name == "amem-internal"):
+            scope = dict(scope)
+            scope["headers"] = [(k, v) for k, v in scope.get("headers") or () if k.lower() != b"authorization"] + [
+                (b"authorization", f"Bearer {self.sglang_api_key}".encode())]
+        token = _auth.CURRENT.set(principal)
+        try:
+            await self.app(scope, _replay(body, receive) if body is not None else receive, send)
+        finally:
+            _auth.CURRENT.reset(token)
+
+    @staticmethod
+    async def _deny(send, path: str, status: int, message: str) -> None:
+        payload = denial_response(path, status, message)
+        extra = [(b"www-authenticate", b"Bearer")] if status == 401 else []
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(payload)).encode()), *extra]})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _bearer(value: bytes | None) -> str | None:
+    if not value:
+        return None
+    scheme, _, token = value.decode("latin-1").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def install_outermost(app, cls, **kwargs) -> None:
+    """Run middleware ``cls`` before every other user middleware of ``app`` -- also before the ones
+    added later (SGLang adds its ``--api-key`` check when the server starts): it is put first in
+    the app's list when Starlette builds the middleware stack (at the first request)."""
+    from starlette.middleware import Middleware
+
+    build = app.build_middleware_stack
+
+    def build_with_first():
+        if not any(m.cls is cls for m in app.user_middleware):
+            app.user_middleware.insert(0, Middleware(cls, **kwargs))
+        return build()
+
+    app.build_middleware_stack = build_with_first

@@ -9,6 +9,17 @@ SGLang's tokenizer manager, in the HTTP process, before the request is sent to t
 ``TokenizerManager._validate_one_request(obj, input_ids)``. An AROUND hook there (installed by
 amem's launcher) refuses ids outside ``[0, vocab_size)`` with a ``ValueError``, which every route
 already answers as a 400 in its own error shape, naming the offending value and its index.
+
+The same point seals amem's part of the radix key space and backs up the API-key guard, for every
+route (those the guard knows and any other that builds a ``GenerateReqInput``):
+
+* a client ``extra_key`` / ``cache_salt`` containing ``amem:`` (amem_sgl.chunks.identity
+  RESERVED_KEY_PREFIX: chunk nodes ``amem:chunk:<id>``, namespace salts ``amem:ns:...``, and the
+  ``original|salt`` combination) is refused: otherwise a plain request could land in a namespace's
+  salted subtree and read its ``cached_tokens``;
+* with API keys on, an ``amem.chunks`` action (a ``/generate`` chunk hint, or the prompt the memory
+  layer composed for an OpenAI/Anthropic turn) is refused unless the request's key covers its
+  namespace (amem_sgl.server.auth.denial).
 """
 
 from __future__ import annotations
@@ -16,6 +27,9 @@ from __future__ import annotations
 from typing import Sequence
 
 from amem_sgl import sglang_compat as sgl
+from amem_sgl.chunks.hints import parse_kv_hints
+from amem_sgl.chunks.identity import RESERVED_KEY_PREFIX
+from amem_sgl.server import auth
 
 
 class TokenIdError(ValueError):
@@ -38,11 +52,45 @@ def check_token_ids(input_ids: Sequence, vocab_size: int, *, where: str = "input
                                f"valid ids are 0..{vocab_size - 1} (vocabulary of {vocab_size})")
 
 
+class ReservedKeyError(ValueError):
+    """A client names a radix key in amem's reserved space."""
+
+
+def check_reserved_keys(obj) -> None:
+    """Refuse a client ``extra_key`` / ``cache_salt`` in amem's reserved key space."""
+    for field in ("extra_key", "cache_salt"):
+        value = getattr(obj, field, None)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, str) and RESERVED_KEY_PREFIX in item:
+                raise ReservedKeyError(f"{field} {item[:80]!r} is in a reserved key space: values containing "
+                                       f"{RESERVED_KEY_PREFIX!r} are amem's own")
+
+
+def check_chunk_namespaces(obj) -> None:
+    """With API keys on: the request's key must cover the namespace of its amem.chunks action."""
+    hints = getattr(obj, "kv_hints", None)
+    if hints is None or auth.ACTIVE is None or not auth.ACTIVE.enabled:
+        return
+    for envelope in hints if isinstance(hints, list) else [hints]:
+        try:
+            request = parse_kv_hints(envelope)
+        except ValueError:
+            request = None  # malformed: the scheduler ignores it (ChunkHintsGuard refused it on /generate)
+        if request is None:
+            continue
+        denied = auth.denial([request.namespace])
+        if denied is not None:
+            raise ValueError(f"{denied[1]} (HTTP {denied[0]})")
+
+
 def around_validate_one_request(original, manager, obj, input_ids, *args, **kwargs):
-    """AROUND hook for ``TokenizerManager._validate_one_request``: the vocabulary check first."""
+    """AROUND hook for ``TokenizerManager._validate_one_request``: the vocabulary check first, then
+    the reserved key space and the chunk namespaces' keys."""
     vocab_size = getattr(getattr(manager, "model_config", None), "vocab_size", None)
     if vocab_size and getattr(obj, "input_embeds", None) is None:
         check_token_ids(input_ids, int(vocab_size))
+    check_reserved_keys(obj)
+    check_chunk_namespaces(obj)
     return original(manager, obj, input_ids, *args, **kwargs)
 
 
