@@ -14,6 +14,7 @@ import os
 from amem_sgl import sglang_compat as sgl
 from amem_sgl.cache import ChunkRadixCache
 from amem_sgl.cache.chunk_radix_cache import USAGE_KEY, ChunkSupport
+from amem_sgl.blend.backend import amem_backend_of
 from amem_sgl.cache.splice import find_rope, self_check
 from amem_sgl.config import CONFIG_ENV, AmemConfig
 
@@ -51,10 +52,11 @@ def build_chunk_radix_cache(ctx: sgl.TreeCacheBuildContext) -> ChunkRadixCache:
         from amem_sgl.metrics import AmemMetrics
 
         cache.metrics = AmemMetrics(_model_id(ctx))
-    if cache.chunks.blend_available:
-        from amem_sgl.blend.runner import RUNNERS, BlendRunner
+    if cache.chunks.blend_available and cache.chunk_reuse_enabled:
+        from amem_sgl.blend.runner import BlendRunner
 
-        RUNNERS[id(ctx.tp_worker)] = BlendRunner(cache)
+        # The blend runner hangs off this worker's attention seam (one per model runner).
+        amem_backend_of(getattr(ctx.tp_worker, "model_runner", None)).blender = BlendRunner(cache)
     logger.info(
         "amem: ChunkRadixCache built (model=%s, page_size=%d, kv pool=%s tokens, radix cache %s)",
         ctx.model_config.model_path if ctx.model_config is not None else "?",
@@ -80,8 +82,8 @@ def chunk_support(ctx: sgl.TreeCacheBuildContext, config: AmemConfig) -> ChunkSu
         logger.warning("amem: chunk reuse disabled: %s", reason)
         return ChunkSupport(kv_pool, None, model_id, False, reason, max_tokens)
     blend_default = config.blend.to_policy()
-    blend_available = bool(os.environ.get(CONFIG_ENV)) and config.attention.linear_extend and isinstance(
-        getattr(model_runner, "attn_backend", None), sgl.TorchNativeAttnBackend)
+    # Blend and probe passes run in amem's attention seam (torch path on CPU, Triton on CUDA).
+    blend_available = amem_backend_of(model_runner) is not None
     rope = find_rope(model_runner.model)
     check = self_check(rope, kv_pool.dtype, kv_pool.head_num)
     if not check.passed:
@@ -90,8 +92,8 @@ def chunk_support(ctx: sgl.TreeCacheBuildContext, config: AmemConfig) -> ChunkSu
         logger.error("amem: %s; chunk reuse disabled", reason)
         return ChunkSupport(kv_pool, rope, model_id, False, reason, max_tokens)
     logger.info("amem: blend %s (default policy %s)", "available" if blend_available else
-                "unavailable: needs the CPU engine's torch_native attention with amem.attention.linear_extend",
-                blend_default)
+                "unavailable: the model runner's attention backend is not wrapped by amem's seam "
+                "(amem_sgl.blend.backend.WRAPPED_BACKENDS)", blend_default.label)
     reason = (f"RoPE re-rotation self-check passed: max relative error {check.max_relative_error:.3g} "
               f"<= {check.tolerance:.3g} ({check.detail})")
     logger.info("amem: %s; chunk reuse enabled", reason)
@@ -147,12 +149,12 @@ def load() -> None:
     sgl.add_around_hook(sgl.REQUEST_LEVEL_INFO_TARGET, _request_level_usage)
     # Behaviour changes only in servers amem's launcher started (it sets CONFIG_ENV): a plain
     # `python -m sglang.launch_server` in the same environment stays stock SGLang.
-    if os.environ.get(CONFIG_ENV) and AmemConfig.from_env().attention.linear_extend:
-        from amem_sgl.blend.attention import around_torch_native_extend, around_torch_native_forward_extend
+    if os.environ.get(CONFIG_ENV):
+        from amem_sgl.blend.backend import wrap_attention_factories
         from amem_sgl.blend.runner import around_forward
 
-        sgl.add_around_hook(sgl.TORCH_NATIVE_EXTEND_TARGET, around_torch_native_extend)
-        sgl.add_around_hook(sgl.TORCH_NATIVE_FORWARD_EXTEND_TARGET, around_torch_native_forward_extend)
+        # amem's attention seam: the stock backends' factories, wrapped (amem_sgl.blend.backend).
+        wrap_attention_factories(linear_extend=AmemConfig.from_env().attention.linear_extend)
         sgl.add_around_hook(sgl.WORKER_FORWARD_TARGET, around_forward)
     if os.environ.get(CONFIG_ENV):
         sgl.allow_usage_extension_fields()

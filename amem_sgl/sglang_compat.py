@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sglang
 from sglang.launch_server import run_server
+from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.layers.rotary_embedding.factory import get_rope
 from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req
@@ -41,7 +42,7 @@ from sglang.srt.mem_cache.registry import (
     register_radix_cache_backend,
     registered_radix_cache_backends,
 )
-from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch
+from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
 from sglang.srt.plugins import load_plugins
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 from sglang.srt.sampling.sampling_params import SamplingParams
@@ -84,17 +85,8 @@ COMPLETION_CONVERSION_TARGET = (
 
 # Dotted path of the worker's forward of one batch (where a blend pass runs first).
 WORKER_FORWARD_TARGET = f"{TpModelWorker.__module__}.{TpModelWorker.__qualname__}.forward_batch_generation"
-TORCH_NATIVE_FORWARD_EXTEND_TARGET = (
-    f"{TorchNativeAttnBackend.__module__}.{TorchNativeAttnBackend.__qualname__}.forward_extend"
-)
-
-# Dotted path of torch_native's extend attention (the CPU engine's prefill/extend path).
-TORCH_NATIVE_EXTEND_TARGET = (
-    f"{TorchNativeAttnBackend.__module__}.{TorchNativeAttnBackend.__qualname__}._run_sdpa_forward_extend"
-)
-
 # Dotted path of the tokenizer manager's per-request validation (HTTP process, before the scheduler):
-# where amem_sgl.server.validation checks token ids against the vocabulary.
+# where amem_sgl.server.validation checks token ids against the vocabulary. (Owned by the lead; keep.)
 TOKENIZER_VALIDATE_TARGET = (
     f"{TokenizerManager.__module__}.{TokenizerManager.__qualname__}._validate_one_request"
 )
@@ -155,6 +147,7 @@ __all__ = [
     "CacheInitParams",
     "CaptureHiddenMode",
     "ForwardBatch",
+    "ForwardMode",
     "CacheRequestHandle",
     "EvictParams",
     "FINISH_LENGTH",
@@ -177,8 +170,8 @@ __all__ = [
     "ReqToTokenPool",
     "SamplingParams",
     "TOKENIZER_VALIDATE_TARGET",
-    "TORCH_NATIVE_EXTEND_TARGET",
-    "TORCH_NATIVE_FORWARD_EXTEND_TARGET",
+    "ATTENTION_BACKENDS",
+    "register_attention_backend",
     "TorchNativeAttnBackend",
     "TpModelWorker",
     "WORKER_FORWARD_TARGET",

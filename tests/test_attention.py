@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from amem_sgl import sglang_compat as sgl
-from amem_sgl.blend.attention import around_torch_native_extend, extend_attention
+from amem_sgl.blend.attention import extend_attention, linear_sdpa_forward_extend
 
 HEADS, KV_HEADS, DIM = 9, 3, 64  # SmolLM2's GQA layout
 BATCH = [(0, 7), (37, 5), (100, 1), (12, 30)]  # (cached prefix, extended tokens) per sequence
@@ -67,7 +67,7 @@ def test_other_attention_kinds_go_to_the_original(kwargs):
     calls = []
     b = make_batch(torch.float32, torch.Generator().manual_seed(0))
     args = dict(causal=True) | kwargs
-    around_torch_native_extend(lambda *a, **k: calls.append(k) or "original", "backend", b["query"],
+    linear_sdpa_forward_extend(lambda *a, **k: calls.append(k) or "original", b["query"],
                                torch.empty_like(b["query"]), b["k_cache"], b["v_cache"], b["req_to_token"],
                                b["req_pool_indices"], b["seq_lens"], b["extend_prefix_lens"],
                                b["extend_seq_lens"], **args)

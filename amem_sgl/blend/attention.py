@@ -7,53 +7,17 @@ a cache hit still costs attention quadratic in the cached length (measured on 2 
 extend rows and masks keys by position (key position <= query position), which gives the same rows
 and also makes attention over spliced or recomputed tokens correct by position.
 
-It is installed as an AROUND hook on that method (SGLang's plugin hook registry, see
-amem_sgl.plugin) only in servers started by amem's launcher; cross-attention, sliding-window and
-non-causal calls go to the original. A second AROUND hook on ``forward_extend`` hands the batch's
-query positions (``forward_batch.positions``) to it, so a blend pass -- scattered tokens recomputed
-at their true positions -- attends causally by position over the whole spliced sequence.
+amem's attention seam (amem_sgl.blend.backend) sets it on the torch_native backend instance of
+servers started by amem's launcher; cross-attention, sliding-window and non-causal calls go to the
+original. The seam's blend and probe passes call :func:`extend_attention` with the batch's query
+positions, so scattered tokens recomputed at their true positions attend causally by position over
+the whole spliced sequence.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import threading
-
 import torch
 from torch.nn.functional import scaled_dot_product_attention
-
-
-_batch_positions = threading.local()
-_probe = threading.local()
-
-
-class ProbeDone(Exception):
-    """Raised at the probe's check layer to end a blend probe forward there."""
-
-
-@dataclasses.dataclass
-class Probe:
-    layer: int
-    deviation: torch.Tensor | None = None  # [tokens] sum of squared key differences
-
-
-@contextlib.contextmanager
-def probe_at(layer: int):
-    """While active, the forward's attention at ``layer`` records each token's key deviation
-    (fresh key vs the key in its KV slot, before it is overwritten) and raises :class:`ProbeDone`."""
-    probe = Probe(layer)
-    _probe.value = probe
-    try:
-        yield probe
-    finally:
-        _probe.value = None
-
-
-def key_deviation(k_new: torch.Tensor, k_cached: torch.Tensor) -> torch.Tensor:
-    """Per-token sum over heads and dims of (k_new - k_cached)^2, in fp32."""
-    diff = k_new.reshape(k_cached.shape[0], -1).float() - k_cached.reshape(k_cached.shape[0], -1).float()
-    return diff.pow(2).sum(dim=-1)
 
 
 def extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
@@ -94,32 +58,17 @@ def extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_ind
     return output
 
 
-def around_torch_native_extend(original, backend, query, output, k_cache, v_cache, req_to_token,
-                               req_pool_indices, seq_lens, extend_prefix_lens, extend_seq_lens,
-                               encoder_lens=None, scaling=None, enable_gqa=False, causal=False,
-                               is_cross_attn=False, sliding_window_size=None):
-    """AROUND hook for ``TorchNativeAttnBackend._run_sdpa_forward_extend``."""
+def linear_sdpa_forward_extend(stock, query, output, k_cache, v_cache, req_to_token, req_pool_indices,
+                               seq_lens, extend_prefix_lens, extend_seq_lens, encoder_lens=None, scaling=None,
+                               enable_gqa=False, causal=False, is_cross_attn=False, sliding_window_size=None):
+    """``TorchNativeAttnBackend._run_sdpa_forward_extend`` with linear cost in the cached length;
+    ``stock`` is the backend's own method, which serves cross-attention, sliding-window and
+    non-causal calls. Set per backend instance by amem_sgl.blend.backend.AmemAttnBackend."""
     if encoder_lens is not None or is_cross_attn or not causal or (
             sliding_window_size is not None and sliding_window_size > -1):
-        return original(backend, query, output, k_cache, v_cache, req_to_token, req_pool_indices,
-                        seq_lens, extend_prefix_lens, extend_seq_lens, encoder_lens=encoder_lens,
-                        scaling=scaling, enable_gqa=enable_gqa, causal=causal, is_cross_attn=is_cross_attn,
-                        sliding_window_size=sliding_window_size)
+        return stock(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                     extend_prefix_lens, extend_seq_lens, encoder_lens=encoder_lens, scaling=scaling,
+                     enable_gqa=enable_gqa, causal=causal, is_cross_attn=is_cross_attn,
+                     sliding_window_size=sliding_window_size)
     return extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
-                            extend_prefix_lens, extend_seq_lens, scaling=scaling, enable_gqa=enable_gqa,
-                            positions=getattr(_batch_positions, "value", None))
-
-
-def around_torch_native_forward_extend(original, backend, q, k, v, layer, forward_batch, *args, **kwargs):
-    """AROUND hook for ``TorchNativeAttnBackend.forward_extend``: exposes the batch's positions and
-    ends a blend probe at its check layer."""
-    probe = getattr(_probe, "value", None)
-    if probe is not None and layer.layer_id == probe.layer:
-        cached = backend.token_to_kv_pool.get_key_buffer(layer.layer_id)[forward_batch.out_cache_loc]
-        probe.deviation = key_deviation(k, cached)
-        raise ProbeDone()
-    _batch_positions.value = forward_batch.positions
-    try:
-        return original(backend, q, k, v, layer, forward_batch, *args, **kwargs)
-    finally:
-        _batch_positions.value = None
+                            extend_prefix_lens, extend_seq_lens, scaling=scaling, enable_gqa=enable_gqa)

@@ -2,70 +2,50 @@
 
 When the cache hands a spliced prefix to a request's KV row it records a :class:`BlendPlan` (the
 positions the policy picked). Right before the worker runs an extend batch, :func:`around_forward`
-runs one extra forward for every blended request in it (one pass per batch, the shape of SGLang's
-encoder-SWA replay): input = the picked tokens, positions = their true positions, output KV slots =
-their slots in the row, sequence length = the end of the spliced region. Every layer writes the
-recomputed tokens' fresh KV over the spliced copies before attending, and attention is causal by
-position over the whole spliced sequence (amem_sgl.blend.attention), so a recomputed token sees the
-chunks before it. The scheduler's own extend of the remaining tokens then reads the blended KV.
+asks the cache for the plans of the batch's requests (``take_blend_plans``) and runs one extra
+forward for all of them (the shape of SGLang's encoder-SWA replay): input = the picked tokens,
+positions = their true positions, output KV slots = their slots in the row, sequence length = the
+end of the spliced region. That forward runs with one :class:`BlendContext` handed to the attention
+seam (``AmemAttnBackend.serving``), which, in every layer, writes the
+recomputed tokens' fresh KV over the spliced copies, then attends causally by position over the
+whole spliced sequence. The scheduler's own extend of the remaining tokens then reads the blended KV.
 
 Deviation policies (``hkvd``) first run a probe pass over every spliced token of those requests:
-layers below the check layer run in full (their fresh KV replaces the spliced copies), and at the
-check layer the attention hook compares each token's fresh key with its spliced key and ends the
-forward there (:class:`amem_sgl.blend.attention.ProbeDone`). The top-deviation tokens then join
-the plan's fixed positions in the blend pass.
+the model's layer range is cut to ``check_layer + 1`` layers for that forward, layers below the
+check layer run in full (their fresh KV replaces the spliced copies), and at the check layer the
+seam records each token's key deviation in the context and stores nothing. No exception crosses
+the model's code. The top-deviation tokens then join the plan's fixed positions in the blend pass.
+
+Extra forwards run eagerly: the prefill CUDA-graph runner is set aside for them (decode and the
+scheduler's own batches keep SGLang's graphs and the stock attention backend).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import dataclasses
 import logging
 
 import torch
 
 from amem_sgl import sglang_compat as sgl
+from amem_sgl.blend.backend import amem_backend_of, default_kernel
+from amem_sgl.blend.context import BlendContext, BlendPlan
 
 logger = logging.getLogger(__name__)
 
-# The blend runner of each TpModelWorker in this process (set by the cache factory).
-RUNNERS: dict[int, "BlendRunner"] = {}
-
-
-@dataclasses.dataclass(frozen=True)
-class BlendPlan:
-    end: int  # end of the spliced region (the request's prefix length)
-    positions: tuple[int, ...]  # ascending positions to recompute, all < end
-    segments: tuple[tuple[int, int], ...] = ()  # spliced chunks (start, length): the probe's tokens
-    budget: int = 0  # tokens to add by key deviation at check_layer (0: no probe pass)
-    check_layer: int = 1
-    gaps: tuple[int, ...] = ()  # uncached non-chunk positions inside the region (always computed)
-
-    def probe_positions(self) -> list[int]:
-        """Every spliced chunk token and gap token, ascending: a probe computes the early layers of
-        all of them (a gap has no KV at all until it is computed)."""
-        return sorted({p for start, length in self.segments for p in range(start, start + length)} | set(self.gaps))
-
-    def with_deviation(self, deviation: torch.Tensor) -> "BlendPlan":
-        """The plan with the ``budget`` highest-deviation probe tokens added to its positions."""
-        probe = self.probe_positions()
-        fixed = set(self.positions) | set(self.gaps)
-        score = deviation.float().clone()
-        score[[i for i, p in enumerate(probe) if p in fixed]] = float("-inf")
-        top = torch.topk(score, min(self.budget, len(probe) - len(fixed))).indices.tolist()
-        chosen = sorted(fixed | {probe[i] for i in top})
-        return dataclasses.replace(self, positions=tuple(chosen), budget=0)
+__all__ = ["BlendPlan", "BlendRunner", "around_forward"]
 
 
 class BlendRunner:
-    def __init__(self, cache) -> None:
+    def __init__(self, cache, kernel: str | None = None) -> None:
         self.cache = cache
+        self.kernel = kernel  # None: default_kernel(the model runner's device)
 
     def run(self, worker, batch) -> None:
         if batch is None or not batch.forward_mode.is_extend() or batch.forward_mode.is_target_verify():
             return
-        picked = [(i, self.cache.blend_plans.pop(req.rid)) for i, req in enumerate(batch.reqs)
-                  if req.rid in self.cache.blend_plans]
+        picked = self.cache.take_blend_plans(batch.reqs)
         if not picked:
             return
         runner = worker.model_runner
@@ -77,34 +57,64 @@ class BlendRunner:
         picked = [(i, plan) for i, plan in picked if plan.positions]
         if not picked:
             return
-        self._forward(runner, batch, [(i, plan.end, plan.positions) for i, plan in picked])
+        self._forward(runner, batch, [(i, plan.end, plan.positions) for i, plan in picked], self._context(runner))
         self.cache.stats.recomputed_tokens += sum(len(set(plan.positions) - set(plan.gaps)) for _, plan in picked)
         self.cache.stats.gap_tokens += sum(len(plan.gaps) for _, plan in picked)
         self.cache.stats.blend_passes += 1
 
-    def _forward(self, runner, batch, rows) -> None:
+    def _context(self, runner, probe_layer: int | None = None) -> BlendContext:
+        return BlendContext(kernel=self.kernel or default_kernel(runner.device), probe_layer=probe_layer)
+
+    def _forward(self, runner, batch, rows, ctx: BlendContext) -> None:
         replay = _blend_batch(batch, runner, rows)
         fb = sgl.ForwardBatch.init_new(replay, runner, capture_hidden_mode=sgl.CaptureHiddenMode.NULL,
                                        return_hidden_states_before_norm=False)
         positions = [p for _, _, row_positions in rows for p in row_positions]
         fb.positions = torch.tensor(positions, dtype=fb.positions.dtype, device=fb.positions.device)
-        runner.forward(fb)
+        layers = ctx.probe_layer + 1 if ctx.probe_layer is not None else None
+        with amem_backend_of(runner).serving(ctx), _eager(runner), _layer_range(runner.model, layers):
+            runner.forward(fb)
 
     def _probe(self, runner, batch, probing, layer: int) -> list[torch.Tensor]:
         """Run every spliced token of ``probing`` up to ``layer``; each plan's key deviations there."""
-        from amem_sgl.blend.attention import ProbeDone, probe_at
-
         rows = [(i, plan.end, tuple(plan.probe_positions())) for i, plan in probing]
-        with probe_at(layer) as probe:
-            try:
-                self._forward(runner, batch, rows)
-            except ProbeDone:
-                pass
-        if probe.deviation is None:
+        ctx = self._context(runner, probe_layer=layer)
+        self._forward(runner, batch, rows, ctx)
+        if ctx.deviation is None:
             raise RuntimeError(f"amem: blend probe never reached layer {layer}")
         self.cache.stats.probed_tokens += sum(len(r[2]) - len(plan.gaps) for r, (_, plan) in zip(rows, probing))
         self.cache.stats.probe_passes += 1
-        return list(torch.split(probe.deviation, [len(r[2]) for r in rows]))
+        return list(torch.split(ctx.deviation, [len(r[2]) for r in rows]))
+
+
+@contextlib.contextmanager
+def _eager(runner):
+    """Run the model eagerly: set the prefill CUDA-graph runner aside (SGLang checks it for None)."""
+    graphs = getattr(runner, "prefill_cuda_graph_runner", None)
+    if graphs is not None:
+        runner.prefill_cuda_graph_runner = None
+    try:
+        yield
+    finally:
+        if graphs is not None:
+            runner.prefill_cuda_graph_runner = graphs
+
+
+@contextlib.contextmanager
+def _layer_range(model, layers: int | None):
+    """Run only the first ``layers`` decoder layers (the model's own pipeline layer range, which its
+    forward loops over); without a range to cut, every layer runs and the seam skips attention and
+    stores nothing past the probe layer."""
+    inner = getattr(model, "model", None)
+    if layers is None or inner is None or not isinstance(getattr(inner, "end_layer", None), int):
+        yield
+        return
+    end = inner.end_layer
+    inner.end_layer = min(end, inner.start_layer + layers)
+    try:
+        yield
+    finally:
+        inner.end_layer = end
 
 
 def _blend_batch(batch, runner, picked):
@@ -154,11 +164,12 @@ def around_forward(original, worker, *args, **kwargs):
 
     A failing blend pass must not take the scheduler down: the requests then run on their spliced
     KV as it stands (answers may drift from a full prefill), the error is logged and counted."""
-    runner = RUNNERS.get(id(worker))
-    if runner is not None:
+    backend = amem_backend_of(worker.model_runner)
+    blender = backend.blender if backend is not None else None
+    if blender is not None:
         try:
-            runner.run(worker, kwargs["batch"] if "batch" in kwargs else (args[0] if args else None))
+            blender.run(worker, kwargs["batch"] if "batch" in kwargs else (args[0] if args else None))
         except Exception:  # noqa: BLE001 -- serving goes on; the failure is visible in stats and log
-            runner.cache.stats.blend_failures += 1
+            blender.cache.stats.blend_failures += 1
             logger.exception("amem: blend pass failed; serving these requests on their spliced KV")
     return original(worker, *args, **kwargs)

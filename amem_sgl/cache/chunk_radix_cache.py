@@ -43,7 +43,7 @@ from typing import Any, Optional
 import torch
 
 from amem_sgl.blend.policy import BlendPolicy
-from amem_sgl.blend.runner import BlendPlan
+from amem_sgl.blend.context import BlendPlan
 from amem_sgl.cache.splice import RopeSpec, copy_kv, pool_layers, splice_kv
 from amem_sgl.chunks.hints import ChunkRequest, ChunkSpan, parse_kv_hints
 from amem_sgl.chunks.identity import chunk_id
@@ -62,6 +62,8 @@ logger = logging.getLogger(__name__)
 
 CHUNK_KEY_PREFIX = "amem:chunk:"
 NAMESPACE_KEY_PREFIX = "amem:ns:"
+# Appended to a namespace's salt for exact requests (kv_hints ``exact``); '#' is never in a namespace.
+EXACT_SALT_SUFFIX = "#exact"
 USAGE_KEY = "amem"  # req.customized_info key -> meta_info["amem"] of the response
 
 
@@ -143,7 +145,7 @@ class ChunkRadixCache(RadixCache):
         self.chunks = chunks
         self.chunk_meta: dict[str, ChunkMeta] = {}
         self._splices: dict[str, _Splice] = {}
-        self.blend_plans: dict[str, BlendPlan] = {}  # handed-over splices awaiting their blend pass
+        self.blend_plans: dict[str, BlendPlan] = {}  # admitted requests' plans until their batch runs
         self._to_capture: dict[str, list[ChunkSpan]] = {}  # capture requests: the spans they compute
         self.metrics = None  # amem_sgl.metrics.AmemMetrics when the server runs with --enable-metrics
         self.residency = None  # amem_sgl.residency.client.ResidencyClient when the service runs
@@ -182,7 +184,8 @@ class ChunkRadixCache(RadixCache):
             if req is not None:
                 self._drop_splice(req.rid)
             return result
-        splice = self._splice_for(req, request, result, len(params.key))
+        # An exact request splices nothing: its spans are prefilled (and captured) like any tokens.
+        splice = None if request.exact else self._splice_for(req, request, result, len(params.key))
         if request.capture:
             spliced = {start for start, _ in splice.segments} if splice is not None else set()
             self._to_capture[req.rid] = [span for span in request.spans
@@ -240,6 +243,11 @@ class ChunkRadixCache(RadixCache):
         super().checkpoint(req, up_to=min(up_to, span.start))
         if req.finished() and up_to >= span.end:
             self._capture_chunk(req, request.namespace, span)
+
+    def take_blend_plans(self, reqs) -> list[tuple[int, BlendPlan]]:
+        """(index in ``reqs``, plan) for every request of a batch that was handed a blend plan at
+        admission; each plan is handed out once (the blend runner calls this before the batch runs)."""
+        return [(i, self.blend_plans.pop(req.rid)) for i, req in enumerate(reqs) if req.rid in self.blend_plans]
 
     def reset(self):
         """SGLang's cache flush: the device tree (chunk nodes included) is emptied. Chunks the
@@ -341,7 +349,7 @@ class ChunkRadixCache(RadixCache):
         device tree, freeing their slots. Nodes a running request holds stay until it ends (then
         evictable as usual). Returns the tokens freed."""
         salt = f"{NAMESPACE_KEY_PREFIX}{namespace}"
-        targets = []
+        targets = []  # chunk nodes, and blended and exact prefixes (the exact salt = salt + suffix)
         for node in list(self.root_node.children.values()):
             extra = node.key.extra_key or ""
             if extra.startswith(CHUNK_KEY_PREFIX):
@@ -350,7 +358,7 @@ class ChunkRadixCache(RadixCache):
                 if meta is not None and meta.namespace == namespace and (chunk_ids is None or cid in chunk_ids):
                     targets.append(node)
                     self.chunk_meta.pop(cid, None)
-            elif extra == salt or extra.endswith("|" + salt):
+            elif (base := extra.removesuffix(EXACT_SALT_SUFFIX)) == salt or base.endswith("|" + salt):
                 targets.append(node)
         freed = sum(self._drop_subtree(node) for node in targets)
         self.stats.forgotten_tokens += freed
@@ -424,6 +432,7 @@ class ChunkRadixCache(RadixCache):
     def _salt_request(req, request: ChunkRequest) -> str:
         """Give the request a namespace-salted radix key (its checkpoint inserts under it too)."""
         salt = f"{NAMESPACE_KEY_PREFIX}{request.namespace}"
+        salt += EXACT_SALT_SUFFIX if request.exact else ""  # exact prefixes never meet blended ones
         original = getattr(req, "_amem_original_extra_key", req.extra_key)
         req._amem_original_extra_key = original
         req.extra_key = salt if original is None else f"{original}|{salt}"

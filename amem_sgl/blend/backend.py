@@ -1,0 +1,156 @@
+"""The attention seam: amem's attention backend, wrapping the stock one SGLang's model runner builds.
+
+:func:`wrap_attention_factories` re-registers, with SGLang's ``register_attention_backend``, the
+factories of the stock backends amem serves (``torch_native`` on CPU; ``triton``, ``flashinfer``,
+``fa3`` on CUDA) under their own names: each builds the stock backend and wraps it in
+:class:`AmemAttnBackend`. The name stays the stock one on purpose: SGLang 0.5.23 tests the string
+``"torch_native"`` in ``utils/common.py`` (``support_triton``), ``mem_cache/allocation.py`` (the
+Triton dispatch of ``get_last_loc``), ``arg_groups/attention_hook.py`` (CUDA graphs off) and
+``validation_hook.py``; a new name would turn those CPU decisions the wrong way.
+
+The wrapper delegates everything (attributes, metadata, decode, CUDA graphs) to the stock backend,
+except:
+
+* a forward run inside ``serving(ctx)`` with a :class:`~amem_sgl.blend.context.BlendContext` (a
+  blend or probe pass, run eagerly by amem_sgl.blend.runner): it stores the tokens' KV and attends by position
+  itself -- the linear-cost torch path (amem_sgl.blend.attention.extend_attention) on CPU, the
+  Triton ``kernels.blend_attention`` kernel on CUDA -- and at a probe's check layer records the key
+  deviation, stores nothing and returns zeros;
+* on CPU, torch_native's extend attention is the linear-cost one (set on this backend instance, no
+  class-wide hook): cached prefixes are not re-attended as a square.
+
+The blend runner (what runs blend passes before an extend batch) hangs off the backend instance
+(``blender``), set by the cache factory: no module-global registry keyed by worker ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+
+import torch
+
+from amem_sgl import sglang_compat as sgl
+from amem_sgl.blend.attention import extend_attention, linear_sdpa_forward_extend
+from amem_sgl.blend.context import BlendContext, key_deviation
+
+logger = logging.getLogger(__name__)
+
+# Stock backends amem wraps (MHA, KV pool [slots, kv_heads, head_dim]); others stay stock.
+WRAPPED_BACKENDS = ("torch_native", "triton", "flashinfer", "fa3")
+
+
+class AmemAttnBackend:
+    """A stock attention backend plus amem's blend/probe passes; see the module docstring."""
+
+    _OWN = ("inner", "blender", "linear_extend", "active")
+
+    def __init__(self, inner, *, linear_extend: bool = True) -> None:
+        object.__setattr__(self, "inner", inner)
+        object.__setattr__(self, "blender", None)  # amem_sgl.blend.runner.BlendRunner, set by the cache
+        object.__setattr__(self, "active", None)  # the BlendContext of the extra forward running now
+        linear = linear_extend and isinstance(inner, sgl.TorchNativeAttnBackend)
+        object.__setattr__(self, "linear_extend", linear)
+        if linear:
+            inner._run_sdpa_forward_extend = functools.partial(linear_sdpa_forward_extend,
+                                                               inner._run_sdpa_forward_extend)
+
+    def __getattr__(self, name):
+        return getattr(object.__getattribute__(self, "inner"), name)
+
+    def __setattr__(self, name, value) -> None:
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.inner, name, value)
+
+    @contextlib.contextmanager
+    def serving(self, ctx: BlendContext):
+        """Serve every attention call of the forward run inside this block as ``ctx``'s pass.
+
+        The context lives on this backend instance for the block (SGLang's eager runner copies the
+        ForwardBatch into its static buffers, so an attribute on the batch would not reach here)."""
+        if self.active is not None:
+            raise RuntimeError("amem: a blend pass is already running on this attention backend")
+        self.active = ctx
+        try:
+            yield ctx
+        finally:
+            self.active = None
+
+    def init_forward_metadata(self, forward_batch) -> None:
+        if self.active is None:  # a blend pass needs none: the seam serves every layer
+            self.inner.init_forward_metadata(forward_batch)
+
+    def forward(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
+        ctx = self.active
+        if ctx is None:
+            return self.inner.forward(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        return self.blend_forward(ctx, q, k, v, layer, forward_batch, save_kv_cache)
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
+        ctx = self.active
+        if ctx is None:
+            return self.inner.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        return self.blend_forward(ctx, q, k, v, layer, forward_batch, save_kv_cache)
+
+    def blend_forward(self, ctx: BlendContext, q, k, v, layer, forward_batch, save_kv_cache: bool = True):
+        """One layer of a blend or probe pass (see BlendContext)."""
+        pool = self.inner.token_to_kv_pool
+        layer_id = layer.layer_id
+        heads, head_dim = layer.tp_q_head_num, layer.v_head_dim
+        out_rows = q.new_zeros(q.shape[0], heads * head_dim)
+        if ctx.probe_layer is not None and layer_id >= ctx.probe_layer:
+            if layer_id == ctx.probe_layer:
+                cached = pool.get_key_buffer(layer_id)[forward_batch.out_cache_loc]
+                ctx.deviation = key_deviation(k, cached)
+            return out_rows  # the probe's output is discarded; nothing stored at or above the layer
+        ctx.layers_attended.append(layer_id)
+        if save_kv_cache:
+            pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        k_buffer, v_buffer = pool.get_key_buffer(layer_id), pool.get_value_buffer(layer_id)
+        query = q.view(-1, heads, layer.qk_head_dim)
+        if ctx.kernel == "triton":
+            from kernels.blend_attention import blend_attention
+
+            slots = ctx.row_slots(self.inner.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+                                  forward_batch.seq_lens)
+            out = blend_attention(query, k_buffer, v_buffer, forward_batch.positions.to(torch.int64),
+                                  forward_batch.extend_seq_lens, slots, forward_batch.seq_lens,
+                                  scale=layer.scaling, backend="triton")
+            return out.reshape(q.shape[0], heads * head_dim)
+        extend_attention(query, out_rows.view(-1, heads, head_dim), k_buffer, v_buffer,
+                         self.inner.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+                         forward_batch.seq_lens, forward_batch.extend_prefix_lens, forward_batch.extend_seq_lens,
+                         scaling=layer.scaling, enable_gqa=heads != layer.tp_k_head_num,
+                         positions=forward_batch.positions)
+        return out_rows
+
+
+def default_kernel(device) -> str:
+    """The blend pass's attention on this device: Triton on CUDA, the torch path elsewhere."""
+    return "triton" if torch.device(device).type == "cuda" else "torch"
+
+
+def wrap_attention_factories(*, linear_extend: bool) -> list[str]:
+    """Register, under each stock name in WRAPPED_BACKENDS, a factory that wraps the stock one.
+    Idempotent; returns the names wrapped."""
+    wrapped = []
+    for name in WRAPPED_BACKENDS:
+        stock = sgl.ATTENTION_BACKENDS.get(name)
+        if stock is None:
+            continue
+        if getattr(stock, "_amem_stock", None) is None:
+            def factory(runner, _stock=stock):
+                return AmemAttnBackend(_stock(runner), linear_extend=linear_extend)
+
+            factory._amem_stock = stock
+            sgl.register_attention_backend(name)(factory)
+        wrapped.append(name)
+    return wrapped
+
+
+def amem_backend_of(model_runner) -> AmemAttnBackend | None:
+    backend = getattr(model_runner, "attn_backend", None)
+    return backend if isinstance(backend, AmemAttnBackend) else None
