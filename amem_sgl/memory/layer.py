@@ -12,6 +12,9 @@
   and the next turn is a plain prefix hit.
 * sessions: a pinned working set (recalled once, or given), warmed at start (residency prefetch and
   one splice+blend that leaves the blended prefix in the tree); turns in the session reuse it.
+* exact mode (``fidelity="exact"``, per session or per plan; amem_sgl.memory.exact): the working
+  set grows in a stable order (each turn's newly recalled chunks appended, bounded), turns go out as
+  ordinary prefills -- an exact prefix hit plus the new chunks, identical to a full prefill.
 * forget: chunk texts and index entries, KV on the device (a forget action to the scheduler) and
   in the residency tiers.
 
@@ -37,6 +40,7 @@ from amem_sgl.chunks.client import amem_usage
 from amem_sgl.chunks.hints import build_kv_hints
 from amem_sgl.chunks.identity import chunk_id, validate_namespace
 from amem_sgl.config import AmemConfig
+from amem_sgl.memory.exact import DEFAULT_MAX_TOKENS, exact_turn, validate_fidelity
 from amem_sgl.memory.store import Embedder, MemoryChunk, MemoryStore, UnknownNamespace
 
 logger = logging.getLogger(__name__)
@@ -62,13 +66,18 @@ class Session:
     created: float
     last_used: float
     turns: int = 0
+    # "exact": the working set grows in a stable order and turns are plain prefills (memory.exact);
+    # None: the server's blend setting.
+    fidelity: str | None = None
+    rebases: int = 0  # exact mode: times the bounded working set started over
     # What warming cost: prompt and cached tokens of the warm request, and its amem usage (spliced,
     # recomputed, ...) when chunks were spliced.
     warm: dict = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"session_id": self.session_id, "namespace": self.namespace, "chunk_ids": self.chunk_ids,
-                "created": self.created, "last_used": self.last_used, "turns": self.turns, "warm": self.warm}
+                "created": self.created, "last_used": self.last_used, "turns": self.turns, "warm": self.warm,
+                "fidelity": self.fidelity, "rebases": self.rebases}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,15 +85,20 @@ class Plan:
     """A composed memory turn: what goes to the scheduler and what the response reports."""
 
     input_ids: list[int]
-    kv_hints: dict
+    kv_hints: dict | None  # None: an ordinary prefill (exact mode)
     namespace: str
     chunk_ids: list[str]
     scores: list[float]
     session_id: str | None
+    fidelity: str | None = None
+    new_chunk_ids: tuple[str, ...] = ()  # exact mode: chunks this turn appended to the working set
 
     def report(self) -> dict:
-        return {"namespace": self.namespace, "chunks": self.chunk_ids,
-                "scores": [round(s, 4) for s in self.scores], "session_id": self.session_id}
+        out = {"namespace": self.namespace, "chunks": self.chunk_ids,
+               "scores": [round(s, 4) for s in self.scores], "session_id": self.session_id}
+        if self.fidelity is not None:
+            out.update(fidelity=self.fidelity, new_chunks=list(self.new_chunk_ids))
+        return out
 
 
 class MemoryLayer:
@@ -259,8 +273,14 @@ class MemoryLayer:
         chunk remembered but never prefilled, or gone from every tier) as their chunk nodes."""
         return build_kv_hints(namespace, spans, capture=True)
 
-    def plan_chat(self, namespace: str | None, messages: Sequence[dict], session_id: str | None) -> Plan | None:
-        """The memory plan of a chat turn, or None (no memory: plain SGLang)."""
+    @property
+    def exact_max_tokens(self) -> int:  # amem.memory.exact_working_set_tokens, when configured
+        return int(getattr(self.config, "exact_working_set_tokens", DEFAULT_MAX_TOKENS))
+
+    def plan_chat(self, namespace: str | None, messages: Sequence[dict], session_id: str | None,
+                  fidelity: str | None = None) -> Plan | None:
+        """The memory plan of a chat turn, or None (no memory: plain SGLang). ``fidelity="exact"``
+        (or a session started with it) makes it an exact-mode turn (amem_sgl.memory.exact)."""
         session = self._session(session_id) if session_id else None
         if session is not None:
             namespace = session.namespace
@@ -269,6 +289,8 @@ class MemoryLayer:
         validate_namespace(namespace)
         if not self.store.has_namespace(namespace):
             return None  # nothing remembered for this user: a plain turn
+        if (_fidelity(fidelity) or (session.fidelity if session is not None else None)) == "exact":
+            return self._plan_exact(namespace, messages, session)
         if session is not None:
             chunks, scores = self._session_chunks(session), [1.0] * len(session.chunk_ids)
             session.turns += 1
@@ -281,6 +303,23 @@ class MemoryLayer:
         ids, spans = self.compose(namespace, messages, chunks)
         return Plan(ids, self.hints(namespace, spans), namespace, [c.chunk_id for c in chunks], scores,
                     session.session_id if session else None)
+
+    def _plan_exact(self, namespace: str, messages: Sequence[dict], session: Session | None) -> Plan | None:
+        """An exact-mode turn (amem_sgl.memory.exact), sent with no chunk spans: a plain prefill."""
+        query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        hits = sorted(self.recall(namespace, query), key=lambda h: h[0].created)
+        with self._lock:
+            chunks, new, rebased = exact_turn(self.store, namespace, hits, session.chunk_ids if session else None,
+                                              self.exact_max_tokens)
+            if session is not None:
+                session.chunk_ids = [c.chunk_id for c in chunks]
+                session.turns, session.rebases = session.turns + 1, session.rebases + rebased
+        if not chunks:
+            return None
+        scores = {c.chunk_id: s for c, s in hits}
+        return Plan(self.compose(namespace, messages, chunks)[0], None, namespace, [c.chunk_id for c in chunks],
+                    [scores.get(c.chunk_id, 1.0) for c in chunks], session.session_id if session else None,
+                    "exact", tuple(new))
 
     def plan_completion(self, namespace: str, prompt: str) -> Plan | None:
         if not self.store.has_namespace(validate_namespace(namespace)):
@@ -326,8 +365,9 @@ class MemoryLayer:
                 del self.sessions[sid]
 
     async def start_session(self, namespace: str, query: str | None, chunk_ids: Sequence[str] | None,
-                            k: int | None) -> Session:
+                            k: int | None, fidelity: str | None = None) -> Session:
         validate_namespace(namespace)
+        _fidelity(fidelity)
         if not self.store.has_namespace(namespace):
             raise UnknownNamespace(namespace)
         if chunk_ids:
@@ -338,7 +378,7 @@ class MemoryLayer:
             chunks = self.store.list(namespace)[-(k or self.config.top_k):]
         chunks = sorted({c.chunk_id: c for c in chunks}.values(), key=lambda c: c.created)
         now = time.time()
-        session = Session(uuid.uuid4().hex, namespace, [c.chunk_id for c in chunks], now, now)
+        session = Session(uuid.uuid4().hex, namespace, [c.chunk_id for c in chunks], now, now, fidelity=fidelity)
         with self._lock:
             self.sessions[session.session_id] = session
         await self._warm(session, chunks)
@@ -346,15 +386,16 @@ class MemoryLayer:
 
     async def _warm(self, session: Session, chunks: Sequence[MemoryChunk]) -> None:
         """Prefetch the working set into the CPU tier, then splice + blend it once so the blended
-        prefix is in the tree before the first turn."""
+        prefix is in the tree before the first turn (exact mode: prefill it, no spans declared)."""
         if not chunks:
             return
         if self.residency is not None:
             await asyncio.to_thread(self.residency.request, "prefetch", chunk_ids=session.chunk_ids,
                                     namespace=session.namespace, model_id=self.model_id)
         ids, spans = self.compose(session.namespace, [{"role": "user", "content": ""}], chunks)
-        body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 0},
-                "kv_hints": self.hints(session.namespace, spans)}
+        body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 0}}
+        if session.fidelity != "exact":
+            body["kv_hints"] = self.hints(session.namespace, spans)
         async with httpx.AsyncClient(timeout=600, headers=self.request_headers) as client:
             reply = await client.post(f"{self.base_url}/generate", json=body)
         if reply.status_code != 200:
@@ -367,6 +408,13 @@ class MemoryLayer:
     def end_session(self, session_id: str) -> bool:
         with self._lock:
             return self.sessions.pop(session_id, None) is not None
+
+
+def _fidelity(value: str | None) -> str | None:
+    try:
+        return validate_fidelity(value)
+    except ValueError as err:
+        raise MemoryError_(400, str(err)) from None
 
 
 def install(layer: MemoryLayer) -> None:

@@ -1,0 +1,74 @@
+"""Exact mode: a session's memory as an exact prefix hit plus only the newly recalled chunks.
+
+A session in exact mode keeps its **working set** in a stable order: chunks recalled in earlier
+turns stay where they are and each turn's newly recalled chunks are appended after them. Its turns
+are sent as ordinary prefills (no chunk spans declared, so nothing is spliced or blended): the
+previous turn left [system][working set] in SGLang's radix tree, so the next turn is a plain prefix
+hit through the old working set and computes only the new chunks, its history and its question.
+The KV it attends to is the KV a full prefill of the same prompt computes, by construction: the same
+tokens at the same positions behind the same context (a prefix evicted from the tree is simply
+prefilled again), so 0 tokens are blended or recomputed and the answer is the full prefill's.
+
+Why no spans: under ``capture`` a newly recalled chunk that is already resident (registered at
+remember time or captured by another turn) would be spliced, and an old working-set chunk whose
+blended prefix was evicted would be spliced again: neither is exact. Chunks first used in exact mode
+are therefore not kept as chunk nodes (a non-exact turn that recalls them captures or splices them).
+
+The working set is bounded: when appending would pass ``max_tokens`` (default
+:data:`DEFAULT_MAX_TOKENS`, config ``amem.memory.exact_working_set_tokens`` when present), the
+session starts a new base: the working set becomes this turn's recalled chunks alone, in the order
+they were remembered (one full prefill of them, then prefix hits again). Replayed on the cost
+curve's recall sequence an append-only set grows to ~16K tokens, past SmolLM2's 8K context.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+FIDELITY_MODES = ("exact", "guarded", "fast")
+# Tokens of chunks in an exact-mode working set before a new base is started (SmolLM2's context is
+# 8K; half of it leaves room for the system prompt, history and answer).
+DEFAULT_MAX_TOKENS = 4096
+
+
+def validate_fidelity(fidelity: str | None) -> str | None:
+    if fidelity is not None and fidelity not in FIDELITY_MODES:
+        raise ValueError(f"fidelity must be one of {', '.join(FIDELITY_MODES)}, got {fidelity!r}")
+    return fidelity
+
+
+def extend_working_set(working: Sequence[str], recalled: Sequence[str], tokens: dict[str, int],
+                       max_tokens: int) -> tuple[list[str], list[str], bool]:
+    """(new working set, the chunks new to it, whether a new base was started).
+
+    ``working`` is the session's current order, ``recalled`` this turn's chunks in the order they
+    were remembered, ``tokens`` every chunk's token count."""
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be positive")
+    have = set(working)
+    new = [c for c in dict.fromkeys(recalled) if c not in have]
+    extended = list(working) + new
+    if sum(tokens[c] for c in extended) <= max_tokens or not working:
+        return extended, new, False
+    base = list(dict.fromkeys(recalled))
+    total, kept = 0, []
+    for c in base:  # the new base alone may still be too long: keep what fits, in order
+        if kept and total + tokens[c] > max_tokens:
+            break
+        kept.append(c)
+        total += tokens[c]
+    return kept, kept, True
+
+
+def exact_turn(store, namespace: str, hits, working: Sequence[str] | None, max_tokens: int):
+    """(the turn's chunks in prompt order, the chunk ids new to the working set, rebased?).
+
+    ``hits`` are this turn's recalled (chunk, score) pairs in the order they were remembered;
+    ``working`` the session's working set (None: no session, the recalled chunks alone)."""
+    recalled = {c.chunk_id: c for c, _ in hits}
+    if working is None:
+        return list(recalled.values()), list(recalled), False
+    known = {cid: store.get(namespace, cid) for cid in working if cid not in recalled} | recalled
+    order, new, rebased = extend_working_set(working, list(recalled), {cid: len(c.token_ids) for cid, c in known.items()},
+                                             max_tokens)
+    return [known[cid] for cid in order], new, rebased
