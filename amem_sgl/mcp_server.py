@@ -11,12 +11,28 @@ A server with API keys (amem.auth.keys_file) answers each tool only for the name
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 
 from amem_sgl.sdk import Amem, AmemError
 
 logger = logging.getLogger("amem_sgl.mcp")
+
+
+def _reported(tool):
+    """A refused request (401/403 of a key, 404, a bad value) reaches the agent with its message, as a
+    tool error, rather than as MCP's generic crash report."""
+    from mcp.server.mcpserver.exceptions import ToolError
+
+    @functools.wraps(tool)
+    def run(*args, **kwargs):
+        try:
+            return tool(*args, **kwargs)
+        except AmemError as err:
+            raise ToolError(str(err)) from None
+
+    return run
 
 
 def build_server(url: str, api_key: str | None = None):
@@ -27,21 +43,25 @@ def build_server(url: str, api_key: str | None = None):
                        "Pick one namespace per user or project.")
 
     @server.tool(description="Remember texts in a namespace; returns the chunk ids.")
+    @_reported
     def remember(namespace: str, texts: list[str]) -> dict:
         done = client.remember(namespace, texts)
         return {"namespace": namespace, "ids": done.ids, "new": done.new}
 
     @server.tool(description="Recall: the chunks of a namespace most similar to a query, with scores.")
+    @_reported
     def recall(namespace: str, query: str, k: int = 4) -> dict:
         return {"namespace": namespace, "results": [
             {"id": c.id, "text": c.text, "score": c.score} for c in client.search(namespace, query, k)]}
 
     @server.tool(description="Ask a question answered with the namespace's memory.")
+    @_reported
     def ask(namespace: str, question: str, max_tokens: int = 64) -> dict:
         answer = client.ask(namespace, question, max_tokens=max_tokens)
         return {"answer": answer.text, "chunks": answer.chunk_ids, "spliced_tokens": answer.spliced_tokens}
 
     @server.tool(description="Forget one chunk (chunk_id) or, without it, the whole namespace.")
+    @_reported
     def forget(namespace: str, chunk_id: str | None = None) -> dict:
         return {"namespace": namespace, "forgotten": client.forget(namespace, chunk_id)}
 
