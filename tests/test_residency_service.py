@@ -251,3 +251,30 @@ def test_hit_with_scores_records_relevance_and_reuse(make_service, gen):
     assert (row["hits"], row["relevance"]) == (1, 0.7)
     assert client.request("hit", chunk_ids=["a"], relevance=[0.1, 0.2]) is None  # one score per id, or refused
     assert client.request("relevance", scores={"a": "high"}) is None
+
+
+def test_an_old_folder_keeps_its_chunks_and_their_statistics(tmp_path, gen):
+    """A disk tier written before keys had rank and layout (<chunk_id>.safetensors, a manifest by
+    chunk id): the service starts on it, serves the chunk to rank 0 of 1, keeps its hits and score."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from amem_sgl.residency.disk_store import tensors_checksum
+    from amem_sgl.residency.service import ResidencyService
+
+    root = tmp_path / "old"
+    root.mkdir()
+    tensors = chunk(gen)
+    save_file(tensors, str(root / "c.safetensors"), metadata={"chunk_id": "c", "namespace": "ns", "model_id": MODEL,
+                                                               "checksum": tensors_checksum(tensors)})
+    (root / "manifest.json").write_text(json.dumps({"version": 1, "chunks": {"c": {"hits": 5, "relevance": 0.4,
+                                                                                    "last_used": 1.0}}}))
+    service = ResidencyService(root, cpu_bytes=1 << 20, disk_bytes=1 << 20, shm_dir=tmp_path / "shm")
+    (row,) = service.handle({"op": "list"})["chunks"]
+    assert (row["chunk_id"], row["tp_rank"], row["tp_size"], row["hits"], row["relevance"]) == ("c", 0, 1, 5, 0.4)
+    reply = service.handle({"op": "get", "chunk_id": "c", "namespace": "ns", "model_id": MODEL})
+    assert reply["found"] and reply["tier"] == "disk"
+    from safetensors.torch import load_file
+
+    assert bits_equal({k: v for k, v in load_file(reply["path"]).items()}, tensors)
