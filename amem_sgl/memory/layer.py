@@ -250,6 +250,7 @@ class MemoryLayer:
 
     def recall(self, namespace: str, query: str, k: int | None = None) -> list[tuple[MemoryChunk, float]]:
         k = k or self.config.top_k
+        query.encode("utf-8")  # a lone surrogate: UnicodeEncodeError (a ValueError, 400), not a 500 in the embedder
         hits = self.store.search(namespace, query, k)
         return [(c, s) for c, s in hits if s >= self.config.min_score]
 
