@@ -1,5 +1,5 @@
 """The proxy's cost benchmark: one 30-turn session over >= 200 memory chunks with drifting recall,
-three arms against the same real upstream (a plain SGLang server, its radix cache reporting the
+three arms side by side against the same real upstream (a plain SGLang server, its radix cache reporting the
 cached tokens), all through Anthropic's ``/v1/messages``:
 
 1. ``full``  -- the namespace's whole memory re-sent in the system prompt every turn;
@@ -25,6 +25,7 @@ Writes ``benchmarks/results/<date>-<device>-proxy-cost[-quick].{json,md,png}``.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime as dt
 import json
 import random
@@ -44,7 +45,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 ATTRIBUTES = {"home city": CITIES, "favorite color": ["teal", "crimson", "amber", "violet", "olive", "indigo"],
               "employer": ["Boeing", "Siemens", "Nokia", "Pfizer", "Lufthansa", "Toyota"],
-              "pet's name": ["Biscuit", "Mochi", "Pepper", "Ziggy", "Luna", "Waffles"]}
+              "pet's name": ["Biscuit", "Mochi", "Pepper", "Ziggy", "Luna", "Waffles"],
+              "favorite food": ["ramen", "paella", "pierogi", "tacos", "falafel", "risotto"],
+              "car": ["Volvo", "Fiat", "Subaru", "Tesla", "Mazda", "Skoda"],
+              "hobby": ["chess", "pottery", "surfing", "archery", "knitting", "rowing"],
+              "birth month": ["March", "July", "October", "January", "May", "September"]}
 ARMS = ("full", "mem0", "proxy")
 
 
@@ -57,14 +62,16 @@ def plain_upstream_command(port: int) -> str:
             f"--max-total-tokens 16384 --sleep-on-idle --enable-cache-report --port {port}")
 
 
-def make_memory(people: int, seed: int = 0) -> tuple[list[str], dict[str, list[tuple[str, str]]]]:
-    """One short fact per chunk, four per person. Returns (facts, person -> [(question, answer)])."""
+def make_memory(people: int, attributes: int = 4, seed: int = 0) -> tuple[list[str], dict[str, list[tuple[str, str]]]]:
+    """One short fact per chunk, ``attributes`` per person; no two people share a first or last name
+    (at most 30). Returns (facts, person -> [(question, answer)])."""
+    if people > min(len(FIRST), len(LAST)) or attributes > len(ATTRIBUTES):
+        raise ValueError(f"at most {min(len(FIRST), len(LAST))} people and {len(ATTRIBUTES)} attributes")
     rng = random.Random(seed)
-    names = [f"{f} {l}" for f in FIRST for l in LAST]
-    rng.shuffle(names)
+    first, last = rng.sample(FIRST, people), rng.sample(LAST, people)
     facts, asks = [], {}
-    for name in names[:people]:
-        for attr, values in ATTRIBUTES.items():
+    for name in (f"{f} {l}" for f, l in zip(first, last)):
+        for attr, values in list(ATTRIBUTES.items())[:attributes]:
             value = rng.choice(values)
             facts.append(f"The {attr} of {name} is {value}.")
             asks.setdefault(name, []).append((f"What is the {attr} of {name}?", value))
@@ -81,10 +88,12 @@ def session_questions(asks: dict, turns: int, per_person: int = 3, seed: int = 1
     return out[:turns]
 
 
-def system_prompt(sentences: int) -> str:
-    """An agent's instructions (the client's own system prompt, the same in every arm)."""
+def system_prompt(sentences: int, session: str = "") -> str:
+    """An agent's instructions (the client's own system prompt, the same in every arm; ``session``
+    names the conversation first, so concurrent arms share no cached prefix on the upstream)."""
     rules = [f"Guideline {i + 1}: {FILLER[i % len(FILLER)]}" for i in range(sentences)]
-    return "You are a helpful personal assistant. Answer in one short sentence, using the memory.\n" + "\n".join(rules)
+    return (f"{session}You are a helpful personal assistant. Answer in one short sentence, using the memory.\n"
+            + "\n".join(rules))
 
 
 def messages_call(url: str, body: dict, headers: dict | None = None) -> dict:
@@ -108,8 +117,7 @@ def bill(usage: dict, arm: str, prices: dict, client_bp: bool = False) -> dict:
 
 
 def run_arm(arm: str, upstream: str, proxy: str, namespace: str, facts: list[str], questions, args) -> list[dict]:
-    requests.post(f"{upstream}/flush_cache", timeout=60)  # no arm starts on another's cached prefix
-    system = system_prompt(args.system_sentences)
+    system = system_prompt(args.system_sentences, f"Session {ARMS.index(arm) + 1}. ")
     if arm == "full":
         system += "\n\nMemory about the user:\n" + "\n".join(f"- {f}" for f in facts)
     history, rows = [], []
@@ -194,16 +202,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--upstream", default=None, help="a running plain SGLang server (default: start one)")
-    p.add_argument("--people", type=int, default=None, help="4 chunks per person (default 50; quick 10)")
+    p.add_argument("--people", type=int, default=None, help="default 25; quick 10")
+    p.add_argument("--attributes", type=int, default=None, help="facts (chunks) per person (default 8; quick 4)")
     p.add_argument("--turns", type=int, default=None, help="default 30; quick 4")
     p.add_argument("-k", type=int, default=6)
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--system-sentences", type=int, default=None, help="client system prompt length (default 60; quick 8)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    args.people = args.people or (10 if args.quick else 50)
+    args.people = args.people or (10 if args.quick else 25)
     args.turns = args.turns or (4 if args.quick else 30)
-    args.max_tokens = args.max_tokens or (8 if args.quick else 20)
+    args.attributes = args.attributes or (4 if args.quick else 8)
+    args.max_tokens = args.max_tokens or 16
     args.system_sentences = args.system_sentences or (8 if args.quick else 60)
     args.prices = pricing.PRICES
     args.out.mkdir(parents=True, exist_ok=True)
@@ -221,13 +231,14 @@ def main(argv: list[str] | None = None) -> int:
             f"--state-dir {work}/state -k {args.k} --block-k {2 * args.k}", port=port, log_path=work / "proxy.log",
             timeout_s=180))
         proxy = servers[-1].url
-        facts, asks = make_memory(args.people)
+        facts, asks = make_memory(args.people, args.attributes)
         requests.post(f"{proxy}/amem/v1/remember", json={"namespace": "bench-user", "texts": facts},
                       timeout=600).raise_for_status()
         questions = session_questions(asks, args.turns)
-        rows = []
-        for arm in ARMS:
-            rows += run_arm(arm, upstream, proxy, "bench-user", facts, questions, args)
+        requests.post(f"{upstream}/flush_cache", timeout=60)
+        with concurrent.futures.ThreadPoolExecutor(len(ARMS)) as pool:  # the arms run side by side
+            runs = [pool.submit(run_arm, arm, upstream, proxy, "bench-user", facts, questions, args) for arm in ARMS]
+            rows = [row for run in runs for row in run.result()]
     finally:
         for server in reversed(servers):
             server.stop()

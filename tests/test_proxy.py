@@ -32,7 +32,7 @@ def stack(tmp_path_factory):
     proxy = start_server(f"{sys.executable} -m amem_sgl.proxy --upstream {relay.url} --port {port} "
                          f"--store {work}/memory --state-dir {work}/state -k 6 --block-k 12",
                          port=port, log_path=work / "proxy.log", timeout_s=180)
-    facts, asks = make_memory(30)  # 120 chunks, one fact each
+    facts, asks = make_memory(30, 4)  # 120 chunks, one fact each, no two people share a name
     done = Amem(proxy.url).remember(NS, facts)  # the SDK against the proxy's memory API
     assert len(done.ids) == 120 and done.new == 120
     yield {"proxy": proxy, "relay": relay, "asks": asks, "upstream": upstream}
@@ -189,3 +189,22 @@ def test_memory_api_via_the_sdk_and_a_forgotten_chunk_is_never_sent_again(stack)
     (_, _, sent), = [r for r in stack["relay"].requests() if r[0].startswith("POST")]
     assert b"7741" not in sent
     assert amem.forget("proxy-forget") and amem.namespaces() == [NS]
+
+
+def test_memory_from_an_amem_server_with_memory_url(stack, amem_server, tmp_path):
+    port = free_port()
+    proxy = start_server(f"{sys.executable} -m amem_sgl.proxy --upstream {stack['upstream'].url} --port {port} "
+                         f"--memory {amem_server.url} --state-dir {tmp_path}/state", port=port,
+                         log_path=tmp_path / "proxy.log", timeout_s=180)
+    try:
+        amem = Amem(proxy.url)  # remember and search are the amem server's own, through the proxy
+        done = amem.remember("proxy-remote", ["The boat of Ines Varga is called Albatross.", "Ines Varga rows."])
+        assert [c.id for c in Amem(amem_server.url).search("proxy-remote", "boat of Ines Varga", k=1)] == done.ids[:1]
+        reply = requests.post(proxy.url + "/v1/chat/completions", timeout=600, json={
+            "model": "default", "max_tokens": 4, "user": "proxy-remote",
+            "messages": [{"role": "user", "content": "What is the boat of Ines Varga called?"}]})
+        assert reply.status_code == 200, reply.text
+        assert done.ids[0] in reply.json()["usage"]["amem"]["chunk_ids"]
+        assert amem.forget("proxy-remote")
+    finally:
+        proxy.stop()

@@ -9,14 +9,14 @@ and :meth:`inventory` (every chunk id of a namespace with its token count).
 from __future__ import annotations
 
 import asyncio
-import re
+import types
 
 import httpx
 
 from amem_sgl.chunks.identity import chunk_id
+from amem_sgl.memory.layer import MemoryLayer
 from amem_sgl.memory.store import MemoryStore, UnknownNamespace
 
-_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 TEXT_MODEL_ID = "amem-proxy-text"  # chunk ids of text memory: (namespace, this, the text's UTF-8 bytes)
 
 
@@ -31,30 +31,25 @@ class BackendError(RuntimeError):
 class LocalBackend:
     def __init__(self, root, chunk_tokens: int = 128) -> None:
         self.store = MemoryStore(root)
-        self.chunk_tokens = chunk_tokens
+        self.config = types.SimpleNamespace(chunk_tokens=chunk_tokens)  # what MemoryLayer.split reads
 
-    def _encode(self, text: str) -> list[int]:
-        return list(self.store.embedder.model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    @property
+    def tokenizer(self):
+        return self.store.embedder.model.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def split(self, text: str) -> list[str]:
-        """Sentence-bounded pieces of at most ``chunk_tokens`` embedder tokens (one longer sentence stays whole)."""
-        pieces, current, size = [], [], 0
-        for sentence in (s.strip() for s in _SENTENCE.split(text) if s and s.strip()):
-            n = len(self._encode(sentence))
-            if current and size + n > self.chunk_tokens:
-                pieces.append(" ".join(current))
-                current, size = [], 0
-            current.append(sentence)
-            size += n
-        if current:
-            pieces.append(" ".join(current))
-        return pieces
+        """The server's own splitter (sentence-bounded chunks of at most ``chunk_tokens`` tokens), here
+        counting the embedder's tokens: it needs only ``config.chunk_tokens``, ``encode`` and ``tokenizer``."""
+        return MemoryLayer.split(self, text)
 
     def remember(self, namespace: str, docs: list[tuple[str, dict]]) -> list[dict]:
         items = []
         for text, meta in docs:
             for piece in self.split(text):
-                ids = self._encode(piece)
+                ids = self.encode(piece)
                 items.append((chunk_id(namespace, TEXT_MODEL_ID, list(piece.encode("utf-8"))), piece, ids, meta))
         new = set(self.store.add(namespace, items))
         return [{"id": cid, "tokens": len(ids), "new": cid in new, "text": text} for cid, text, ids, _ in items]

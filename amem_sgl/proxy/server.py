@@ -10,6 +10,7 @@ on as they came, an unreachable upstream is 502 and a timeout 504: the proxy nev
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -75,10 +76,16 @@ def _headers_back(reply: httpx.Response, drop: set[str] = frozenset()) -> dict:
 
 
 def create_app(config: ProxyConfig) -> FastAPI:
-    app = FastAPI(title="amem proxy", docs_url=None, redoc_url=None)
     client = httpx.AsyncClient(timeout=httpx.Timeout(config.timeout_s), follow_redirects=False)
     for name in list(client.headers):  # no default headers: a pass-through adds nothing of its own
         del client.headers[name]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await client.aclose()
+
+    app = FastAPI(title="amem proxy", docs_url=None, redoc_url=None, lifespan=lifespan)
     if config.memory_url:
         backend = RemoteBackend(config.memory_url, client)
     else:
@@ -218,10 +225,6 @@ def create_app(config: ProxyConfig) -> FastAPI:
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"])
     async def everything_else(request: Request):
         return await passthrough(request, "anthropic" if request.url.path.startswith("/v1/messages") else "openai")
-
-    @app.on_event("shutdown")
-    async def _close():
-        await client.aclose()
 
     return app
 
