@@ -25,6 +25,8 @@ import yaml
 from amem_sgl.blend.policy import BlendPolicy
 
 CONFIG_ENV = "AMEM_SGL_CONFIG_JSON"
+# amem.blend.fidelity / per-request fidelity of memory turns, cheapest last.
+FIDELITY_LEVELS = ("exact", "guarded", "fast")
 CACHE_DIR_ENV = "AMEM_SGL_CACHE_DIR"
 
 
@@ -63,6 +65,13 @@ class BlendConfig:
     sink_tokens: int = 8
     ratio: float = 0.15
     check_layer: int = 1
+    # One knob for memory turns (per request: X-Amem-Fidelity or the body field amem_fidelity):
+    # "fast" -- spliced chunks blended with the policy above; "guarded" -- the same, but a turn whose
+    # first token is uncertain on reused KV (probability margin p1 - p2 < guard_margin) is escalated to
+    # an exact turn before anything is sampled (amem_sgl.memory.guard); "exact" -- the prompt is
+    # prefilled exactly (chunk KV reused only as exact prefixes), identical to a full prefill.
+    fidelity: str = "fast"
+    guard_margin: float = 0.5
 
     def to_policy(self) -> BlendPolicy:
         return BlendPolicy(self.policy, self.sink_tokens, self.ratio, self.check_layer).validate()
@@ -167,6 +176,11 @@ class AmemConfig:
             config.blend.to_policy()
         except ValueError as err:
             raise ValueError(f"config section 'amem.blend': {err}") from None
+        if config.blend.fidelity not in FIDELITY_LEVELS:
+            raise ValueError(f"config key 'amem.blend.fidelity' must be one of {', '.join(FIDELITY_LEVELS)}, "
+                             f"got {config.blend.fidelity!r}")
+        if not 0.0 <= config.blend.guard_margin <= 1.0:
+            raise ValueError(f"config key 'amem.blend.guard_margin' must be in [0, 1], got {config.blend.guard_margin!r}")
         if config.residency.policy not in ("value", "lru"):
             raise ValueError(f"config key 'amem.residency.policy' must be 'value' or 'lru', "
                              f"got {config.residency.policy!r}")

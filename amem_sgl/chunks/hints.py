@@ -21,6 +21,11 @@ actions they do not implement". amem's action::
   "check_layer": l}`` (all but ``policy`` optional) or a policy's spelling (``"edges:8"``,
   ``"hkvd:0.15@2"``) overrides the server's blend policy (amem.blend) for this request. Either form
   is checked against the registered strategies (amem_sgl.blend.policy.REGISTRY).
+* ``exact: true`` (optional, splice only) -- the request is prefilled exactly: nothing is spliced
+  or blended, and its prefixes go into the tree under the namespace's *exact* salt, apart from
+  blended sequences, so a later exact request reuses KV only as exact prefixes (identical to a full
+  prefill by construction). ``spans`` may then be empty; with ``capture`` its spans still become
+  chunk nodes. The fidelity guard escalates uncertain memory turns to this (amem_sgl.memory.guard).
 """
 
 from __future__ import annotations
@@ -58,16 +63,19 @@ class ChunkRequest:
     # from the device tree. A forget action declares no spans.
     forget: tuple[str, ...] | None = None
     capture: bool = False  # keep spans this request computes as their chunks' nodes (first use)
+    exact: bool = False  # prefill exactly under the namespace's exact salt: no splice, no blend
 
     def validate(self, num_tokens: int | None = None, max_chunk_tokens: int | None = None) -> "ChunkRequest":
         validate_namespace(self.namespace)
         if self.forget is not None:
-            if self.spans or self.register or self.blend is not None or self.capture:
+            if self.spans or self.register or self.blend is not None or self.capture or self.exact:
                 raise ValueError("amem.chunks: a forget action takes no spans, register, capture or blend")
             if not self.forget or not all(isinstance(c, str) and c for c in self.forget):
                 raise ValueError("amem.chunks: forget must be a non-empty list of chunk ids or ['*']")
             return self
-        if not self.spans:
+        if self.exact and (self.register or self.blend is not None):
+            raise ValueError("amem.chunks: exact applies to splice requests and takes no blend")
+        if not self.spans and not self.exact:
             raise ValueError("amem.chunks: spans must not be empty")
         if self.register and len(self.spans) != 1:
             raise ValueError("amem.chunks: a register action takes exactly one span")
@@ -98,14 +106,16 @@ class ChunkRequest:
 
 def build_kv_hints(namespace: str, spans: Iterable[tuple[int, int]], *, register: bool = False,
                    blend: BlendPolicy | None = None, forget: Iterable[str] | None = None,
-                   capture: bool = False) -> dict:
+                   capture: bool = False, exact: bool = False) -> dict:
     """The ``kv_hints`` value for a ``/generate`` request (JSON-ready)."""
     request = ChunkRequest(namespace, tuple(ChunkSpan(int(s), int(e)) for s, e in spans), register,
-                           blend, tuple(forget) if forget is not None else None, capture).validate()
+                           blend, tuple(forget) if forget is not None else None, capture, exact).validate()
     payload = {"namespace": request.namespace, "register": request.register,
                "spans": [[s.start, s.end] for s in request.spans]}
     if capture:
         payload["capture"] = True
+    if exact:
+        payload["exact"] = True
     if blend is not None:
         payload["blend"] = dataclasses.asdict(blend)
     if request.forget is not None:
@@ -142,7 +152,7 @@ def parse_kv_hints(envelope: Any) -> ChunkRequest | None:
     payload = _field(action, "payload") or {}
     if not isinstance(payload, dict):
         raise ValueError("amem.chunks: payload must be an object")
-    unknown = sorted(set(payload) - {"namespace", "spans", "register", "blend", "forget", "capture"})
+    unknown = sorted(set(payload) - {"namespace", "spans", "register", "blend", "forget", "capture", "exact"})
     if unknown:
         raise ValueError(f"amem.chunks: unknown payload field(s) {', '.join(unknown)}")
     spans = payload.get("spans")
@@ -155,6 +165,9 @@ def parse_kv_hints(envelope: Any) -> ChunkRequest | None:
     capture = payload.get("capture", False)
     if not isinstance(capture, bool):
         raise ValueError("amem.chunks: capture must be true or false")
+    exact = payload.get("exact", False)
+    if not isinstance(exact, bool):
+        raise ValueError("amem.chunks: exact must be true or false")
     blend = payload.get("blend")
     if blend is not None:
         blend = _parse_blend(blend)
@@ -162,7 +175,7 @@ def parse_kv_hints(envelope: Any) -> ChunkRequest | None:
     if forget is not None and not isinstance(forget, list):
         raise ValueError("amem.chunks: forget must be a list of chunk ids or ['*']")
     return ChunkRequest(payload.get("namespace"), tuple(ChunkSpan(s, e) for s, e in spans), register,
-                        blend, tuple(forget) if forget is not None else None, capture).validate()
+                        blend, tuple(forget) if forget is not None else None, capture, exact).validate()
 
 
 def _parse_blend(blend: Any) -> BlendPolicy:

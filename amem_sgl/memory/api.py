@@ -33,7 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from amem_sgl.memory import layer as memory
 from amem_sgl.memory.store import UnknownChunk, UnknownNamespace
 from amem_sgl.server import auth
-from amem_sgl.server.limits import _read_body, _replay
+from amem_sgl.config import AmemConfig
+from amem_sgl.memory.fidelity import (FIDELITY_FIELD, FIDELITY_HEADER, MARGIN_HEADER, FidelityControl,
+                                      parse_fidelity, parse_margin)
+from amem_sgl.server.limits import _read_body, _replay, _send_json, error_body
 
 _CHUNK_ID = re.compile(r"^[0-9a-f]{64}$")
 NAMESPACE_HEADER = "x-amem-namespace"
@@ -235,6 +238,19 @@ class OpenAIMemoryMiddleware:
         except ValueError:
             data = None
         rid = None
+        if isinstance(data, dict) and FIDELITY_FIELD in data:  # the body field becomes the header
+            value = data.pop(FIDELITY_FIELD)
+            body = json.dumps(data).encode()
+            scope = dict(scope, headers=[*scope.get("headers", []), (FIDELITY_HEADER.encode(), str(value).encode())])
+            headers[FIDELITY_HEADER] = str(value)
+        if FIDELITY_HEADER in headers or MARGIN_HEADER in headers:
+            try:
+                if FIDELITY_HEADER in headers:
+                    parse_fidelity(headers[FIDELITY_HEADER])
+                if MARGIN_HEADER in headers:
+                    parse_margin(headers[MARGIN_HEADER])
+            except ValueError as err:
+                return await _send_json(send, 400, error_body(str(err), 400, "BadRequestError"))
         if isinstance(data, dict) and (data.get("user") or NAMESPACE_HEADER in headers or SESSION_HEADER in headers):
             rid = data.get("rid") if isinstance(data.get("rid"), str) else None
             if rid is None:
@@ -275,7 +291,7 @@ def around_chat_conversion(original, serving, request, raw_request=None):
     except memory.MemoryError_ as err:
         raise ValueError(str(err)) from None
     if plan is not None:
-        _apply(adapted, plan, layer)
+        _apply(adapted, plan, layer, headers)
     return adapted, processed
 
 
@@ -289,20 +305,38 @@ def around_completion_conversion(original, serving, request, raw_request=None):
         return adapted, processed
     plan = layer.plan_completion(namespace, request.prompt)
     if plan is not None:
-        _apply(adapted, plan, layer)
+        _apply(adapted, plan, layer, headers)
     return adapted, processed
 
 
-def _apply(adapted, plan: memory.Plan, layer: memory.MemoryLayer) -> None:
-    adapted.text = None
-    adapted.input_ids = plan.input_ids
-    adapted.kv_hints = plan.kv_hints  # decoded by GenerateReqInput's normalisation, as for /generate
+_fidelity: FidelityControl | None = None
+
+
+def fidelity_control(layer: memory.MemoryLayer) -> FidelityControl:
+    """The server's fidelity knob and guard (built at first use, from the launcher's amem config)."""
+    global _fidelity
+    if _fidelity is None:
+        _fidelity = FidelityControl(AmemConfig.from_env(), layer.base_url, layer.request_headers)
+    return _fidelity
+
+
+def _apply(adapted, plan: memory.Plan, layer: memory.MemoryLayer, headers) -> None:
     if adapted.rid is None:
         adapted.rid = f"amem-{uuid.uuid4().hex}"
-    layer.remember_plan(adapted.rid if isinstance(adapted.rid, str) else adapted.rid[0], plan)
+    rid = adapted.rid if isinstance(adapted.rid, str) else adapted.rid[0]
+    adapted.text = None
+    adapted.input_ids = plan.input_ids
+    # exact / guarded / fast (amem_sgl.memory.fidelity); a guarded turn's probe runs here, in the
+    # conversion's executor thread, before anything is sampled.
+    adapted.kv_hints = fidelity_control(layer).apply(rid, plan.input_ids, plan.kv_hints,
+                                                     headers.get(FIDELITY_HEADER), headers.get(MARGIN_HEADER))
+    layer.remember_plan(rid, plan)
 
 
 def memory_usage(rid: str | None) -> dict | None:
     layer = memory.ACTIVE
     plan = layer.plan_for(rid) if layer is not None else None
-    return plan.report() if plan is not None else None
+    if plan is None:
+        return None
+    decision = _fidelity.report(rid) if _fidelity is not None else None
+    return {**plan.report(), **(decision or {})}
