@@ -5,7 +5,9 @@ A chat request names its namespace with ``X-Amem-Namespace``, OpenAI's ``user`` 
 ``metadata.user_id``; one that names none is forwarded untouched (body bytes and headers, streamed
 back as they come). Bad input gets the API's own error shape with a 4xx; upstream errors are passed
 on as they came, an unreachable upstream is 502 and a timeout 504: the proxy never answers 500.
-:func:`authorize` is the one place a namespace is checked against the caller (a no-op for now).
+:func:`authorize` is the one place a namespace is checked against the caller: with a keys file in
+``app.state.amem_keys`` (amem_sgl.server.auth.KeyStore) the caller's amem key, sent in
+``X-Amem-Api-Key`` (never forwarded), must cover the namespace; without one it is a no-op.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from amem_sgl.proxy.backend import BackendError, LocalBackend, RemoteBackend
 from amem_sgl.proxy.memory_routes import memory_router
 from amem_sgl.proxy.sessions import SessionStore, digest, session_key
 from amem_sgl.proxy.usage import Report, stream_with_usage
+from amem_sgl.server.auth import PROXY_KEY_HEADER, proxy_denial
 
 logger = logging.getLogger(__name__)
 HOP = {"host", "connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate",
-       "te", "trailer", "transfer-encoding", "upgrade"}
+       "te", "trailer", "transfer-encoding", "upgrade", "x-amem-api-key"}  # the amem key stays here
 NAMESPACE_HEADER, SESSION_HEADER = "x-amem-namespace", "x-amem-session"
 API_OF_PATH = {"/v1/chat/completions": "openai", "/v1/messages": "anthropic"}
 
@@ -63,8 +66,12 @@ def error_response(api: str, status: int, message: str, kind: str = "invalid_req
 
 async def authorize(request: Request, namespace: str) -> None:
     """Raise ProxyError(401/403) when the caller may not use ``namespace``. The single namespace check
-    of the proxy: namespace-scoped API keys (amem_sgl.server.auth) plug in here. A no-op for now."""
-    return None
+    of the proxy: namespace-scoped API keys (amem_sgl.server.auth), when ``app.state.amem_keys`` is set."""
+    denied = proxy_denial(getattr(request.app.state, "amem_keys", None), request.headers.get(PROXY_KEY_HEADER),
+                          namespace)
+    if denied is not None:
+        raise ProxyError(denied[0], denied[1], {401: "authentication_error", 403: "permission_error"}.get(
+            denied[0], "api_error"))
 
 
 def _headers_out(request: Request, drop: set[str] = frozenset()) -> list[tuple[str, str]]:
