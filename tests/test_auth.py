@@ -236,3 +236,39 @@ def test_reserved_extra_keys_are_refused_before_the_scheduler():
         with pytest.raises(ReservedKeyError, match="reserved"):
             check_reserved_keys(SimpleNamespace(**{"extra_key": None, "cache_salt": None, **fields}))
     check_reserved_keys(SimpleNamespace(extra_key="tenant-7", cache_salt="amem-like-but-not"))
+
+
+def test_another_tenants_plan_and_chunk_hints_are_refused_where_the_request_reaches_sglang(tmp_path, monkeypatch):
+    """The checks behind the guard, for routes it does not know: a plan stored under a client-chosen
+    rid is reported only to a key covering its namespace; an amem.chunks action reaching the
+    tokenizer manager needs such a key too."""
+    from types import SimpleNamespace
+
+    from amem_sgl.memory import api, layer
+    from amem_sgl.server.validation import check_chunk_namespaces
+
+    keys = tmp_path / "keys.json"
+    alice, _ = auth.add_key(keys, ["alice"])
+    bob, _ = auth.add_key(keys, ["bob"])
+    authenticator = auth.Authenticator(keys=auth.KeyStore(keys))
+    monkeypatch.setattr(auth, "ACTIVE", authenticator)
+    plan = layer.Plan([1, 2], {}, "alice", ["c" * 64], [0.9], None)
+    monkeypatch.setattr(layer, "ACTIVE", SimpleNamespace(plan_for={"req-1": plan}.get))
+    hint = {"protocol_version": "1", "message_id": "m", "actions": [
+        {"action_id": "a", "action_type": "amem.chunks", "action_version": "1",
+         "payload": {"namespace": "alice", "spans": [[0, 1]]}}]}
+    for key, allowed in ((alice, True), (bob, False), (None, False)):
+        token = auth.CURRENT.set(authenticator.resolve(key))
+        try:
+            assert (api.memory_usage("req-1") is not None) == allowed
+            if allowed:
+                check_chunk_namespaces(SimpleNamespace(kv_hints=hint))
+            else:
+                with pytest.raises(ValueError, match="HTTP 40[13]"):
+                    check_chunk_namespaces(SimpleNamespace(kv_hints=hint))
+        finally:
+            auth.CURRENT.reset(token)
+    check_chunk_namespaces(SimpleNamespace(kv_hints=None))
+    monkeypatch.setattr(auth, "ACTIVE", auth.Authenticator())  # auth off: open, as on loopback
+    assert api.memory_usage("req-1") is not None
+    check_chunk_namespaces(SimpleNamespace(kv_hints=hint))

@@ -259,7 +259,7 @@ class OpenAIMemoryMiddleware:
                 body = json.dumps(data).encode()
         async def send_with_chunks(message):
             if rid is not None and message["type"] == "http.response.start":
-                plan = memory.ACTIVE.plan_for(rid) if memory.ACTIVE is not None else None
+                plan = _own_plan(rid)
                 if plan is not None:
                     extra = [(CHUNKS_HEADER.encode(), ",".join(plan.chunk_ids).encode()),
                              (NAMESPACE_HEADER.encode(), plan.namespace.encode())]
@@ -333,9 +333,16 @@ def _apply(adapted, plan: memory.Plan, layer: memory.MemoryLayer, headers) -> No
     layer.remember_plan(rid, plan)
 
 
-def memory_usage(rid: str | None) -> dict | None:
+def _own_plan(rid: str | None) -> memory.Plan | None:
+    """The memory plan stored under ``rid`` if the current request's key covers its namespace: a
+    client may send any ``rid``, also that of another tenant's finished memory turn."""
     layer = memory.ACTIVE
     plan = layer.plan_for(rid) if layer is not None else None
+    return plan if plan is not None and auth.denial([plan.namespace]) is None else None
+
+
+def memory_usage(rid: str | None) -> dict | None:
+    plan = _own_plan(rid)
     if plan is None:
         return None
     decision = _fidelity.report(rid) if _fidelity is not None else None
