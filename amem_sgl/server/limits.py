@@ -47,11 +47,12 @@ class RequestBodyLimit:
         return await self.app(scope, _replay(body, receive), send)
 
     async def _refuse(self, send, size: int, at_least: bool = False) -> None:
-        await _send_json(send, 413, error_body(
-            f"request body is {'over ' if at_least else ''}{size} bytes; this server accepts at most "
-            f"{self.max_bytes} bytes (amem.server.max_request_bytes)",
-            413, "RequestTooLarge",
-        ))
+        await _send_json(send, 413, error_body(too_large(size, self.max_bytes, at_least), 413, "RequestTooLarge"))
+
+
+def too_large(size: int, max_bytes: int, at_least: bool = False) -> str:
+    return (f"request body is {'over ' if at_least else ''}{size} bytes; this server accepts at most "
+            f"{max_bytes} bytes (amem.server.max_request_bytes)")
 
 
 async def _read_body(receive, limit: int | None = None):
@@ -70,10 +71,10 @@ async def _read_body(receive, limit: int | None = None):
     return b"".join(chunks), None, size
 
 
-async def _send_json(send, status: int, payload: bytes) -> None:
+async def _send_json(send, status: int, payload: bytes, extra_headers=()) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(payload)).encode())]})
+                            (b"content-length", str(len(payload)).encode()), *extra_headers]})
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -238,8 +239,7 @@ class AuthGuard:
             if interrupted is not None:
                 return await self.app(scope, _replay(b"", receive, first=interrupted), send)
             if body is None:
-                return await self._deny(send, path, 413, f"request body is over {size} bytes; this server accepts "
-                                        f"at most {self.max_bytes} bytes (amem.server.max_request_bytes)")
+                return await self._deny(send, path, 413, too_large(size, self.max_bytes, at_least=True))
             uses, names = body_namespaces(path, body)
             guarded = guarded or uses
             needs += names
@@ -268,12 +268,8 @@ class AuthGuard:
 
     @staticmethod
     async def _deny(send, path: str, status: int, message: str) -> None:
-        payload = denial_response(path, status, message)
         extra = [(b"www-authenticate", b"Bearer")] if status == 401 else []
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(payload)).encode()), *extra]})
-        await send({"type": "http.response.body", "body": payload})
+        await _send_json(send, status, denial_response(path, status, message), extra)
 
 
 def _bearer(value: bytes | None) -> str | None:
