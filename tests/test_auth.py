@@ -191,6 +191,9 @@ def test_the_guard_authorizes_namespaces_and_hands_sglang_its_own_key(tmp_path):
     assert seen["principal"].covers("alice")
     assert _call(guard, "/v1/chat/completions", bearer(bob) + [("x-amem-session", "s-alice")], b"{}")[0] == 403
     assert _call(guard, "/v1/messages", bearer(bob) + [("x-amem-namespace", "alice")], b"{}")[0] == 403
+    # A repeated header: every value must be covered (the memory hook reads the first one).
+    assert _call(guard, "/v1/chat/completions", bearer(bob) + [("x-amem-namespace", "alice"),
+                                                                 ("x-amem-namespace", "bob")], b"{}")[0] == 403
     assert _call(guard, "/amem/v1/namespaces", method="GET")[0] == 401
     # A plain request is SGLang's: untouched (an amem key is not turned into SGLang's key).
     status, _, seen = _call(guard, "/v1/chat/completions", bearer(alice), b'{"messages": []}')

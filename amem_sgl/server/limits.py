@@ -214,19 +214,20 @@ class AuthGuard:
         if scope["type"] != "http" or scope.get("method") == "OPTIONS":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        headers = {k.lower(): v for k, v in scope.get("headers") or ()}
+        # Every value of a repeated header counts (Starlette's headers.get, which SGLang and the memory
+        # hooks use, returns the first one; a dict of them would keep the last).
+        headers: dict[bytes, list[str]] = {}
+        for k, v in scope.get("headers") or ():
+            headers.setdefault(k.lower(), []).append(v.decode("latin-1"))
         try:
-            principal, unavailable = self.auth.resolve(_bearer(headers.get(b"authorization"))), None
+            principal, unavailable = self.auth.resolve(_bearer((headers.get(b"authorization") or [None])[0])), None
         except _auth.AuthUnavailable as err:
             principal, unavailable = None, str(err)
         guarded = path == MEMORY_PREFIX or path.startswith(MEMORY_PREFIX + "/")
-        needs: list[str] = []
-        if b"x-amem-namespace" in headers:
-            guarded = True
-            needs.append(headers[b"x-amem-namespace"].decode("latin-1"))
-        if b"x-amem-session" in headers:
-            guarded = True
-            owner = self.session_namespace(headers[b"x-amem-session"].decode("latin-1"))
+        needs: list[str] = list(headers.get(b"x-amem-namespace", ()))
+        guarded = guarded or bool(needs) or b"x-amem-session" in headers
+        for session_id in headers.get(b"x-amem-session", ()):
+            owner = self.session_namespace(session_id)
             if owner:
                 needs.append(owner)
         body = None
@@ -272,10 +273,10 @@ class AuthGuard:
         await _send_json(send, status, denial_response(path, status, message), extra)
 
 
-def _bearer(value: bytes | None) -> str | None:
+def _bearer(value: str | None) -> str | None:
     if not value:
         return None
-    scheme, _, token = value.decode("latin-1").partition(" ")
+    scheme, _, token = value.partition(" ")
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
