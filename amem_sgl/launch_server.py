@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     from amem_sgl.server.auth import ensure_secret, publish_secret, secret_path
 
     # Before the scheduler and the memory layer compute a chunk id or a namespace salt.
-    publish_secret(ensure_secret(secret_path(plan.amem.memory.resolved_dir())))
+    memory_dir = plan.amem.memory.resolved_dir()
+    publish_secret(ensure_secret(secret_path(memory_dir), data_dir=memory_dir))
     authenticator = _authenticator(plan.amem, server_args)
     residency = _start_residency(plan.amem) if backend == "amem" else None
     if backend == "amem" and plan.amem.memory.enabled:

@@ -294,8 +294,9 @@ def secret_path(memory_dir: Path) -> Path:
     return memory_dir.parent / f"{memory_dir.name}.secret"
 
 
-def ensure_secret(path: Path) -> Path:
-    """The server secret file at ``path``: created (32 random bytes, hex, 0600) if missing, kept after."""
+def ensure_secret(path: Path, *, data_dir: Path | None = None) -> Path:
+    """The server secret file at ``path``: created (32 random bytes, hex, 0600) if missing, kept after.
+    ``data_dir``: the memory dir it keys; one that already holds data gets a warning at creation."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -312,6 +313,11 @@ def ensure_secret(path: Path) -> Path:
             os.fsync(fh.fileno())
         logger.info("amem auth: created the server secret %s (chunk ids are keyed by it: keep it with the "
                     "memory dir)", path)
+        if data_dir is not None and Path(data_dir).is_dir() and any(Path(data_dir).iterdir()):
+            logger.warning("amem auth: the memory in %s predates the server secret: its chunks keep their old "
+                           "ids and are served as before, but their KV is computed once more, and remembering "
+                           "the same text again stores a second copy (forget and remember a namespace to "
+                           "move it to the new ids)", data_dir)
     return path
 
 
