@@ -8,6 +8,7 @@
     amem bench [fidelity|ttft|residency|kernels|...] [args...]      # python -m benchmarks.<name>
     amem mcp                                                        # MCP stdio server
     amem keys add FILE NAMESPACE... [--admin]                       # an API key (printed once)
+    amem keys list FILE | amem keys remove FILE NAME                 # names and namespaces; revoke one
     amem proxy --upstream URL [--memory URL | --store DIR] [...]    # the closed-API drop-in (docs/proxy.md)
     amem version
 
@@ -86,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file", help="the keys file (created if missing; written atomically, mode 0600)")
     p.add_argument("namespaces", nargs="*", help="namespaces or glob patterns (team-*) the key covers")
     p.add_argument("--admin", action="store_true", help="cover every namespace")
+    p = keys_sub.add_parser("list", help="the keys in FILE: names and what they cover (never the keys)")
+    p.add_argument("file")
+    p = keys_sub.add_parser("remove", help="revoke a key by name (a running server stops accepting it)")
+    p.add_argument("file")
+    p.add_argument("name")
     sub.add_parser("version", help="print versions")
     args = parser.parse_args(argv)
 
@@ -107,18 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return mcp_main(args.url, api_key=args.api_key)
     if args.command == "keys":
-        from amem_sgl.server.auth import add_key
-
-        try:
-            key, name = add_key(args.file, args.namespaces, admin=args.admin)
-        except ValueError as err:
-            print(f"amem keys add: {err}", file=sys.stderr)
-            return 2
-        covers = "every namespace (admin)" if args.admin else ", ".join(args.namespaces)
-        print(key)
-        print(f"key {name} for {covers} stored (as its hash) in {args.file}; this is the only time the key "
-              "is shown", file=sys.stderr)
-        return 0
+        return _keys(args)
 
     from amem_sgl.sdk import Amem, AmemError
 
@@ -142,6 +137,28 @@ def main(argv: list[str] | None = None) -> int:
     except AmemError as err:
         print(f"amem {args.command}: {err}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _keys(args) -> int:
+    from amem_sgl.server import auth
+
+    try:
+        if args.keys_command == "add":
+            key, name = auth.add_key(args.file, args.namespaces, admin=args.admin)
+            covers = "every namespace (admin)" if args.admin else ", ".join(args.namespaces)
+            print(key)
+            print(f"key {name} for {covers} stored (as its hash) in {args.file}; this is the only time the key "
+                  "is shown", file=sys.stderr)
+        elif args.keys_command == "list":
+            for p in auth.list_keys(args.file):
+                print(json.dumps({"name": p.name, "admin": p.admin, "namespaces": list(p.namespaces)}))
+        elif not auth.remove_key(args.file, args.name):
+            print(f"amem keys remove: no key named {args.name!r} in {args.file}", file=sys.stderr)
+            return 1
+    except (OSError, ValueError) as err:
+        print(f"amem keys {args.keys_command}: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

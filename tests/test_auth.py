@@ -44,6 +44,17 @@ def test_the_cli_prints_the_key_once_and_it_works(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "amem_sgl.cli", "keys", "add", str(path), "no spaces"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not a namespace" in bad.stderr
+    name = auth.list_keys(path)[0].name
+    listed = subprocess.run([sys.executable, "-m", "amem_sgl.cli", "keys", "list", str(path)],
+                            capture_output=True, text=True, timeout=120)
+    assert json.loads(listed.stdout) == {"name": name, "admin": False, "namespaces": ["carol"]}
+    assert key not in listed.stdout and auth.key_hash(key) not in listed.stdout
+    removed = subprocess.run([sys.executable, "-m", "amem_sgl.cli", "keys", "remove", str(path), name],
+                             capture_output=True, text=True, timeout=120)
+    assert removed.returncode == 0 and auth.KeyStore(path).lookup(key) is None
+    again = subprocess.run([sys.executable, "-m", "amem_sgl.cli", "keys", "remove", str(path), name],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and "no key named" in again.stderr
 
 
 def test_a_key_added_or_removed_while_running_takes_effect_on_the_next_lookup(tmp_path):

@@ -28,6 +28,7 @@ are keyed by it (amem_sgl.chunks.identity).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import fcntl
@@ -232,22 +233,44 @@ def add_key(path: str | os.PathLike, namespaces: list[str], *, admin: bool = Fal
             raise ValueError(f"not a namespace or glob pattern: {pattern!r}")
         if not any(c in pattern for c in "*?["):
             validate_namespace(pattern)
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     name = f"k-{secrets.token_hex(4)}"
-    # One writer at a time (two concurrent adds must not drop a key): a lock file beside it.
+    with _editing(path) as data:
+        data["keys"][key_hash(key)] = {"name": name, "namespaces": list(namespaces), "admin": bool(admin),
+                                       "created": round(time.time(), 3)}
+    return key, name
+
+
+def remove_key(path: str | os.PathLike, name: str) -> bool:
+    """Drop the key called ``name`` from ``path``; False when there is none of that name."""
+    with _editing(path) as data:
+        gone = [digest for digest, entry in data["keys"].items() if entry.get("name") == name]
+        for digest in gone:
+            del data["keys"][digest]
+    return bool(gone)
+
+
+def list_keys(path: str | os.PathLike) -> list[Principal]:
+    return list(_parse(Path(path).expanduser().read_text(encoding="utf-8"), str(path)).values())
+
+
+@contextlib.contextmanager
+def _editing(path: str | os.PathLike):
+    """The keys file's data to change in place, written back atomically (0600) after the block; one
+    writer at a time (a lock file beside it), and never over a file the server could not read."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = {"version": 1, "keys": {}}
         if path.exists():
             text = path.read_text(encoding="utf-8")
-            _parse(text, str(path))  # refuse to rewrite a file the server could not read
+            _parse(text, str(path))
             data = json.loads(text)
-        data["keys"][key_hash(key)] = {"name": name, "namespaces": list(namespaces), "admin": bool(admin),
-                                       "created": round(time.time(), 3)}
-        write_private(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-    return key, name
+        before = json.dumps(data, sort_keys=True)
+        yield data
+        if json.dumps(data, sort_keys=True) != before:
+            write_private(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_private(path: Path, text: str) -> None:
