@@ -229,3 +229,20 @@ def test_the_mcp_server_passes_its_key(keyed, remembered):
     theirs, own = asyncio.run(session())
     assert theirs.is_error and "403" in str(theirs.content) and "7391" not in str(theirs.content)
     assert not own.is_error and "Rex" in str(own.structured_content or own.content)
+
+
+def test_the_cli_passes_its_key(keyed, remembered):
+    import subprocess
+
+    server, _, keys = keyed
+    search = [sys.executable, "-m", "amem_sgl.cli", "--url", server.url]
+    denied = subprocess.run(search + ["--api-key", keys["bob"], "search", "alice", "PIN"], capture_output=True,
+                            text=True, timeout=120)
+    assert denied.returncode == 1 and "403" in denied.stderr and "7391" not in denied.stdout
+    env = {k: v for k, v in os.environ.items() if k != "AMEM_API_KEY"}
+    allowed = subprocess.run(search + ["search", "alice", "bank PIN"], capture_output=True, text=True, timeout=120,
+                             env={**env, "AMEM_API_KEY": keys["alice"]})
+    assert allowed.returncode == 0 and "7391" in allowed.stdout, allowed.stderr
+    anonymous = subprocess.run(search + ["search", "alice", "PIN"], capture_output=True, text=True, timeout=120,
+                               env=env)
+    assert anonymous.returncode == 1 and "401" in anonymous.stderr
