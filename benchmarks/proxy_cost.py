@@ -43,6 +43,7 @@ from benchmarks.fidelity_data import CITIES, FILLER, FIRST, LAST
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+# Values shared between people (six colours, six employers...): the committed run's memory.
 ATTRIBUTES = {"home city": CITIES, "favorite color": ["teal", "crimson", "amber", "violet", "olive", "indigo"],
               "employer": ["Boeing", "Siemens", "Nokia", "Pfizer", "Lufthansa", "Toyota"],
               "pet's name": ["Biscuit", "Mochi", "Pepper", "Ziggy", "Luna", "Waffles"],
@@ -50,6 +51,23 @@ ATTRIBUTES = {"home city": CITIES, "favorite color": ["teal", "crimson", "amber"
               "car": ["Volvo", "Fiat", "Subaru", "Tesla", "Mazda", "Skoda"],
               "hobby": ["chess", "pottery", "surfing", "archery", "knitting", "rowing"],
               "birth month": ["March", "July", "October", "January", "May", "September"]}
+# Values never shared between two people (``unique=True``): SmolLM2-135M then copies the value next to
+# the asked name instead of the one most frequent in its context.
+UNIQUE_ATTRIBUTES = {
+    "home city": CITIES,
+    "employer": ["Boeing", "Siemens", "Nokia", "Pfizer", "Lufthansa", "Toyota", "Philips", "Ericsson", "Heineken",
+                 "Unilever", "Airbus", "Bosch", "Danone", "Nestle", "Volvo", "Lego", "Ikea", "Spotify", "Adidas",
+                 "Canon", "Nikon", "Sony", "Samsung", "Hyundai", "Infosys", "Wipro", "Embraer", "Petrobras", "Maersk",
+                 "Novartis"],
+    "pet's name": ["Biscuit", "Mochi", "Pepper", "Ziggy", "Luna", "Waffles", "Nugget", "Pickles", "Maple", "Bramble",
+                   "Pixel", "Clover", "Juniper", "Toffee", "Sprocket", "Widget", "Marzipan", "Quincy", "Rascal",
+                   "Tofu", "Gizmo", "Noodle", "Peanut", "Saffron", "Tinsel", "Oberon", "Pumpkin", "Yoshi", "Zephyr",
+                   "Fennel"],
+    "locker code": [str(n) for n in range(4100, 9900, 191)],
+    "room number": [str(n) for n in range(210, 990, 26)],
+    "badge number": [str(n) for n in range(51000, 99000, 1601)],
+    "parking spot": [f"{c}{n}" for c in "BDFH" for n in range(11, 19)],
+    "phone extension": [str(n) for n in range(3100, 3999, 29)]}
 ARMS = ("full", "mem0", "proxy")
 
 
@@ -62,17 +80,20 @@ def plain_upstream_command(port: int) -> str:
             f"--max-total-tokens 16384 --sleep-on-idle --enable-cache-report --port {port}")
 
 
-def make_memory(people: int, attributes: int = 4, seed: int = 0) -> tuple[list[str], dict[str, list[tuple[str, str]]]]:
+def make_memory(people: int, attributes: int = 4, unique: bool = False,
+                seed: int = 0) -> tuple[list[str], dict[str, list[tuple[str, str]]]]:
     """One short fact per chunk, ``attributes`` per person; no two people share a first or last name
-    (at most 30). Returns (facts, person -> [(question, answer)])."""
-    if people > min(len(FIRST), len(LAST)) or attributes > len(ATTRIBUTES):
-        raise ValueError(f"at most {min(len(FIRST), len(LAST))} people and {len(ATTRIBUTES)} attributes")
+    (at most 30), nor, with ``unique``, a value. Returns (facts, person -> [(question, answer)])."""
+    table = UNIQUE_ATTRIBUTES if unique else ATTRIBUTES
+    if people > min(len(FIRST), len(LAST)) or attributes > len(table):
+        raise ValueError(f"at most {min(len(FIRST), len(LAST))} people and {len(table)} attributes")
     rng = random.Random(seed)
     first, last = rng.sample(FIRST, people), rng.sample(LAST, people)
+    drawn = {attr: rng.sample(range(len(pool)), people) for attr, pool in table.items()} if unique else None
     facts, asks = [], {}
     for name in (f"{f} {l}" for f, l in zip(first, last)):
-        for attr, values in list(ATTRIBUTES.items())[:attributes]:
-            value = rng.choice(values)
+        for attr, values in list(table.items())[:attributes]:
+            value = values[drawn[attr].pop()] if unique else rng.choice(values)
             facts.append(f"The {attr} of {name} is {value}.")
             asks.setdefault(name, []).append((f"What is the {attr} of {name}?", value))
     return facts, asks
@@ -203,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--upstream", default=None, help="a running plain SGLang server (default: start one)")
     p.add_argument("--people", type=int, default=None, help="default 25; quick 10")
+    p.add_argument("--unique-values", action="store_true", help="no value shared between two people")
     p.add_argument("--attributes", type=int, default=None, help="facts (chunks) per person (default 8; quick 4)")
     p.add_argument("--turns", type=int, default=None, help="default 30; quick 4")
     p.add_argument("-k", type=int, default=6)
@@ -231,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--state-dir {work}/state -k {args.k} --block-k {2 * args.k}", port=port, log_path=work / "proxy.log",
             timeout_s=180))
         proxy = servers[-1].url
-        facts, asks = make_memory(args.people, args.attributes)
+        facts, asks = make_memory(args.people, args.attributes, args.unique_values)
         requests.post(f"{proxy}/amem/v1/remember", json={"namespace": "bench-user", "texts": facts},
                       timeout=600).raise_for_status()
         questions = session_questions(asks, args.turns)

@@ -32,7 +32,7 @@ def stack(tmp_path_factory):
     proxy = start_server(f"{sys.executable} -m amem_sgl.proxy --upstream {relay.url} --port {port} "
                          f"--store {work}/memory --state-dir {work}/state -k 6 --block-k 12",
                          port=port, log_path=work / "proxy.log", timeout_s=180)
-    facts, asks = make_memory(30, 4)  # 120 chunks, one fact each, no two people share a name
+    facts, asks = make_memory(30, 4, unique=True)  # 120 chunks, one fact each, no name or value shared
     done = Amem(proxy.url).remember(NS, facts)  # the SDK against the proxy's memory API
     assert len(done.ids) == 120 and done.new == 120
     yield {"proxy": proxy, "relay": relay, "asks": asks, "upstream": upstream}
@@ -45,7 +45,7 @@ def _session(asks):
 
 def _check_cache_and_answers(turns: list[dict]) -> None:
     stable = [t for t in turns[1:] if not t["rebuilt"]]
-    assert len(stable) >= 5, turns
+    assert len(stable) >= 4, turns
     for t in stable:  # the upstream's own count: most of the prompt came from its cache
         assert t["cached"] >= 0.8 * t["prompt"], t
     assert all(t["chunks"] >= 6 for t in turns)

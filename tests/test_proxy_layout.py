@@ -81,6 +81,8 @@ def test_the_block_is_rebuilt_only_past_the_drift_threshold_or_when_a_chunk_is_f
 
 @pytest.mark.parametrize("client_marks, added", [(0, 3), (2, 2), (3, 1), (4, 0)])
 def test_anthropic_breakpoints_never_exceed_four_counting_the_clients_own(client_marks, added):
+    """Where the markers go and their TTL (Anthropic's limit of 4 and TTL expiry are the provider's
+    accounting, which the real upstream ignores; tests/test_proxy.py counts them in the bytes it received)."""
     mark = {"type": "ephemeral"}
     tools = [{"name": f"t{i}", "input_schema": {}, "cache_control": mark} for i in range(client_marks)]
     body = {"tools": tools, "system": "Sys.", "messages": [{"role": "user", "content": "q1"},
@@ -116,6 +118,9 @@ def test_sessions_persist_and_reload(tmp_path):
 
 
 def test_prices_apply_read_write_multipliers_and_the_minimum_cacheable_length():
+    """A stand-in for the closed providers' billing, which the real upstream cannot show (a plain
+    SGLang server caches every prefix, has no breakpoints, TTL or write price): this checks only the
+    table's arithmetic; the cached token counts it is applied to are always the upstream's own."""
     p = pricing.PRICES
     cost = pricing.input_cost(p, "anthropic", "claude-sonnet-4-5", total=10_000, read=8_000, written=2_000)
     assert cost == pytest.approx((8_000 * 0.1 + 2_000 * 1.25) * 3.0 / 1e6)

@@ -22,6 +22,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-k", type=int, default=12, help="chunks in a (re)built memory block")
     p.add_argument("--drift", type=float, default=0.5,
                    help="rebuild the memory block when more than this share of a turn's top-k is not in it")
+    p.add_argument("--focus", type=int, default=1,
+                   help="the best N recalled chunks also go into the newest turn when the block has them")
     p.add_argument("--ttl", choices=("5m", "1h"), default="5m", help="Anthropic cache_control TTL")
     p.add_argument("--timeout", type=float, default=600.0, help="upstream timeout, seconds")
     p.add_argument("--prices", default=None, help="a JSON price table (see amem_sgl/proxy/pricing.py)")
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = ProxyConfig(upstream=args.upstream, memory_url=args.memory, store_dir=args.store,
                          state_dir=args.state_dir, k=args.k, block_k=args.block_k, drift=args.drift,
-                         ttl=args.ttl, timeout_s=args.timeout, prices=prices)
+                         focus=args.focus, ttl=args.ttl, timeout_s=args.timeout, prices=prices)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning")
     return 0
 

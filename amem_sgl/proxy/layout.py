@@ -8,7 +8,8 @@ Order of a forwarded request: [tools][client system][memory block][history][newe
 * The memory block holds up to ``block_k`` chunks in insertion order (not by score), and is rebuilt
   only when the turn's top-k drifts past ``drift`` (the share of the top-k not in the block), or a
   chunk in it was forgotten.
-* Recalled chunks not in the block go into the newest user turn; the exact text injected into each
+* Recalled chunks not in the block go into the newest user turn (and the best ``focus`` ones even if
+  the block has them, so the turn's best match sits next to the question); the exact text injected into each
   turn is kept in the session (keyed by the turn's position and content) and replayed when the client
   sends that turn again as history.
 * Anthropic: ``cache_control`` breakpoints at the end of the memory block, the last stable turn and
@@ -86,9 +87,10 @@ def freeze(session: Session, name: str, value, as_set: bool = False):
 
 
 def plan_memory(session: Session, recalled: list[dict], known: dict[str, int], k: int,
-                drift: float) -> tuple[Turn, list[dict]]:
+                drift: float, focus: int = 0) -> tuple[Turn, list[dict]]:
     """Update the session's block from this turn's recall (best first, ``block_k`` long); returns
-    the block and the top-k chunks the block lacks (they go into the newest turn)."""
+    the block and the chunks for the newest turn: the top-k ones the block lacks, plus the best
+    ``focus`` ones even when the block has them (the turn's best match next to the question)."""
     top = recalled[:k]
     stale = any(cid not in known for cid in session.block_ids)
     missing = [c for c in top if c["id"] not in session.block_ids]
@@ -101,7 +103,9 @@ def plan_memory(session: Session, recalled: list[dict], known: dict[str, int], k
         rebuilt, missing = True, []
     elif stale:  # nothing recalled and a forgotten chunk in the block: drop the block
         session.block_ids, session.block_text, rebuilt = [], "", True
-    return Turn(list(session.block_ids), [c["id"] for c in _ordered(missing)], rebuilt, share), _ordered(missing)
+    best = top[:focus]  # last: nearest the question
+    newest = _ordered([c for c in missing if c not in best]) + best
+    return Turn(list(session.block_ids), [c["id"] for c in newest], rebuilt, share), newest
 
 
 def injections(session: Session, messages: list, newest: int | None, new_chunks: list[dict],

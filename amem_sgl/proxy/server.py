@@ -46,6 +46,7 @@ class ProxyConfig:
     k: int = 6  # chunks recalled per turn
     block_k: int = 12  # chunks in a (re)built memory block
     drift: float = 0.5  # rebuild the block when more than this share of the top-k is not in it
+    focus: int = 1  # the best recalled chunks repeated in the newest turn even when the block has them
     ttl: str = "5m"  # Anthropic cache_control TTL: 5m or 1h
     timeout_s: float = 600.0
     prices: dict = dataclasses.field(default_factory=lambda: pricing.PRICES)
@@ -211,7 +212,8 @@ def create_app(config: ProxyConfig) -> FastAPI:
             if fresh:
                 query = layout.text_of(messages[newest].get("content"))
                 recalled = await backend.recall(namespace, query, config.block_k) if query.strip() else []
-            turn, new_chunks = layout.plan_memory(session, recalled, known, config.k, config.drift)
+            turn, new_chunks = layout.plan_memory(session, recalled, known, config.k, config.drift,
+                                                    config.focus)
             inject, turn.replayed = layout.injections(session, messages, newest if fresh else None, new_chunks, known)
             if api == "openai":
                 forwarded = layout.openai_layout(body, session, turn, inject, digest("amem-namespace", namespace)[:32])
