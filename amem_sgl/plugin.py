@@ -77,6 +77,14 @@ def chunk_support(ctx: sgl.TreeCacheBuildContext, config: AmemConfig) -> ChunkSu
     max_tokens = config.chunks.max_chunk_tokens
     if not config.chunks.enabled:
         return ChunkSupport(kv_pool, None, model_id, False, "disabled by amem.chunks.enabled", max_tokens)
+    tp_size = int(getattr(ctx, "tp_size", 1) or 1)
+    if tp_size > 1:
+        # Each rank's pool holds its own heads and its own tree; splice and restore decisions must
+        # then agree across ranks, which is not built or tested yet: serve without chunk reuse.
+        reason = (f"chunk reuse supports tensor parallelism 1 only (this server runs --tp-size {tp_size}); "
+                  "requests with amem.chunks are served as ordinary prefills")
+        logger.error("amem: %s", reason)
+        return ChunkSupport(kv_pool, None, model_id, False, reason, max_tokens, tp_size=tp_size)
     if type(kv_pool) is not sgl.MHATokenToKVPool or model_runner is None:
         reason = f"KV pool {type(kv_pool).__name__} / model runner {type(model_runner).__name__} unsupported"
         logger.warning("amem: chunk reuse disabled: %s", reason)
@@ -97,7 +105,8 @@ def chunk_support(ctx: sgl.TreeCacheBuildContext, config: AmemConfig) -> ChunkSu
     reason = (f"RoPE re-rotation self-check passed: max relative error {check.max_relative_error:.3g} "
               f"<= {check.tolerance:.3g} ({check.detail})")
     logger.info("amem: %s; chunk reuse enabled", reason)
-    return ChunkSupport(kv_pool, rope, model_id, True, reason, max_tokens, blend_default, blend_available)
+    return ChunkSupport(kv_pool, rope, model_id, True, reason, max_tokens, blend_default, blend_available,
+                        tp_rank=int(getattr(ctx, "tp_rank", 0) or 0), tp_size=tp_size)
 
 
 def _model_id(ctx: sgl.TreeCacheBuildContext) -> str:

@@ -126,9 +126,25 @@ def match(cache, req) -> None:
     req.init_next_round_input(cache)
 
 
+def load_back(cache, req) -> int:
+    """What SGLang's PrefillAdder does at admission for a match that reported ``host_hit_length``:
+    ``init_load_back`` once, then the prefix grows by what it loaded (the cache owns it, or not)."""
+    if not req.needs_host_load_back():
+        return 0
+    loaded, req.last_node = cache.init_load_back(sgl.InitLoadBackParams(
+        best_match_node=req.best_match_node, host_hit_length=req.host_hit_length, req=req))
+    assert loaded in (0, req.host_hit_length), "load-back commits all promised tokens or none"
+    req.host_loaded_length = loaded
+    req.prefix_len += loaded
+    if cache.load_back_is_cache_owned():
+        req.kv.cache_protected_len = req.prefix_len
+    return loaded
+
+
 def admit(cache, pools: Pools, req) -> sgl.Req:
-    """Admission after a match: lock, take a row and slots for the uncached part, write 'KV'."""
+    """Admission after a match: load-back, lock, take a row and slots for the uncached part, write 'KV'."""
     prompt = list(req.origin_input_ids)
+    load_back(cache, req)
     req.lock = cache.lock(req.last_node)
     prefix = cache.prefix_device_indices(req) if req.prefix_len else torch.empty(0, dtype=torch.int64)
     assert pools.req_to_token.alloc([req]) is not None, "no free request row"

@@ -8,13 +8,11 @@ import pytest
 
 from amem_sgl.blend import policy as policy_mod
 from amem_sgl.blend.policy import REGISTRY, BlendPolicy, Strategy, register
-from amem_sgl.cache.chunk_radix_cache import ChunkRadixCache, ChunkSupport
-from amem_sgl.cache.splice import find_rope
 from amem_sgl.chunks import build_kv_hints
 from amem_sgl.chunks.hints import parse_kv_hints
 from amem_sgl.config import AmemConfig
-from tests.pools import Pools, finish, start
-from tests.test_chunk_splice import A, B, C, PRE, compose, register as register_chunk
+from tests.pools import finish, start
+from tests.test_chunk_splice import A, B, C, compose, make
 
 K, RATIO = 3, 0.25
 
@@ -32,16 +30,6 @@ SPEC = {
 DEVIATION = {"hkvd", "sink+hkvd", "edges+hkvd"}
 
 
-def blend_cache():
-    pools = Pools.create(size=512)
-    support = ChunkSupport(kv_pool=pools.kv, rope=find_rope(pools.rope), model_id="test-model",
-                           enabled=True, max_chunk_tokens=64, blend_available=True)
-    cache = ChunkRadixCache(pools.init_params(), chunks=support)
-    for chunk in (A, B, C):
-        register_chunk(cache, pools, chunk)
-    return cache, pools
-
-
 def handed_plan(cache, req):
     """The blend plan the cache handed over with this request at admission (None: nothing to do)."""
     return cache.blend_plans.get(req.rid)
@@ -53,7 +41,7 @@ def test_the_builtin_policies_are_registered():
 
 @pytest.mark.parametrize("name", sorted(SPEC))
 def test_each_policy_picks_its_positions_and_budget_on_a_real_splice(name):
-    cache, pools = blend_cache()
+    cache, pools = make(registered=(A, B, C), blend=True)
     chosen = BlendPolicy(name, K, RATIO, 1)
     prompt, spans = compose([C, A, B])
     req = start(cache, pools, prompt, build_kv_hints("alice", spans, blend=chosen))

@@ -28,6 +28,7 @@ from amem_sgl.blend.runner import BlendRunner
 from amem_sgl.cache.chunk_radix_cache import ChunkRadixCache, ChunkSupport
 from amem_sgl.cache.splice import find_rope
 from amem_sgl.chunks import build_kv_hints
+from tests.pools import load_back
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +109,8 @@ def extend(worker, cache, prompt, hints=None, *, blend: str | None = "default"):
     req = sgl.Req(rid=f"seam{next(_rid)}", origin_input_text="", origin_input_ids=array("q", prompt),
                   sampling_params=sgl.SamplingParams(max_new_tokens=1), kv_hints=hints)
     req.init_next_round_input(cache)
-    req.lock = cache.lock(req.last_node)  # what the PrefillAdder does for an admitted request
+    load_back(cache, req)  # what the PrefillAdder does for an admitted request: splice, then lock
+    req.lock = cache.lock(req.last_node)
     req.extend_end = len(req.full_untruncated_fill_ids)
     batch = ScheduleBatch.init_new([req], runner.req_to_token_pool, runner.token_to_kv_pool_allocator, cache,
                                    runner.model_config, False, SpeculativeAlgorithm.NONE)

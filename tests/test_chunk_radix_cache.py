@@ -206,3 +206,9 @@ def test_plugin_registers_the_amem_backend_once_and_builds_chunk_radix_cache():
 def test_plugin_refuses_models_and_modes_it_does_not_support(flag):
     with pytest.raises(ValueError, match="full-attention transformer"):
         plugin.build_chunk_radix_cache(_build_ctx(Pools.create(), **{flag: True}))
+
+
+def test_chunk_reuse_is_refused_with_a_reason_under_tensor_parallelism():
+    cache = plugin.build_chunk_radix_cache(_build_ctx(Pools.create(), tp_size=2, tp_rank=1))
+    assert not cache.chunk_reuse_enabled and not cache.disable  # plain prefix caching still works
+    assert "tensor parallelism" in cache.describe()["chunk_reuse_reason"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from amem_sgl import sglang_compat as sgl
-from amem_sgl.cache import chunk_radix_cache
+from amem_sgl.cache import chunk_index
 from amem_sgl.cache.chunk_radix_cache import ChunkRadixCache, ChunkSupport
 from amem_sgl.cache.splice import find_rope
 from amem_sgl.chunks import build_kv_hints
@@ -19,11 +19,12 @@ X = list(range(70, 75))  # never registered
 Q = [90, 91, 92]  # the question after the chunks
 
 
-def make(size: int = 512, registered=()):
-    """A chunk-enabled cache on fresh pools, with ``registered`` chunks registered in "alice"."""
+def make(size: int = 512, registered=(), blend: bool = False):
+    """A chunk-enabled cache on fresh pools, with ``registered`` chunks registered in "alice";
+    ``blend``: as where a blend pass can run (gaps are spliced and left to it)."""
     pools = Pools.create(size=size)
     support = ChunkSupport(kv_pool=pools.kv, rope=find_rope(pools.rope), model_id="test-model",
-                           enabled=True, max_chunk_tokens=64)
+                           enabled=True, max_chunk_tokens=64, blend_available=blend)
     cache = ChunkRadixCache(pools.init_params(), chunks=support)
     for chunk in registered:
         register(cache, pools, chunk)
@@ -113,7 +114,7 @@ def test_an_unregistered_chunk_falls_back_to_prefill_from_there():
     prompt, spans = compose([A, X, B])
     req = start(cache, pools, prompt, build_kv_hints("alice", spans))
     assert req.prefix_len == len(PRE) + len(A)  # X and everything after it are prefilled
-    assert cache.stats.chunk_misses == 1
+    assert cache.stats.chunk_misses == 2  # X and B: declared, not spliced, computed
     # The driver "prefilled" X and B at their true positions: B's V says so.
     b_start = spans[2][0]
     assert torch.equal(pools.v_at(row_slots(pools, req, b_start, b_start + len(B))),
@@ -160,7 +161,8 @@ def test_another_namespace_never_sees_the_chunk_or_its_context():
     finish(cache, req)
     register(cache, pools, B, namespace="bob")  # bob's own context is cached now...
     req = start(cache, pools, prompt, build_kv_hints("bob", spans))
-    assert req.prefix_len == len(PRE) and cache.stats.chunk_misses == 1  # ...but alice's chunk is not his
+    # ...but alice's chunk is not his (a miss, as it was carol's)
+    assert req.prefix_len == len(PRE) and cache.stats.chunk_misses == 2
     finish(cache, req)
 
 
@@ -180,7 +182,7 @@ def test_spliced_sequences_serve_only_their_namespace_and_never_plain_requests()
 
 def test_an_id_collision_never_serves_another_chunks_kv(monkeypatch):
     cache, pools = make()
-    monkeypatch.setattr(chunk_radix_cache, "chunk_id", lambda namespace, model, tokens: "same-id")
+    monkeypatch.setattr(chunk_index, "chunk_id", lambda namespace, model, tokens: "same-id")
     register(cache, pools, A)
     prompt, spans = compose([B])  # B hashes to A's id here; the stored tokens differ
     req = start(cache, pools, prompt, build_kv_hints("alice", spans))
@@ -188,18 +190,101 @@ def test_an_id_collision_never_serves_another_chunks_kv(monkeypatch):
     finish(cache, req)
 
 
-def test_matching_again_reuses_the_splice_and_an_abort_frees_it():
-    cache, pools = make()
-    register(cache, pools, A)
-    free_before = pools.allocator.available_size()
+def tree_state(cache):
+    """Every node's (key, slots, lock count) and the chunk nodes' LRU times: what a pure query must
+    not change (RadixCache's own match refreshes the LRU time of the prefix it matched)."""
+    out, stack = [], [cache.root_node]
+    while stack:
+        node = stack.pop()
+        out.append((node.key.extra_key, tuple(node.key.token_ids), tuple(torch.as_tensor(node.value).tolist()) if node.value is not None
+                    else None, node.lock_ref,
+                    node.last_access_time if (node.key.extra_key or "").startswith("amem:chunk:") else None))
+        stack.extend(node.children.values())
+    return sorted(out, key=repr), cache.evictable_size(), cache.protected_size()
+
+
+def test_match_is_a_query_and_admission_splices_once():
+    cache, pools = make(registered=(A, B))
+    prompt, spans = compose([B, A])
+    req = make_req(prompt, build_kv_hints("alice", spans))
+    match(cache, req)  # once to salt-split the preamble node as RadixCache would, then compare
+    free, tree, kv_hints = pools.allocator.available_size(), tree_state(cache), req.kv_hints
+    for _ in range(3):  # a waiting request is matched again every scheduling round
+        match(cache, req)
+        assert pools.allocator.available_size() == free and tree_state(cache) == tree
+        assert req.kv_hints is kv_hints and req.extra_key is None and req.customized_info is None
+        assert req.prefix_len == len(PRE) and req.host_hit_length == len(A) + len(B)
+    allocs = []
+    original = pools.allocator.alloc
+    pools.allocator.alloc = lambda n: allocs.append(n) or original(n)
+    admit(cache, pools, req)  # SGLang's admission: init_load_back once, then the row
+    assert allocs == [len(A) + len(B), len(Q)]  # the splice once, then the extend
+    assert req.prefix_len == spans[-1][1] and req.kv.cache_protected_len == len(PRE)
+    assert_chunk_kv_at(pools, req, B, spans[0][0])
+    assert_chunk_kv_at(pools, req, A, spans[1][0])
+    finish(cache, req)
+    cache.evict(sgl.EvictParams(num_tokens=10_000))
+    assert pools.allocator.available_size() == pools.size
+
+
+def test_an_aborted_waiting_request_never_held_slots():
+    cache, pools = make(registered=(A,))
+    free = pools.allocator.available_size()
     prompt, spans = compose([A])
     req = make_req(prompt, build_kv_hints("alice", spans))
     match(cache, req)
-    match(cache, req)  # a waiting request is matched again every scheduling round
-    assert req.prefix_len == len(PRE) + len(A)
-    assert pools.allocator.available_size() == free_before - len(A)
+    assert req.host_hit_length == len(A) and pools.allocator.available_size() == free
     cache.release_aborted_request(sgl.CacheRequestHandle(req.rid, 0))
-    assert pools.allocator.available_size() == free_before
+    assert pools.allocator.available_size() == free and not cache.describe()["pending_splices"]
+
+
+def test_admission_falls_back_to_computing_when_the_chunk_is_gone_or_no_slots():
+    # A chunk evicted between the match and admission: the load-back commits nothing and the
+    # request computes the span (SGLang re-selects the admission without the host hit).
+    cache, pools = make(registered=(A,))
+    prompt, spans = compose([A])
+    req = make_req(prompt, build_kv_hints("alice", spans))
+    match(cache, req)
+    assert req.host_hit_length == len(A)
+    pin = cache.lock(req.last_node)  # the PrefillAdder pins the matched prefix while it admits
+    cache.evict(sgl.EvictParams(num_tokens=10_000))
+    assert cache.resident_chunks() == 0
+    admit(cache, pools, req)
+    cache.unlock(pin)
+    assert req.prefix_len == len(PRE) and cache.stats.splice_fallbacks == 1
+    assert torch.equal(pools.v_at(row_slots(pools, req, len(PRE), len(prompt))),
+                       kv_signature(prompt[len(PRE):], range(len(PRE), len(prompt))))  # computed here
+    finish(cache, req)
+    # No slots for the splice: nothing taken, nothing corrupted, the request computes it.
+    cache, pools = make(size=64, registered=(A,))
+    req = make_req(prompt, build_kv_hints("alice", spans))
+    match(cache, req)
+    lock = cache.lock(req.last_node)
+    hog = pools.allocator.alloc(pools.allocator.available_size())
+    free = pools.allocator.available_size()
+    loaded, _ = cache.init_load_back(sgl.InitLoadBackParams(best_match_node=req.best_match_node,
+                                                            host_hit_length=req.host_hit_length, req=req))
+    assert loaded == 0 and pools.allocator.available_size() == free and cache.resident_chunks() == 1
+    pools.allocator.free(hog)
+    cache.unlock(lock)
+
+
+def test_the_idle_leak_check_stays_silent_after_spliced_blended_and_aborted_requests():
+    """SGLang's idle check (scheduler invariant checker, full pool): free + evictable + protected
+    slots == pool size once no request runs."""
+    cache, pools = make(registered=(A, B, C), blend=True)
+    for order in ((A, B), (C, X, A), (B, C, A)):
+        prompt, spans = compose(order)
+        waiting = make_req(prompt, build_kv_hints("alice", spans, capture=True))
+        match(cache, waiting)
+        cache.release_aborted_request(sgl.CacheRequestHandle(waiting.rid, 0))
+        served = serve(cache, pools, prompt, [7, 8], kv_hints=build_kv_hints("alice", spans, capture=True))
+        assert served.prefix_len > len(PRE)
+        assert not cache.blend_plans or served.req.rid in cache.blend_plans
+        cache.blend_plans.clear()  # no model here: the blend pass's batch never runs
+        assert (pools.allocator.available_size() + cache.evictable_size() + cache.protected_size()
+                == pools.size), "token_to_kv_pool memory leak"
+        assert len(pools.req_to_token.free_slots) == pools.req_to_token.size
 
 
 def test_a_running_spliced_request_keeps_its_kv_when_chunk_nodes_are_evicted():
@@ -226,8 +311,9 @@ def test_splicing_evicts_other_entries_for_space_but_never_the_chunks_it_reads()
     prompt, spans = compose([A])
     req = make_req(prompt, build_kv_hints("alice", spans))
     match(cache, req)
+    assert req.prefix_len + req.host_hit_length == len(PRE) + len(A)
+    admit(cache, pools, req)  # the splice's slots come from evicting the unrelated prefixes
     assert req.prefix_len == len(PRE) + len(A) and cache.resident_chunks() == 1
-    admit(cache, pools, req)
     assert_chunk_kv_at(pools, req, A, len(PRE))
     finish(cache, req)
 
@@ -316,12 +402,7 @@ def test_capture_is_refused_on_register_and_forget_actions():
 def test_with_blending_a_missing_chunk_is_computed_by_the_blend_pass_and_captured():
     """Where a blend pass can run, a chunk nobody has prefilled yet does not end the splice: its span
     is a gap the blend pass computes, chunks after it are still spliced, and the span is captured."""
-    pools = Pools.create(size=512)
-    support = ChunkSupport(kv_pool=pools.kv, rope=find_rope(pools.rope), model_id="test-model",
-                           enabled=True, max_chunk_tokens=64, blend_available=True)
-    cache = ChunkRadixCache(pools.init_params(), chunks=support)
-    for chunk in (A, B):
-        register(cache, pools, chunk)
+    cache, pools = make(registered=(A, B), blend=True)
     prompt, spans = compose([A, X, B])
     req = start(cache, pools, prompt, build_kv_hints("alice", spans, capture=True))
     assert req.prefix_len == spans[2][1]  # A, X and B all come before the computed tail

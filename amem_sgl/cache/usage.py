@@ -1,0 +1,68 @@
+"""What the cache counts and reports: tree-event counters, and the per-request usage record.
+
+The usage record of a spliced request (``req.customized_info["amem"]``) reaches the response's
+``meta_info["amem"]`` and the OpenAI ``usage.amem`` (amem_sgl.plugin), and the Prometheus counters
+(amem_sgl.metrics) when the server runs with ``--enable-metrics``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+USAGE_KEY = "amem"  # req.customized_info key -> meta_info["amem"] of the response
+
+
+@dataclasses.dataclass
+class CacheStats:
+    """Counters of tree events since start (monotonic; never reset by a cache flush)."""
+
+    match_calls: int = 0
+    match_hit_tokens: int = 0
+    match_query_tokens: int = 0
+    inserted_tokens: int = 0
+    evicted_tokens: int = 0
+    chunks_registered: int = 0
+    chunk_hits: int = 0  # admitted splices: chunks spliced (device or restored)
+    chunk_misses: int = 0  # admitted splices: declared chunks neither resident nor restorable
+    spliced_tokens: int = 0
+    spliced_requests: int = 0
+    splice_fallbacks: int = 0  # admissions that could not splice what the match promised: recomputed
+    recomputed_tokens: int = 0
+    blend_passes: int = 0
+    probed_tokens: int = 0  # spliced tokens run through a deviation probe (layers < check layer)
+    probe_passes: int = 0
+    blend_failures: int = 0  # blend passes that raised (logged; requests served on spliced KV)
+    forgotten_tokens: int = 0  # freed by forget actions (memory API deletes)
+    gap_tokens: int = 0  # uncached non-chunk tokens computed by blend passes (e.g. the preamble)
+    chunks_stored: int = 0  # handed to the residency service (write-through)
+    chunks_restored: int = 0  # loaded back from the CPU/disk tiers instead of recomputed
+    restored_tokens: int = 0
+    restore_rejected: int = 0  # stored KV that did not fit this server (layout/dtype): recomputed
+    fetches_started: int = 0  # background fetches from the residency service
+    registered_tokens: int = 0  # chunk tokens prefilled by register requests
+    chunks_captured: int = 0  # chunks kept from a request that computed them in place (first use)
+    captured_tokens: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def splice_usage(*, namespace: str, spliced: int, recomputed: int, probed: int, probe_layers: int,
+                 extended: int, loaded: int, gaps: int, policy_label: str) -> dict:
+    """The usage record of one spliced request."""
+    return {
+        "namespace": namespace, "spliced_tokens": spliced,
+        "recomputed_tokens": recomputed, "probed_tokens": probed,
+        "probe_layers": probe_layers if probed else 0,
+        "extended_tokens": extended,
+        "loaded_tokens": loaded,
+        "gap_tokens": gaps,
+        "blend_policy": policy_label if recomputed else "none",
+    }
+
+
+def attach_usage(req, usage: dict, metrics=None) -> None:
+    """Report ``usage`` once in the response's meta_info["amem"] (and the metrics, when on)."""
+    req.customized_info = {**(req.customized_info or {}), USAGE_KEY: [usage]}
+    if metrics is not None:
+        metrics.record(usage)
