@@ -1,5 +1,5 @@
 """Exact mode (amem_sgl.memory.exact): a session's working set grows in a stable order and its turns
-are plain prefills, so each turn answers like a full prefill of the same prompt."""
+are exact prefills (hints ``exact``), so each turn answers like a full prefill of the same prompt."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import requests
 
+from amem_sgl.chunks.hints import parse_kv_hints
 from amem_sgl.config import AmemConfig
 from amem_sgl.memory.exact import extend_working_set, validate_fidelity
 
@@ -58,14 +59,16 @@ def test_exact_turns_are_a_prefix_hit_plus_new_chunks_and_answer_like_a_full_pre
     session = asyncio.run(layer.start_session("exactns", "Which company does Tomas Berg work at?", None, None,
                                               fidelity="exact"))
     assert session.fidelity == "exact" and len(session.chunk_ids) == 1  # warmed: prefilled, nothing spliced
-    assert session.warm["cached_tokens"] < session.warm["prompt_tokens"] and not session.warm["amem"], session.warm
+    assert session.warm["cached_tokens"] < session.warm["prompt_tokens"], session.warm
+    assert session.warm["amem"].get("spliced_tokens", 0) == 0, session.warm
     questions = ["Where does Mira Okafor live?", "What is the name of Mira Okafor's dog?",
                  "What is Mira Okafor's favourite colour?"]
     for turn, question in enumerate(questions):
         before = list(session.chunk_ids)
         messages = [{"role": "user", "content": question}]
         plan = layer.plan_chat(None, messages, session.session_id)
-        assert plan.kv_hints is None and plan.fidelity == "exact"  # an ordinary prefill: nothing spliced
+        hints = parse_kv_hints(plan.kv_hints)  # an exact prefill: nothing spliced, chunks captured
+        assert hints.exact and hints.capture and len(hints.spans) == len(plan.chunk_ids) and plan.fidelity == "exact"
         # The working set kept its order and the newly recalled chunk went after it.
         assert plan.chunk_ids[: len(before)] == before and plan.chunk_ids == session.chunk_ids
         assert len(plan.new_chunk_ids) == 1 and plan.chunk_ids == before + list(plan.new_chunk_ids)
@@ -88,9 +91,9 @@ def test_exact_turns_are_a_prefix_hit_plus_new_chunks_and_answer_like_a_full_pre
 def test_exact_mode_per_plan_without_a_session_sends_no_spans(layer):
     plan = layer.plan_chat("exactns", [{"role": "user", "content": "Which company does Tomas Berg work at?"}],
                            None, fidelity="exact")
-    assert plan.kv_hints is None and plan.report()["fidelity"] == "exact" and len(plan.chunk_ids) == 1
+    assert parse_kv_hints(plan.kv_hints).exact and plan.report()["fidelity"] == "exact" and len(plan.chunk_ids) == 1
     default = layer.plan_chat("exactns", [{"role": "user", "content": "Which company does Tomas Berg work at?"}], None)
-    assert default.kv_hints is not None and default.input_ids == plan.input_ids
+    assert not parse_kv_hints(default.kv_hints).exact and default.input_ids == plan.input_ids
     from amem_sgl.memory.layer import MemoryError_
 
     with pytest.raises(MemoryError_):

@@ -2,17 +2,15 @@
 
 A session in exact mode keeps its **working set** in a stable order: chunks recalled in earlier
 turns stay where they are and each turn's newly recalled chunks are appended after them. Its turns
-are sent as ordinary prefills (no chunk spans declared, so nothing is spliced or blended): the
-previous turn left [system][working set] in SGLang's radix tree, so the next turn is a plain prefix
-hit through the old working set and computes only the new chunks, its history and its question.
-The KV it attends to is the KV a full prefill of the same prompt computes, by construction: the same
-tokens at the same positions behind the same context (a prefix evicted from the tree is simply
-prefilled again), so 0 tokens are blended or recomputed and the answer is the full prefill's.
-
-Why no spans: under ``capture`` a newly recalled chunk that is already resident (registered at
-remember time or captured by another turn) would be spliced, and an old working-set chunk whose
-blended prefix was evicted would be spliced again: neither is exact. Chunks first used in exact mode
-are therefore not kept as chunk nodes (a non-exact turn that recalls them captures or splices them).
+declare their chunk spans ``exact`` (amem_sgl.chunks.hints: nothing spliced or blended, prefixes
+kept under the namespace's exact salt) with ``capture`` (a chunk computed in place becomes its
+chunk node for other turns): the previous turn left [system][working set] in the tree under that
+salt, so the next turn is an exact prefix hit through the old working set and computes only the new
+chunks, its history and its question. The KV it attends to is what a full prefill of the same
+prompt computes, by construction (same tokens, same positions, same context; a prefix evicted from
+the tree is prefilled again), so 0 tokens are spliced or recomputed and the answer is the full
+prefill's. Splicing with ``capture`` alone would not do: a newly recalled chunk already resident
+(registered at remember time, or captured by another turn) would be spliced.
 
 The working set is bounded: when appending would pass ``max_tokens`` (default
 :data:`DEFAULT_MAX_TOKENS`, config ``amem.memory.exact_working_set_tokens`` when present), the

@@ -85,7 +85,7 @@ class Plan:
     """A composed memory turn: what goes to the scheduler and what the response reports."""
 
     input_ids: list[int]
-    kv_hints: dict | None  # None: an ordinary prefill (exact mode)
+    kv_hints: dict
     namespace: str
     chunk_ids: list[str]
     scores: list[float]
@@ -269,10 +269,11 @@ class MemoryLayer:
         return ids + self.encode(after), spans
 
     @staticmethod
-    def hints(namespace: str, spans) -> dict:
-        """kv_hints of a memory turn: splice resident chunks; capture the ones computed in place (a
-        chunk remembered but never prefilled, or gone from every tier) as their chunk nodes."""
-        return build_kv_hints(namespace, spans, capture=True)
+    def hints(namespace: str, spans, exact: bool = False) -> dict:
+        """kv_hints of a memory turn: splice resident chunks (``exact``: none, an exact prefill under
+        the namespace's exact salt); capture the ones computed in place (a chunk remembered but never
+        prefilled, or gone from every tier) as their chunk nodes."""
+        return build_kv_hints(namespace, spans, capture=True, exact=exact)
 
     @property
     def exact_max_tokens(self) -> int:  # amem.memory.exact_working_set_tokens, when configured
@@ -306,7 +307,8 @@ class MemoryLayer:
                     session.session_id if session else None)
 
     def _plan_exact(self, namespace: str, messages: Sequence[dict], session: Session | None) -> Plan | None:
-        """An exact-mode turn (amem_sgl.memory.exact), sent with no chunk spans: a plain prefill."""
+        """An exact-mode turn (amem_sgl.memory.exact): its spans sent ``exact`` (nothing spliced or
+        blended, the namespace's exact salt) with ``capture`` (chunks computed here become nodes)."""
         query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         hits = sorted(self.recall(namespace, query), key=lambda h: h[0].created)
         with self._lock:
@@ -318,7 +320,8 @@ class MemoryLayer:
         if not chunks:
             return None
         scores = {c.chunk_id: s for c, s in hits}
-        return Plan(self.compose(namespace, messages, chunks)[0], None, namespace, [c.chunk_id for c in chunks],
+        ids, spans = self.compose(namespace, messages, chunks)
+        return Plan(ids, self.hints(namespace, spans, exact=True), namespace, [c.chunk_id for c in chunks],
                     [scores.get(c.chunk_id, 1.0) for c in chunks], session.session_id if session else None,
                     "exact", tuple(new))
 
@@ -387,16 +390,15 @@ class MemoryLayer:
 
     async def _warm(self, session: Session, chunks: Sequence[MemoryChunk]) -> None:
         """Prefetch the working set into the CPU tier, then splice + blend it once so the blended
-        prefix is in the tree before the first turn (exact mode: prefill it, no spans declared)."""
+        prefix is in the tree before the first turn (exact mode: prefill it exactly)."""
         if not chunks:
             return
         if self.residency is not None:
             await asyncio.to_thread(self.residency.request, "prefetch", chunk_ids=session.chunk_ids,
                                     namespace=session.namespace, model_id=self.model_id)
         ids, spans = self.compose(session.namespace, [{"role": "user", "content": ""}], chunks)
-        body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 0}}
-        if session.fidelity != "exact":
-            body["kv_hints"] = self.hints(session.namespace, spans)
+        body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 0},
+                "kv_hints": self.hints(session.namespace, spans, exact=session.fidelity == "exact")}
         async with httpx.AsyncClient(timeout=600, headers=self.request_headers) as client:
             reply = await client.post(f"{self.base_url}/generate", json=body)
         if reply.status_code != 200:
