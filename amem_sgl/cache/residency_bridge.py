@@ -2,11 +2,13 @@
 
 * :meth:`ResidencyBridge.write_through` -- a new chunk's KV (every layer, copied now: the slots may be
   reused later) goes to the residency service in the client's background thread.
-* :meth:`ResidencyBridge.lookup` -- a non-blocking question from the scheduler's thread: is this
-  chunk staged here (fetched, in host memory, ready to copy to the device)? If it was never asked
-  for, a fetch starts in this bridge's own thread and the answer is "not yet": the request computes
-  the chunk like an uncached gap (or prefills it), and a later request finds it staged. The
-  scheduler thread never waits on the service (a fetch slowed to seconds only delays the reuse).
+* :meth:`ResidencyBridge.lookup` -- a question from the scheduler's thread: is this chunk staged
+  here (fetched, in host memory, ready to copy to the device)? If it was never asked for, a fetch
+  starts in this bridge's own thread; the match that started it waits for it until a shared
+  deadline (:data:`FIRST_FETCH_WAIT_S` after the match began, so a healthy service's chunks are
+  used at once), and past it the answer is "not yet": the request computes the chunk like an
+  uncached gap (or prefills it), and a later request finds it staged. The scheduler thread never
+  waits longer than that on the service (a fetch slowed to seconds only delays the reuse).
 * :meth:`ResidencyBridge.restore` -- at admission: a staged chunk is checked against this server's
   KV layout and TP rank, copied into fresh slots and registered as a chunk node.
 
@@ -27,6 +29,7 @@ from amem_sgl.cache.splice import pool_layers
 
 logger = logging.getLogger(__name__)
 
+FIRST_FETCH_WAIT_S = 0.2  # per match: how long a fetch started by it may take and still be used now
 ABSENT_TTL_S = 5.0  # a chunk the tiers did not have is not asked for again for this long
 MAX_STAGED = 64  # fetched chunks kept in host memory awaiting admission (oldest dropped first)
 
@@ -70,9 +73,10 @@ class ResidencyBridge:
 
     # ------------------------------------------------------------------ fetch (background)
 
-    def lookup(self, cid: str, namespace: str) -> bool:
-        """Whether ``cid`` is staged (restorable at admission now). Never blocks: a chunk not
-        staged, not being fetched and not recently absent starts a background fetch."""
+    def lookup(self, cid: str, namespace: str, deadline: float | None = None) -> bool:
+        """Whether ``cid`` is staged (restorable at admission now). A chunk not staged, not being
+        fetched and not recently absent starts a background fetch, waited for until ``deadline``
+        (``time.monotonic()``; None: not at all); a fetch already under way is not waited for."""
         with self._lock:
             if cid in self._staged:
                 return True
@@ -80,8 +84,14 @@ class ResidencyBridge:
                 return False
             self._pending.add(cid)
         self.stats.fetches_started += 1
-        self._fetcher.submit(self._fetch, cid, namespace)
-        return False
+        future = self._fetcher.submit(self._fetch, cid, namespace)
+        if deadline is not None:
+            try:
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except concurrent.futures.TimeoutError:
+                pass
+        with self._lock:
+            return cid in self._staged
 
     def _fetch(self, cid: str, namespace: str) -> None:
         try:

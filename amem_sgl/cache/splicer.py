@@ -3,7 +3,8 @@
 * :meth:`Splicer.plan` (from ``match_prefix``, for waiting requests too): which declared spans,
   contiguous with the ordinary prefix, can be served -- a chunk resident on the device, a chunk
   staged by the residency bridge, or (where a blend pass can run) an uncached gap the blend pass
-  computes. It reads the tree and allocates, copies and fetches nothing.
+  computes. It reads the tree and allocates and copies nothing; a chunk it finds neither on the
+  device nor staged starts a fetch in the bridge's thread, waited for at most FIRST_FETCH_WAIT_S.
 * :meth:`Splicer.admit` (from ``init_load_back``, once per admitted request): the plan again (the
   tree may have changed since the match), then slots (evicting while the chunk nodes and the
   matched path are locked), staged chunks restored, V copied and K re-rotated by
@@ -16,11 +17,13 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 
 from amem_sgl.blend.context import BlendPlan
 from amem_sgl.blend.policy import BlendPolicy
+from amem_sgl.cache.residency_bridge import FIRST_FETCH_WAIT_S
 from amem_sgl.cache.splice import splice_kv
 from amem_sgl.cache.usage import splice_usage
 from amem_sgl.chunks.hints import ChunkRequest
@@ -66,6 +69,7 @@ class Splicer:
         index, bridge, support = tree.index, tree.bridge, tree.chunks
         tokens = req.origin_input_ids
         segments, pos = [], base
+        deadline = time.monotonic() + FIRST_FETCH_WAIT_S  # shared by the fetches this match starts
         for span in request.spans:
             if span.end <= base:
                 continue  # already in the ordinary prefix (e.g. a previous blended turn)
@@ -76,7 +80,7 @@ class Splicer:
             span_tokens = tokens[span.start: span.end]
             cid = index.id_of(request.namespace, span_tokens)
             on_device = cid in index.meta and index.find(cid, span_tokens, touch=False) is not None
-            staged = not on_device and bridge is not None and bridge.lookup(cid, request.namespace)
+            staged = not on_device and bridge is not None and bridge.lookup(cid, request.namespace, deadline)
             if not (on_device or staged):
                 if request.capture and support.blend_available:
                     continue  # computed in place by the blend pass (a gap), captured after
