@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import triton
 import torch
+from triton.runtime.interpreter import InterpretedFunction
 
 
 class KernelCache:
@@ -16,10 +17,13 @@ class KernelCache:
     def for_device(self, device: torch.device):
         if device.type == "cuda":
             if self._compiled is None:
-                self._compiled = triton.jit(self.fn)
+                self._compiled = triton.jit(self.fn)  # an interpreter object under TRITON_INTERPRET=1
             return self._compiled
         if self._interpreted is None:
-            from triton.runtime.interpreter import InterpretedFunction
-
             self._interpreted = InterpretedFunction(self.fn)
         return self._interpreted
+
+    def interprets(self, device: torch.device) -> bool:
+        """Whether launches on ``device`` run in the Triton interpreter (CPU tensors, or
+        ``TRITON_INTERPRET=1`` at the first CUDA launch), where e.g. 16-bit ``tl.dot`` is inexact."""
+        return isinstance(self.for_device(device), InterpretedFunction)

@@ -10,8 +10,15 @@ listed in order (key j of sequence b sits at slot ``kv_slots[kv_starts[b] + j]``
 * :func:`blend_attention_reference` -- the torch reference (fp32 softmax, explicit mask).
 
 The kernel is flash-attention shaped: one program per (block of a sequence's queries, query head),
-online softmax over key blocks, fp32 accumulation (inputs are cast to fp32 before every dot), keys
-past the block's last query position skipped. GQA: query head h reads KV head h // (H / H_kv).
+online softmax over key blocks, keys past the block's last query position skipped. GQA: query head
+h reads KV head h // (H / H_kv).
+
+Precision: both ``tl.dot`` calls accumulate in fp32. On a GPU, bf16/fp16 q, k, v go to the tensor
+cores in their own dtype (``mma.sync``/``wgmma`` with bf16/f16 operands; P is cast to V's dtype for
+P.V, as flash attention does) -- not cast to fp32 first, which Triton would run as tf32 MMA at half
+the rate and twice the shared memory. fp32 inputs use ``input_precision="ieee"`` (exact fp32 FMA, no
+tf32 rounding), so fp32 results match the fp32 reference. Under the Triton interpreter, where 16-bit
+``tl.dot`` is wrong, every operand is cast to fp32 first (``DOT_F32``, chosen by the launcher).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ def _blend_attention_kernel(
     BLOCK_D: tl.constexpr,  # >= HEAD_DIM, power of two
     BLOCK_M: tl.constexpr,  # queries per program
     BLOCK_N: tl.constexpr,  # keys per step
+    DOT_F32: tl.constexpr,  # cast dot operands to fp32 (fp32 inputs; the interpreter)
 ):
     m_block = tl.program_id(0)
     head = tl.program_id(1)
@@ -62,7 +70,9 @@ def _blend_attention_kernel(
     d_ok = d < HEAD_DIM
     rows = q_start + m
     q = tl.load(q_ptr + rows[:, None] * q_stride_t + head * q_stride_h + d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
     q_pos = tl.load(q_pos_ptr + rows, mask=m_ok, other=-1)
     # Keys past the block's last query position are masked for every row: stop there.
     last = tl.minimum(tl.max(q_pos, axis=0) + 1, kv_len)
@@ -76,10 +86,14 @@ def _blend_attention_kernel(
         slots = tl.load(kv_slots_ptr + kv_start + n, mask=n_ok, other=0)
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + slots[:, None] * k_stride_s + kv_head * k_stride_h + d[None, :],
-                    mask=kv_mask, other=0.0).to(tl.float32)
+                    mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + slots[:, None] * v_stride_s + kv_head * v_stride_h + d[None, :],
-                    mask=kv_mask, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale
+                    mask=kv_mask, other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        # fp32 accumulation; "ieee" applies to fp32 operands only (16-bit ones run 16-bit MMA).
+        s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32) * scale
         visible = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(s, axis=1))
@@ -87,7 +101,7 @@ def _blend_attention_kernel(
         p = tl.exp(s - safe_max[:, None])
         alpha = tl.exp(row_max - safe_max)
         row_sum = row_sum * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee", out_dtype=tl.float32)
         row_max = new_max
     out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
     tl.store(o_ptr + rows[:, None] * o_stride_t + head * o_stride_h + d[None, :],
@@ -119,6 +133,12 @@ def _validate(q, k_cache, v_cache, q_pos, q_lens, kv_slots, kv_lens) -> None:
         raise ValueError("q_lens/kv_lens must have one entry per sequence and kv_lens must sum to kv_slots")
     if q.shape[0] and (int(q_pos.min()) < 0):
         raise ValueError("query positions must be >= 0")
+
+
+def _dot_in_fp32(q, k_cache, v_cache) -> bool:
+    """fp32 dot operands: fp32 (or mixed-dtype) inputs, or the interpreter (inexact 16-bit dot)."""
+    same_16_bit = q.dtype == k_cache.dtype == v_cache.dtype != torch.float32
+    return not same_16_bit or _KERNEL.interprets(q.device)
 
 
 def blend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, q_pos: torch.Tensor,
@@ -153,7 +173,8 @@ def blend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
         v_cache.stride(1), out.stride(0), out.stride(1),
         GROUP=heads // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_M=block_m, BLOCK_N=block_n)
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_F32=_dot_in_fp32(q, k_cache, v_cache))
     return out
 
 

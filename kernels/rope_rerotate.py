@@ -8,7 +8,10 @@ mscale) are normalised by row 0 (position 0: cos = mscale, sin = 0), so the rota
 rotation. Negative deltas use cos(-a) = cos(a), sin(-a) = -sin(a).
 
 * :func:`rope_rerotate` -- the launcher: validates, then runs the Triton kernel (compiled on CUDA;
-  the Triton interpreter on CPU when asked) or the torch reference.
+  the Triton interpreter on CPU when asked) or the torch reference. ``check=False`` skips the
+  index-value checks (the part that reads device memory back) for indices already checked by
+* :func:`check_rerotate_indices` -- those checks alone, e.g. on a splice plan's CPU index tensors
+  once, before they go to the device.
 * :func:`rope_rerotate_reference` -- the torch reference (also the CPU serving path).
 
 Layouts: ``is_neox=True`` rotates pairs (j, j + rotary_dim/2) (Llama, Qwen, ...); ``False`` rotates
@@ -96,7 +99,9 @@ def _rope_rerotate_kernel(
 _KERNEL = KernelCache(_rope_rerotate_kernel)
 
 
-def _validate(k_src, k_dst, src_slots, dst_slots, delta, cos_sin_cache, rotary_dim) -> None:
+def _validate(k_src, k_dst, src_slots, dst_slots, delta, cos_sin_cache, rotary_dim, check: bool = True) -> None:
+    """Shapes, dtypes, devices and layouts (no device->host reads), then -- with ``check`` -- the
+    index values (:func:`check_rerotate_indices`: one read-back on a GPU)."""
     for name, k in (("k_src", k_src), ("k_dst", k_dst)):
         if k.dim() != 3:
             raise ValueError(f"{name} must be [slots, heads, head_dim], got shape {tuple(k.shape)}")
@@ -107,16 +112,7 @@ def _validate(k_src, k_dst, src_slots, dst_slots, delta, cos_sin_cache, rotary_d
     if k_src.shape[1:] != k_dst.shape[1:] or k_src.dtype != k_dst.dtype or k_src.device != k_dst.device:
         raise ValueError(f"k_src {tuple(k_src.shape)} {k_src.dtype} {k_src.device} and k_dst "
                          f"{tuple(k_dst.shape)} {k_dst.dtype} {k_dst.device} must match past dim 0")
-    n = src_slots.numel()
-    for name, v in (("src_slots", src_slots), ("dst_slots", dst_slots), ("delta", delta)):
-        if v.dim() != 1 or v.numel() != n:
-            raise ValueError(f"{name} must be 1-D with {n} entries, got shape {tuple(v.shape)}")
-        if v.dtype != torch.int64:
-            raise TypeError(f"{name} must be int64, got {v.dtype}")
-        if v.device != k_src.device:
-            raise ValueError(f"{name} is on {v.device}, K on {k_src.device}")
-        if not v.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
+    _check_index_layout(src_slots, dst_slots, delta, k_src.device)
     head_dim = k_src.shape[2]
     if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
         raise ValueError(f"rotary_dim must be even and in (0, head_dim={head_dim}], got {rotary_dim}")
@@ -126,19 +122,59 @@ def _validate(k_src, k_dst, src_slots, dst_slots, delta, cos_sin_cache, rotary_d
                          f"got {tuple(cos_sin_cache.shape)} {cos_sin_cache.dtype}")
     if cos_sin_cache.device != k_src.device:
         raise ValueError(f"cos_sin_cache is on {cos_sin_cache.device}, K on {k_src.device}")
-    if n:
-        if int(delta.abs().max()) >= cos_sin_cache.shape[0]:
-            raise ValueError(f"|delta| up to {int(delta.abs().max())} exceeds the cos/sin table "
-                             f"({cos_sin_cache.shape[0]} positions)")
-        for name, slots, k in (("src_slots", src_slots, k_src), ("dst_slots", dst_slots, k_dst)):
-            if int(slots.min()) < 0 or int(slots.max()) >= k.shape[0]:
-                raise IndexError(f"{name} out of range [0, {k.shape[0]})")
-        if torch.unique(dst_slots).numel() != n:
-            raise ValueError("dst_slots must not repeat a slot")
-        if k_src.data_ptr() == k_dst.data_ptr() and not torch.equal(src_slots, dst_slots):
-            if torch.isin(dst_slots, src_slots).any():
-                raise ValueError("in-place re-rotation needs dst_slots == src_slots or disjoint slot sets "
-                                 "(a token's source would be overwritten by another's result)")
+    if check:
+        check_rerotate_indices(src_slots, dst_slots, delta, src_num_slots=k_src.shape[0],
+                               dst_num_slots=k_dst.shape[0], table_positions=cos_sin_cache.shape[0],
+                               in_place=k_src.data_ptr() == k_dst.data_ptr())
+
+
+def _check_index_layout(src_slots, dst_slots, delta, device=None) -> None:
+    n = src_slots.numel()
+    device = src_slots.device if device is None else device
+    for name, v in (("src_slots", src_slots), ("dst_slots", dst_slots), ("delta", delta)):
+        if v.dim() != 1 or v.numel() != n:
+            raise ValueError(f"{name} must be 1-D with {n} entries, got shape {tuple(v.shape)}")
+        if v.dtype != torch.int64:
+            raise TypeError(f"{name} must be int64, got {v.dtype}")
+        if v.device != device:
+            raise ValueError(f"{name} is on {v.device}, K on {device}")
+        if not v.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+
+
+def check_rerotate_indices(src_slots: torch.Tensor, dst_slots: torch.Tensor, delta: torch.Tensor, *,
+                           src_num_slots: int, dst_num_slots: int | None = None, table_positions: int,
+                           in_place: bool = True) -> None:
+    """The index-value checks of :func:`rope_rerotate`: slots in range, no repeated destination,
+    |delta| within the cos/sin table, and (``in_place``: K read and written in one buffer) destinations
+    either equal to the sources or disjoint from them. Raises as the launcher does.
+
+    Every statistic is gathered into one tensor and read once, so on device tensors this costs one
+    device->host sync; on CPU tensors none. Callers that reuse one set of indices (every layer of a
+    splice) call this once -- best on the host-side CPU tensors, before they are copied to the
+    device -- and launch with ``rope_rerotate(..., check=False)``."""
+    _check_index_layout(src_slots, dst_slots, delta)
+    dst_num_slots = src_num_slots if dst_num_slots is None else dst_num_slots
+    n = src_slots.numel()
+    if n == 0:
+        return
+    dst_sorted = torch.sort(dst_slots).values
+    stats = [delta.abs().max(), src_slots.min(), src_slots.max(), dst_sorted[0], dst_sorted[-1],
+             (dst_sorted[1:] == dst_sorted[:-1]).any()]
+    if in_place:
+        stats += [(src_slots != dst_slots).any() & torch.isin(dst_slots, src_slots).any()]
+    max_dist, src_lo, src_hi, dst_lo, dst_hi, repeats, *overlap = torch.stack(
+        [t.to(torch.int64) for t in stats]).tolist()
+    if max_dist >= table_positions:
+        raise ValueError(f"|delta| up to {max_dist} exceeds the cos/sin table ({table_positions} positions)")
+    for name, lo, hi, size in (("src_slots", src_lo, src_hi, src_num_slots), ("dst_slots", dst_lo, dst_hi, dst_num_slots)):
+        if lo < 0 or hi >= size:
+            raise IndexError(f"{name} out of range [0, {size})")
+    if repeats:
+        raise ValueError("dst_slots must not repeat a slot")
+    if overlap and overlap[0]:
+        raise ValueError("in-place re-rotation needs dst_slots == src_slots or disjoint slot sets "
+                         "(a token's source would be overwritten by another's result)")
 
 
 def rope_rerotate(
@@ -152,14 +188,21 @@ def rope_rerotate(
     is_neox: bool = True,
     k_dst: torch.Tensor | None = None,
     backend: str = "auto",
+    check: bool = True,
 ) -> torch.Tensor:
     """Rotate K[src_slots] by ``delta`` positions into K_dst[dst_slots]; returns ``k_dst``.
 
     ``k_dst`` defaults to ``k_src`` (in place). ``backend``: "auto" (Triton on CUDA, torch on CPU),
     "triton" (on CPU: the Triton interpreter, for tests), or "torch" (the reference).
+
+    ``check`` (default on): validate the index values (:func:`check_rerotate_indices`, one
+    device->host sync on a GPU). ``check=False`` keeps the shape/dtype/device checks (no sync) and
+    skips the value checks: only for indices already checked with :func:`check_rerotate_indices`
+    against this K buffer's slot count and table -- an out-of-range slot then reads or writes
+    outside the buffer.
     """
     k_dst = k_src if k_dst is None else k_dst
-    _validate(k_src, k_dst, src_slots, dst_slots, delta, cos_sin_cache, rotary_dim)
+    _validate(k_src, k_dst, src_slots, dst_slots, delta, cos_sin_cache, rotary_dim, check)
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be auto, triton or torch, got {backend!r}")
     n = src_slots.numel()

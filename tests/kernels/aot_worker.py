@@ -11,7 +11,9 @@ touches a driver.
 For every (kernel, model shape, dtype, arch) it writes one JSON row: whether a cubin came out, its
 size, the tensor-core instructions in the PTX (``mma.sync...`` on sm_80, ``wgmma.mma_async...`` on
 sm_90), the operand types of those instructions, how many ``tl.dot`` calls the kernel's source has,
-whether the PTX declares local memory (register spills / stack arrays), and the error if it failed.
+how many fp32 FMAs it has, whether the PTX declares local memory (register spills / stack arrays),
+and the error if it failed. ``python -m tests.kernels.aot_worker OUT.json blend_attention`` compiles
+one kernel only.
 
 The launch parameters mirror the launchers (kernels/rope_rerotate.py, kernels/blend_attention.py):
 block sizes from the same formulas, pointers and 16-multiple integers marked 16-divisible as
@@ -29,7 +31,7 @@ import traceback
 
 # Shapes serving uses: (name, kv_heads, query_heads, head_dim).
 MODELS = (("smollm2-135m", 3, 9, 64), ("llama-3-8b", 8, 32, 128))
-DTYPES = ("bf16", "fp16")
+DTYPES = ("bf16", "fp16", "fp32")
 ARCHS = (80, 90)
 TC_RE = re.compile(r"\b((?:wgmma\.)?mma(?:_async)?\.sync\.aligned\.[\w.]+)")
 
@@ -60,7 +62,7 @@ def rope_variant(kv_heads: int, head_dim: int, dtype: str):
 
 def blend_variant(kv_heads: int, q_heads: int, head_dim: int, dtype: str):
     """Signature/constexprs of kernels.blend_attention._blend_attention_kernel as blend_attention()
-    launches it (default block_m = block_n = 64)."""
+    launches it (default block_m = block_n = 64; fp32 dot operands only for fp32 inputs on a GPU)."""
     from kernels.blend_attention import _blend_attention_kernel
 
     sig = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
@@ -72,7 +74,7 @@ def blend_variant(kv_heads: int, q_heads: int, head_dim: int, dtype: str):
             "o_stride_t": q_heads * head_dim, "o_stride_h": head_dim}
     sig.update({name: "i32" for name in ints})
     constexprs = {"GROUP": q_heads // kv_heads, "HEAD_DIM": head_dim, "BLOCK_D": _next_pow2(head_dim),
-                  "BLOCK_M": 64, "BLOCK_N": 64}
+                  "BLOCK_M": 64, "BLOCK_N": 64, "DOT_F32": dtype == "fp32"}
     return _blend_attention_kernel, sig, ints, constexprs
 
 
@@ -106,22 +108,23 @@ def compile_one(kernel: str, model: tuple, dtype: str, arch: int) -> dict:
                ptx_target=(re.search(r"^\.target\s+(\S+)", ptx, re.M) or [None, None])[1],
                tensor_core_instrs=sorted(set(tc)), tensor_core_count=len(tc),
                operand_types=sorted({m.split(".")[-1] for m in tc}),
+               fp32_fma_count=len(re.findall(r"\bfma\.rn\.f32\b", ptx)),
                local_memory=bool(re.search(r"\.local\b", ptx)),
                num_warps=compiled.metadata.num_warps, shared_bytes=compiled.metadata.shared)
     return row
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], only: str | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("run without TRITON_INTERPRET (the interpreter replaces the compiler)", file=sys.stderr)
         return 2
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
     rows = [compile_one(kernel, model, dtype, arch) for kernel in ("rope_rerotate", "blend_attention")
-            for model in MODELS for dtype in DTYPES for arch in ARCHS]
+            for model in MODELS for dtype in DTYPES for arch in ARCHS if only in (None, kernel)]
     with open(argv[0], "w") as fh:
         json.dump(rows, fh, indent=1)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:2], *sys.argv[2:3]))  # OUT.json [KERNEL]

@@ -101,3 +101,20 @@ def test_launcher_rejects_bad_arguments(rng, bad, match):
     bad(case)
     with pytest.raises(ValueError, match=match):
         blend_attention(*case, backend="triton")
+
+
+def test_dot_operands_stay_16_bit_on_a_gpu_and_fp32_elsewhere(monkeypatch):
+    """The launcher's DOT_F32 choice: 16-bit q/k/v reach tl.dot as they are when compiled for a GPU
+    (16-bit MMA; tests/kernels/test_aot_compile.py checks the PTX), fp32 or mixed inputs go as fp32
+    (ieee), and the interpreter (inexact 16-bit dot, used by every other test here) always gets fp32."""
+    import kernels.blend_attention as blend
+
+    def tensors(*dtypes):
+        return [torch.zeros(1, 1, 16, dtype=dt) for dt in dtypes]
+
+    assert blend._dot_in_fp32(*tensors(torch.bfloat16, torch.bfloat16, torch.bfloat16))  # CPU: interpreter
+    monkeypatch.setattr(blend._KERNEL, "interprets", lambda device: False)  # as compiled on CUDA
+    assert not blend._dot_in_fp32(*tensors(torch.bfloat16, torch.bfloat16, torch.bfloat16))
+    assert not blend._dot_in_fp32(*tensors(torch.float16, torch.float16, torch.float16))
+    assert blend._dot_in_fp32(*tensors(torch.float32, torch.float32, torch.float32))
+    assert blend._dot_in_fp32(*tensors(torch.bfloat16, torch.float16, torch.float16))

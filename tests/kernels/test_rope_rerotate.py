@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.rope_rerotate import rope_rerotate, rope_rerotate_reference
+import kernels.rope_rerotate as rope_module
+from kernels.rope_rerotate import check_rerotate_indices, rope_rerotate, rope_rerotate_reference
 from tests.pools import publish_cpu_context
 
 # Tolerances for "Triton vs reference": both compute in fp32 and cast once, so fp32 agrees to
@@ -146,3 +147,54 @@ def test_launcher_validates_its_inputs(rng):
         rope_rerotate(k.double(), src, dst, delta, table, **ok)
     with pytest.raises(ValueError, match="must match past dim 0"):
         rope_rerotate(k, src, dst, delta, table, k_dst=torch.zeros(40, 3, 64, dtype=torch.float16), **ok)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_unchecked_launch_after_a_host_side_check_matches_reference(rng, dtype):
+    """The hot path: indices checked once on the CPU, then launched with check=False."""
+    k, src, dst, delta = case(rng, slots=300, heads=8, head_dim=128, n=140, dtype=dtype)
+    table = cos_sin_table(128)
+    check_rerotate_indices(src, dst, delta, src_num_slots=k.shape[0], table_positions=table.shape[0])
+    want = rope_rerotate_reference(k.clone(), src, dst, delta, table, rotary_dim=128)
+    got = rope_rerotate(k.clone(), src, dst, delta, table, rotary_dim=128, backend="triton", check=False)
+    torch.testing.assert_close(got, want, **ULP_TOL[dtype], msg=f"seed {rng.initial_seed()}")
+
+
+def test_check_false_skips_only_the_index_value_checks(rng, monkeypatch):
+    k, src, dst, delta = case(rng, slots=40, heads=3, head_dim=64, n=10, dtype=torch.float32)
+    table = cos_sin_table(64)
+    calls = []
+    real = rope_module.check_rerotate_indices
+    monkeypatch.setattr(rope_module, "check_rerotate_indices", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    rope_rerotate(k.clone(), src, dst, delta, table, rotary_dim=64, check=False)
+    assert calls == []  # no index read-back on the hot path
+    rope_rerotate(k.clone(), src, dst, delta, table, rotary_dim=64)
+    assert calls == [1]  # the default stays checked
+    # Layout checks need no read-back and stay on.
+    with pytest.raises(TypeError, match="int64"):
+        rope_rerotate(k, src.int(), dst, delta, table, rotary_dim=64, check=False)
+    with pytest.raises(ValueError, match="1-D with 10"):
+        rope_rerotate(k, src, dst[:5], delta, table, rotary_dim=64, check=False)
+    with pytest.raises(ValueError, match="cos_sin_cache must be contiguous fp32"):
+        rope_rerotate(k, src, dst, delta, table.half(), rotary_dim=64, check=False)
+
+
+def test_host_side_check_rejects_what_the_launcher_rejects(rng):
+    k, src, dst, delta = case(rng, slots=40, heads=3, head_dim=64, n=10, dtype=torch.float32)
+    size = dict(src_num_slots=40, table_positions=4096)
+    check_rerotate_indices(src, dst, delta, **size)  # valid
+    check_rerotate_indices(src, src, delta, **size)  # in place, same slots
+    with pytest.raises(ValueError, match="exceeds the cos/sin table"):
+        check_rerotate_indices(src, dst, delta - 5000, **size)
+    with pytest.raises(IndexError, match="src_slots out of range"):
+        check_rerotate_indices(src - 40, dst, delta, **size)
+    with pytest.raises(IndexError, match=r"dst_slots out of range \[0, 20\)"):
+        check_rerotate_indices(src, dst + 20, delta, src_num_slots=40, dst_num_slots=20, table_positions=4096)
+    with pytest.raises(ValueError, match="must not repeat"):
+        check_rerotate_indices(src, torch.full((10,), 3, dtype=torch.int64), delta, **size)
+    with pytest.raises(ValueError, match="in-place re-rotation"):
+        check_rerotate_indices(src, torch.roll(src, 1), delta, **size)
+    check_rerotate_indices(src, torch.roll(src, 1), delta, in_place=False, **size)  # another buffer: fine
+    with pytest.raises(TypeError, match="int64"):
+        check_rerotate_indices(src, dst.int(), delta, **size)
+    check_rerotate_indices(src[:0], dst[:0], delta[:0], **size)  # nothing to move
