@@ -136,6 +136,9 @@ class MemoryConfig:
     # memory system prompt; "first_use" -- in the first turn that recalls it, which is then an
     # ordinary prefill (its KV, computed behind that turn's context, becomes the chunk's node).
     prefill: str = "remember"
+    # Exact mode (amem.blend.fidelity: exact): a working set grows in a stable order up to this many
+    # chunk tokens, then starts over from the turn's chunks (amem_sgl.memory.exact).
+    exact_working_set_tokens: int = 4096
 
     def resolved_dir(self) -> Path:
         return Path(os.environ.get(MEMORY_DIR_ENV) or self.dir).expanduser()

@@ -286,8 +286,11 @@ def around_chat_conversion(original, serving, request, raw_request=None):
     session = headers.get(SESSION_HEADER)
     if not namespace and not session:
         return adapted, processed
+    # exact: the memory layer's exact mode (a stable working set, turns as exact prefills)
+    exact = fidelity_control(layer).level(headers.get(FIDELITY_HEADER)) == "exact"
     try:
-        plan = layer.plan_chat(namespace, memory.message_dicts(request.messages), session)
+        plan = layer.plan_chat(namespace, memory.message_dicts(request.messages), session,
+                               fidelity="exact" if exact else None)
     except memory.MemoryError_ as err:
         raise ValueError(str(err)) from None
     if plan is not None:
@@ -328,7 +331,7 @@ def _apply(adapted, plan: memory.Plan, layer: memory.MemoryLayer, headers) -> No
     adapted.input_ids = plan.input_ids
     # exact / guarded / fast (amem_sgl.memory.fidelity); a guarded turn's probe runs here, in the
     # conversion's executor thread, before anything is sampled.
-    adapted.kv_hints = fidelity_control(layer).apply(rid, plan.input_ids, plan.kv_hints,
+    adapted.kv_hints = fidelity_control(layer).apply(rid, plan.namespace, plan.input_ids, plan.kv_hints,
                                                      headers.get(FIDELITY_HEADER), headers.get(MARGIN_HEADER))
     layer.remember_plan(rid, plan)
 

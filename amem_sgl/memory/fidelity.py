@@ -42,10 +42,14 @@ def parse_margin(value: object) -> float:
     return margin
 
 
-def exact_hints(kv_hints: dict) -> dict:
+def exact_hints(namespace: str, kv_hints: dict | None) -> dict:
     """The exact form of a memory turn's kv_hints: same namespace and spans (captured where they
-    are computed), nothing spliced or blended, under the namespace's exact salt."""
-    request = parse_kv_hints(kv_hints)
+    are computed), nothing spliced or blended, under the namespace's exact salt. A plan without hints
+    (the memory layer's exact mode) gets the exact salt alone, so its prefixes -- memory text -- stay
+    the namespace's own instead of joining the plain tree every client shares."""
+    request = parse_kv_hints(kv_hints) if kv_hints is not None else None
+    if request is None:
+        return build_kv_hints(namespace, [], exact=True)
     return build_kv_hints(request.namespace, [(s.start, s.end) for s in request.spans],
                           capture=request.capture, exact=True)
 
@@ -60,12 +64,15 @@ class FidelityControl:
         self._lock = threading.Lock()
         self._metrics = None
 
-    def apply(self, rid: str, input_ids: list[int], kv_hints: dict, requested: str | None,
+    def level(self, requested: str | None) -> str:
+        return parse_fidelity(requested) if requested is not None else self.default
+
+    def apply(self, rid: str, namespace: str, input_ids: list[int], kv_hints: dict | None, requested: str | None,
               margin: str | None = None) -> dict:
         """The kv_hints to send for this turn (blocking when guarded: call it off the event loop)."""
-        level = parse_fidelity(requested) if requested is not None else self.default
+        level = self.level(requested)
         decision: GuardDecision | None = None
-        if level == "guarded":
+        if level == "guarded" and kv_hints is not None:
             decision = self.guard.check(input_ids, kv_hints, None if margin is None else parse_margin(margin))
             self._count(decision)
         escalated = decision is not None and decision.escalated
@@ -76,7 +83,7 @@ class FidelityControl:
             self._decisions[rid] = report
             while len(self._decisions) > 4096:
                 self._decisions.popitem(last=False)
-        return exact_hints(kv_hints) if level == "exact" or escalated else kv_hints
+        return exact_hints(namespace, kv_hints) if level == "exact" or escalated or kv_hints is None else kv_hints
 
     def report(self, rid: str | None) -> dict | None:
         with self._lock:
