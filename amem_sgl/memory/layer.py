@@ -251,8 +251,12 @@ class MemoryLayer:
     def recall(self, namespace: str, query: str, k: int | None = None) -> list[tuple[MemoryChunk, float]]:
         k = k or self.config.top_k
         query.encode("utf-8")  # a lone surrogate: UnicodeEncodeError (a ValueError, 400), not a 500 in the embedder
-        hits = self.store.search(namespace, query, k)
-        return [(c, s) for c, s in hits if s >= self.config.min_score]
+        hits = [(c, s) for c, s in self.store.search(namespace, query, k) if s >= self.config.min_score]
+        if self.residency is not None and hits:
+            # The value policy's relevance term: a chunk recalled with a high score is kept in the
+            # CPU tier over a more recent irrelevant one (fire and forget, off the request path).
+            self.residency.relevance({c.chunk_id: min(max(s, 0.0), 1.0) for c, s in hits})
+        return hits
 
     def compose(self, namespace: str, messages: Sequence[dict], chunks: Sequence[MemoryChunk]) -> tuple[list[int], list]:
         msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
