@@ -21,7 +21,7 @@ import torch
 
 from amem_sgl.blend.policy import BlendPolicy
 from amem_sgl.cache.splice import RopeSpec
-from amem_sgl.chunks.identity import chunk_id
+from amem_sgl.chunks.identity import chunk_id, namespace_salt
 from amem_sgl.sglang_compat import InsertParams, RadixKey
 
 CHUNK_KEY_PREFIX = "amem:chunk:"
@@ -61,7 +61,7 @@ EXACT_SALT_SUFFIX = "#exact"
 def salted_extra_key(extra_key: str | None, namespace: str, exact: bool = False) -> str:
     """The radix ``extra_key`` of a request that declares chunks of ``namespace`` (``exact``: the
     namespace's exact salt)."""
-    salt = f"{NAMESPACE_KEY_PREFIX}{namespace}" + (EXACT_SALT_SUFFIX if exact else "")
+    salt = namespace_salt(namespace) + (EXACT_SALT_SUFFIX if exact else "")  # keyed by the server secret
     return salt if extra_key is None else f"{extra_key}|{salt}"
 
 
@@ -109,7 +109,7 @@ class ChunkIndex:
         """Drop a namespace's chunk nodes (all, or ``chunk_ids``) and its blended prefixes from the
         device tree, freeing their slots. Nodes a running request holds stay until it ends (then
         evictable as usual). Returns the tokens freed."""
-        salt = f"{NAMESPACE_KEY_PREFIX}{namespace}"
+        salt = namespace_salt(namespace)
         targets = []  # chunk nodes, blended prefixes and exact prefixes (salt + EXACT_SALT_SUFFIX)
         for node in list(self.tree.root_node.children.values()):
             extra = node.key.extra_key or ""
