@@ -81,7 +81,8 @@ def test_anthropic_sdk_ten_turns_mostly_cached_with_at_most_four_breakpoints(sta
     for question, gold in _session(stack["asks"]):
         messages.append({"role": "user", "content": question})
         reply = client.messages.create(model="default", system=system_prompt(12), messages=messages,
-                                       max_tokens=16, temperature=0, metadata={"user_id": NS})
+                                       max_tokens=16, metadata={"user_id": NS},
+                                       extra_body={"temperature": 0})  # anthropic 2.15 has no temperature argument
         answer = "".join(b.text for b in reply.content if b.type == "text")
         messages.append({"role": "assistant", "content": answer})
         usage = reply.usage.model_dump()
