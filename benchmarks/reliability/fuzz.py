@@ -64,6 +64,7 @@ def _bases(t: Target) -> dict:
     """A valid body per JSON route (the mutations make each invalid)."""
     ids = [1, 2, 3] + t.chunk_tokens + [4, 5]
     hints = build_kv_hints(t.namespace, [(3, 3 + len(t.chunk_tokens))])
+    hints["message_id"], hints["actions"][0]["action_id"] = "fuzz-m", "fuzz-a"  # ids fixed: same seed, same bytes
     return {
         "POST /generate": {"input_ids": ids, "sampling_params": {"max_new_tokens": 2, "temperature": 0}, "kv_hints": hints},
         "POST /v1/chat/completions": {"model": "default", "max_tokens": 2, "temperature": 0, "user": t.namespace,
@@ -275,7 +276,10 @@ def _path_case(rng: random.Random, t: Target, route: str, category: str) -> Case
         ns, cid = t.namespace, t.chunk_ids[0]
         if method == "DELETE":
             ns, cid = unknown_ns, unknown_id  # even a bad key never aims at real memory
-        headers["authorization"] = rng.choice(["Bearer nope", "Bearer ", f"Bearer {t.api_key}x", f"Bearer {t.other_key}"])
+        keys = ["Bearer nope", "Bearer ", f"Bearer {t.api_key}x"]
+        if template != "/amem/v1/namespaces":  # there another tenant's key is valid: it lists that tenant's own
+            keys.append(f"Bearer {t.other_key}")
+        headers["authorization"] = rng.choice(keys)
     else:
         return None
     if "{id}" not in template and ns == t.namespace and category != "bad_key":
