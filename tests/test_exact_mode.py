@@ -73,7 +73,7 @@ def test_exact_turns_are_a_prefix_hit_plus_new_chunks_and_answer_like_a_full_pre
         assert plan.chunk_ids[: len(before)] == before and plan.chunk_ids == session.chunk_ids
         assert len(plan.new_chunk_ids) == 1 and plan.chunk_ids == before + list(plan.new_chunk_ids)
         _, spans = layer.compose("exactns", messages, [layer.store.get("exactns", c) for c in before])
-        out = _generate(amem_server.url, plan.input_ids)
+        out = _generate(amem_server.url, plan.input_ids, kv_hints=plan.kv_hints)  # as the OpenAI route sends it
         meta = out["meta_info"]
         amem = meta.get("amem") or {}
         amem = amem[0] if isinstance(amem, list) else amem
