@@ -238,6 +238,16 @@ class OpenAIMemoryMiddleware:
         except ValueError:
             data = None
         rid = None
+        # SGLang answers a JSON body that is not an object with a 500 (its before-validator calls
+        # .get on it) and serves n < 0 as one choice: refuse both here, in the OpenAI error shape.
+        refusal = None
+        if (data is not None and not isinstance(data, dict)) or (body.strip() and data is None
+                                                                and not _is_malformed(body)):  # "null"
+            refusal = "the request body must be a JSON object"
+        elif isinstance(data, dict) and "n" in data and (type(data["n"]) is not int or data["n"] < 1):
+            refusal = f"n must be an integer >= 1, got {data['n']!r}"
+        if refusal is not None:
+            return await _send_json(send, 400, error_body(refusal, 400, "BadRequestError"))
         if isinstance(data, dict) and FIDELITY_FIELD in data:  # the body field becomes the header
             value = data.pop(FIDELITY_FIELD)
             body = json.dumps(data).encode()
@@ -271,6 +281,15 @@ class OpenAIMemoryMiddleware:
         scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"] + [
             (b"content-length", str(len(body)).encode())]
         await self.app(scope, _replay(body, receive), send_with_chunks)
+
+
+def _is_malformed(body: bytes) -> bool:
+    """Not JSON at all (SGLang answers malformed JSON with its own 400)."""
+    try:
+        json.loads(body)
+    except ValueError:
+        return True
+    return False
 
 
 def around_chat_conversion(original, serving, request, raw_request=None):

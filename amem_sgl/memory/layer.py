@@ -233,10 +233,10 @@ class MemoryLayer:
         # The device tree (a forget action), then the residency tiers.
         body = {"input_ids": self.preamble[:1] or [0], "sampling_params": {"max_new_tokens": 0},
                 "kv_hints": build_kv_hints(namespace, [], forget=["*"] if chunk_ids is None else list(chunk_ids))}
-        async with httpx.AsyncClient(timeout=120, headers=self.request_headers) as client:
-            reply = await client.post(f"{self.base_url}/generate", json=body)
-        if reply.status_code != 200:
-            logger.warning("amem memory: device forget for %s failed: %s", namespace, reply.text[:300])
+        if not await self._device_forget(body):
+            # Texts and index are gone already; the device KV is dropped in the background (a
+            # saturated scheduler answered too late) -- until then no request can name it.
+            asyncio.get_running_loop().create_task(self._device_forget(body, attempts=5))
         if self.residency is not None:
             fields = {"namespace": namespace} if chunk_ids is None else {"chunk_ids": list(gone)}
             await asyncio.to_thread(self.residency.request, "delete", **fields)
@@ -245,6 +245,21 @@ class MemoryLayer:
                 if chunk_ids is None or set(self.sessions[sid].chunk_ids) & set(gone):
                     del self.sessions[sid]
         return gone
+
+    async def _device_forget(self, body: dict, attempts: int = 1) -> bool:
+        """Send a forget action to this server's scheduler; False when it did not answer 200."""
+        for attempt in range(attempts):
+            try:
+                async with httpx.AsyncClient(timeout=120, headers=self.request_headers) as client:
+                    reply = await client.post(f"{self.base_url}/generate", json=body)
+                if reply.status_code == 200:
+                    return True
+                logger.warning("amem memory: device forget failed: HTTP %d %s", reply.status_code, reply.text[:300])
+            except httpx.HTTPError as err:
+                logger.warning("amem memory: device forget failed (%s: %s)", type(err).__name__, err)
+            if attempt + 1 < attempts:
+                await asyncio.sleep(2.0 * (attempt + 1))
+        return False
 
     # ------------------------------------------------------------------ recall / compose
 
