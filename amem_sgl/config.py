@@ -147,7 +147,8 @@ class MemoryConfig:
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     # Replace torch_native's extend attention (quadratic in the cached length) with one that queries
-    # only the new rows, masked by position (amem_sgl.blend.attention). CPU engine only.
+    # only the new rows, masked by position (amem_sgl.blend.attention); torch_native (the CPU engine)
+    # only. Blend passes do not depend on it: they run in amem's attention seam on CPU and CUDA.
     linear_extend: bool = True
 
 
