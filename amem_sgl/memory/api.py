@@ -234,23 +234,23 @@ class OpenAIMemoryMiddleware:
         if body is None:  # the client went away before sending it all: pass that on
             return await self.app(scope, _replay(b"", receive, early), send)
         try:
-            data = json.loads(body) if body else None
+            data, parsed = (json.loads(body), True) if body.strip() else (None, False)
         except ValueError:
-            data = None
+            data, parsed = None, False  # malformed JSON: SGLang answers it with its own 400
         rid = None
         # SGLang answers a JSON body that is not an object with a 500 (its before-validator calls
         # .get on it) and serves n < 0 as one choice: refuse both here, in the OpenAI error shape.
         refusal = None
-        if (data is not None and not isinstance(data, dict)) or (body.strip() and data is None
-                                                                and not _is_malformed(body)):  # "null"
+        if parsed and not isinstance(data, dict):  # null, a string, a list, a number
             refusal = "the request body must be a JSON object"
         elif isinstance(data, dict) and "n" in data and (type(data["n"]) is not int or data["n"] < 1):
             refusal = f"n must be an integer >= 1, got {data['n']!r}"
         if refusal is not None:
             return await _send_json(send, 400, error_body(refusal, 400, "BadRequestError"))
+        rewritten = False  # the body is serialised again once, after every change to it
         if isinstance(data, dict) and FIDELITY_FIELD in data:  # the body field becomes the header
             value = data.pop(FIDELITY_FIELD)
-            body = json.dumps(data).encode()
+            rewritten = True
             scope = dict(scope, headers=[*scope.get("headers", []), (FIDELITY_HEADER.encode(), str(value).encode())])
             headers[FIDELITY_HEADER] = str(value)
         if FIDELITY_HEADER in headers or MARGIN_HEADER in headers:
@@ -266,7 +266,10 @@ class OpenAIMemoryMiddleware:
             if rid is None:
                 rid = f"amem-{uuid.uuid4().hex}"
                 data["rid"] = rid
-                body = json.dumps(data).encode()
+                rewritten = True
+        if rewritten:
+            body = json.dumps(data).encode()
+
         async def send_with_chunks(message):
             if rid is not None and message["type"] == "http.response.start":
                 plan = _own_plan(rid)
@@ -281,15 +284,6 @@ class OpenAIMemoryMiddleware:
         scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"] + [
             (b"content-length", str(len(body)).encode())]
         await self.app(scope, _replay(body, receive), send_with_chunks)
-
-
-def _is_malformed(body: bytes) -> bool:
-    """Not JSON at all (SGLang answers malformed JSON with its own 400)."""
-    try:
-        json.loads(body)
-    except ValueError:
-        return True
-    return False
 
 
 def around_chat_conversion(original, serving, request, raw_request=None):
