@@ -25,9 +25,14 @@ SPEC = {
     "hkvd": lambda s, e: [],
     "sink+hkvd": lambda s, e: list(range(s, min(s + K, e))),
     "edges+hkvd": lambda s, e: sorted(set(range(s, min(s + K, e))) | set(range(max(e - K, s), e))),
+    "cacheblend": lambda s, e: [],
+    "edges+cacheblend": lambda s, e: sorted(set(range(s, min(s + K, e))) | set(range(max(e - K, s), e))),
+    "query": lambda s, e: [],
+    "edges+query": lambda s, e: sorted(set(range(s, min(s + K, e))) | set(range(max(e - K, s), e))),
     "all": lambda s, e: list(range(s, e)),
 }
-DEVIATION = {"hkvd", "sink+hkvd", "edges+hkvd"}
+DEVIATION = {"hkvd", "sink+hkvd", "edges+hkvd", "cacheblend", "edges+cacheblend", "query", "edges+query"}
+QUERY = {"query", "edges+query"}  # their probe runs the question (the prompt's tail), not the chunks
 
 
 def handed_plan(cache, req):
@@ -57,7 +62,8 @@ def test_each_policy_picks_its_positions_and_budget_on_a_real_splice(name):
         assert plan.end == spans[-1][1] and plan.segments == tuple((s, e - s) for s, e in spans)
     usage = req.customized_info["amem"][0]
     assert usage["recomputed_tokens"] == len(want) + budget
-    assert usage["probed_tokens"] == (total if budget else 0)
+    probed = len(prompt) - spans[-1][1] if name in QUERY else total
+    assert usage["probed_tokens"] == (probed if budget else 0)
     assert usage["blend_policy"] == (chosen.label if want or budget else "none")
     finish(cache, req)
 

@@ -72,3 +72,33 @@ def linear_sdpa_forward_extend(stock, query, output, k_cache, v_cache, req_to_to
                      sliding_window_size=sliding_window_size)
     return extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                             extend_prefix_lens, extend_seq_lens, scaling=scaling, enable_gqa=enable_gqa)
+
+
+def attention_mass(query, k_cache, req_to_token, req_pool_indices, seq_lens, extend_seq_lens, positions,
+                   score_from, *, scaling: float, into: list | None = None) -> list[torch.Tensor]:
+    """The attention a request's question pays every key position, for a query-driven blend probe.
+
+    For sequence i, the query rows at positions ``>= score_from[i]`` (its question) attend causally
+    by position over the row's first ``seq_lens[i]`` keys (softmax of ``q.k * scaling``, grouped
+    query heads mapped onto their KV head); the probabilities are summed over heads and question
+    rows: one fp32 tensor [seq_lens[i]] per sequence, added into ``into[i]`` when given (one call
+    per layer accumulates the layer sum). query: [tokens, heads, head_dim]; k_cache: [slots,
+    kv_heads, head_dim]. Plain torch: the same code on CPU and CUDA tensors.
+    """
+    out = into if into is not None else [None] * int(seq_lens.shape[0])
+    start = 0
+    for i in range(seq_lens.shape[0]):
+        q_len, kv_len = int(extend_seq_lens[i]), int(seq_lens[i])
+        q_pos = positions[start: start + q_len].to(torch.int64)
+        asks = q_pos >= int(score_from[i])
+        q = query[start: start + q_len][asks].float()  # [t, heads, head_dim]
+        start += q_len
+        k = k_cache[req_to_token[req_pool_indices[i], :kv_len].long()].float()  # [kv, kv_heads, head_dim]
+        group = q.shape[1] // k.shape[1]
+        q = q.view(q.shape[0], k.shape[1], group, q.shape[2])
+        scores = torch.einsum("tkgd,skd->kgts", q, k) * scaling  # [kv_heads, group, t, kv]
+        visible = torch.arange(kv_len, device=q.device)[None, :] <= q_pos[asks][:, None]
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        mass = probs.sum(dim=(0, 1, 2))
+        out[i] = mass if out[i] is None else out[i] + mass
+    return out

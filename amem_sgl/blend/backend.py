@@ -15,7 +15,10 @@ except:
   blend or probe pass, run eagerly by amem_sgl.blend.runner): it stores the tokens' KV and attends by position
   itself -- the linear-cost torch path (amem_sgl.blend.attention.extend_attention) on CPU, the
   Triton ``kernels.blend_attention`` kernel on CUDA -- and at a probe's check layer records the key
-  deviation, stores nothing and returns zeros;
+  (or value) deviation, stores nothing (or, for a staged CacheBlend probe, the fresh KV) and returns
+  zeros; a query probe also sums the question's attention per key position at every layer
+  (amem_sgl.blend.attention.attention_mass: plain torch, the same on CPU and CUDA; the probe's
+  attention output itself takes the device's path above);
 * on CPU, torch_native's extend attention is the linear-cost one (set on this backend instance, no
   class-wide hook): cached prefixes are not re-attended as a square.
 
@@ -32,7 +35,7 @@ import logging
 import torch
 
 from amem_sgl import sglang_compat as sgl
-from amem_sgl.blend.attention import extend_attention, linear_sdpa_forward_extend
+from amem_sgl.blend.attention import attention_mass, extend_attention, linear_sdpa_forward_extend
 from amem_sgl.blend.context import BlendContext, key_deviation
 
 logger = logging.getLogger(__name__)
@@ -103,14 +106,22 @@ class AmemAttnBackend:
         out_rows = q.new_zeros(q.shape[0], heads * head_dim)
         if ctx.probe_layer is not None and layer_id >= ctx.probe_layer:
             if layer_id == ctx.probe_layer:
-                cached = pool.get_key_buffer(layer_id)[forward_batch.out_cache_loc]
-                ctx.deviation = key_deviation(k, cached)
-            return out_rows  # the probe's output is discarded; nothing stored at or above the layer
+                slots = forward_batch.out_cache_loc
+                fresh, buffer = (v, pool.get_value_buffer) if ctx.signal == "value" else (k, pool.get_key_buffer)
+                ctx.deviation = key_deviation(fresh, buffer(layer_id)[slots])
+                if ctx.store_probe and save_kv_cache:
+                    pool.set_kv_buffer(layer, slots, k, v)
+            return out_rows  # the probe's output is discarded; nothing (else) stored at or above the layer
         ctx.layers_attended.append(layer_id)
         if save_kv_cache:
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
         k_buffer, v_buffer = pool.get_key_buffer(layer_id), pool.get_value_buffer(layer_id)
         query = q.view(-1, heads, layer.qk_head_dim)
+        if ctx.score_from is not None:
+            ctx.attention_mass = attention_mass(
+                query, k_buffer, self.inner.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+                forward_batch.seq_lens, forward_batch.extend_seq_lens, forward_batch.positions, ctx.score_from,
+                scaling=layer.scaling, into=ctx.attention_mass)
         if ctx.kernel == "triton":
             from kernels.blend_attention import blend_attention
 

@@ -18,24 +18,41 @@ class BlendPlan:
     end: int  # end of the spliced region (the request's prefix length)
     positions: tuple[int, ...]  # ascending positions to recompute, all < end
     segments: tuple[tuple[int, int], ...] = ()  # spliced chunks (start, length): the probe's tokens
-    budget: int = 0  # tokens to add by key deviation at check_layer (0: no probe pass)
-    check_layer: int = 1
+    budget: int = 0  # tokens to add by the probe's ranking (0: no probe pass)
+    check_layer: int = 1  # key: the check layer; value: the last of check layers 1..L; query: last layer run
     gaps: tuple[int, ...] = ()  # uncached non-chunk positions inside the region (always computed)
+    signal: str = "key"  # what the probe ranks by: "key" | "value" (staged, CacheBlend) | "query"
+    keeps: tuple[int, ...] = ()  # value: candidates kept after each check layer 1..L (the last is budget)
 
     def probe_positions(self) -> list[int]:
         """Every spliced chunk token and gap token, ascending: a probe computes the early layers of
         all of them (a gap has no KV at all until it is computed)."""
         return sorted({p for start, length in self.segments for p in range(start, start + length)} | set(self.gaps))
 
-    def with_deviation(self, deviation: torch.Tensor) -> "BlendPlan":
-        """The plan with the ``budget`` highest-deviation probe tokens added to its positions."""
-        probe = self.probe_positions()
+    def candidates(self) -> list[int]:
+        """Spliced chunk positions the probe may add (not fixed, not gaps), ascending."""
         fixed = set(self.positions) | set(self.gaps)
-        score = deviation.float().clone()
-        score[[i for i, p in enumerate(probe) if p in fixed]] = float("-inf")
-        top = torch.topk(score, min(self.budget, len(probe) - len(fixed))).indices.tolist()
-        chosen = sorted(fixed | {probe[i] for i in top})
-        return dataclasses.replace(self, positions=tuple(chosen), budget=0)
+        return [p for p in self.probe_positions() if p not in fixed]
+
+    def with_deviation(self, deviation: torch.Tensor) -> "BlendPlan":
+        """The plan with the ``budget`` highest-deviation probe tokens added to its positions
+        (``deviation``: one score per :meth:`probe_positions` entry)."""
+        return self.with_picked(top_positions(self.probe_positions(), deviation, self.candidates(), self.budget))
+
+    def with_picked(self, picked) -> "BlendPlan":
+        """The plan with ``picked`` (spliced positions) added to its positions, the probe done."""
+        chosen = sorted(set(self.positions) | set(self.gaps) | set(picked))
+        return dataclasses.replace(self, positions=tuple(chosen), budget=0, keeps=())
+
+
+def top_positions(rows: list[int], scores: torch.Tensor, among, k: int) -> list[int]:
+    """The ``k`` positions of ``among`` with the highest score, ascending; ``scores[i]`` belongs to
+    position ``rows[i]`` (positions of ``rows`` outside ``among`` never win)."""
+    allowed = set(among)
+    score = scores.float().clone()
+    score[[i for i, p in enumerate(rows) if p not in allowed]] = float("-inf")
+    k = min(k, sum(1 for p in rows if p in allowed))
+    return sorted(rows[i] for i in torch.topk(score, k).indices.tolist()) if k > 0 else []
 
 
 @dataclasses.dataclass
@@ -46,8 +63,14 @@ class BlendContext:
       copies, then attends causally by position over each row's first ``seq_lens[i]`` slots;
     * probe pass: layers below ``probe_layer`` do the same; at ``probe_layer`` the seam records each
       token's key deviation (fresh key vs the key in its slot, before anything is stored) into
-      ``deviation`` and stores nothing; layers above it are not run (the runner truncates the
-      model's layer range) or, where a model cannot be truncated, skip attention and store nothing.
+      ``deviation`` -- the value deviation with ``signal="value"`` -- and stores nothing (or, with
+      ``store_probe``, the tokens' fresh KV at that layer); layers above it are not run (the runner
+      truncates the model's layer range) or, where a model cannot be truncated, skip attention and
+      store nothing;
+    * query probe (``score_from`` set): a blend pass over ``query_layers`` layers whose rows at
+      positions ``>= score_from[i]`` (sequence i's question) also add, at every layer, their
+      softmax attention to each key position (summed over heads and question rows) into
+      ``attention_mass[i]`` ([seq_lens[i]], fp32).
     """
 
     kernel: str = "torch"  # "torch" (CPU: linear-cost SDPA by position) | "triton" (kernels.blend_attention)
@@ -55,6 +78,15 @@ class BlendContext:
     deviation: torch.Tensor | None = None  # [tokens] set by the probe layer
     layers_attended: list[int] = dataclasses.field(default_factory=list)  # layer ids the seam served
     kv_slots: torch.Tensor | None = None  # per batch: every row's slots, concatenated (first use)
+    signal: str = "key"  # probe: "key" | "value" deviation at probe_layer
+    store_probe: bool = False  # probe: store the fresh KV at probe_layer too
+    query_layers: int | None = None  # query probe: layers run (the model's range cut there)
+    score_from: list[int] | None = None  # query probe: per sequence, the first position of its question
+    attention_mass: list[torch.Tensor] | None = None  # query probe: per sequence, mass per key position
+
+    def layers_run(self) -> int | None:
+        """How many decoder layers this forward runs (None: all)."""
+        return self.probe_layer + 1 if self.probe_layer is not None else self.query_layers
 
     def row_slots(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
                   seq_lens: torch.Tensor) -> torch.Tensor:
@@ -67,6 +99,6 @@ class BlendContext:
 
 
 def key_deviation(k_new: torch.Tensor, k_cached: torch.Tensor) -> torch.Tensor:
-    """Per-token sum over heads and dims of (k_new - k_cached)^2, in fp32."""
+    """Per-token sum over heads and dims of (k_new - k_cached)^2, in fp32 (keys or values alike)."""
     diff = k_new.reshape(k_cached.shape[0], -1).float() - k_cached.reshape(k_cached.shape[0], -1).float()
     return diff.pow(2).sum(dim=-1)

@@ -15,6 +15,24 @@ to everything before them) restores part of that cross-attention. Registered str
   chunk that deviates more gets more of it (a per-chunk adaptive budget);
 * ``sink+hkvd:K:R[@L]`` / ``edges+hkvd:K:R[@L]`` -- the boundary tokens always, plus the top R by
   deviation;
+* ``cacheblend:R[@L]`` -- CacheBlend as its reference code ranks tokens, with the paper's gradual
+  filtering: a first probe runs every spliced token through layers 0 and 1 at its new position and
+  stores their fresh KV (layers 0-1 recomputed for every token), ranking by VALUE deviation at layer
+  1 (fresh vs spliced value); each further check layer 2..L runs only the candidates kept so far,
+  stores their fresh KV there and ranks them by value deviation again. The candidates shrink
+  linearly to the budget: ``R*(L-j+1)`` of the spliced tokens are kept after check layer j, so
+  ``R`` are recomputed through every layer. ``L`` defaults to 2 (check layers 1 and 2); ``@1`` is
+  the reference code's single check at layer 1. The question (the request's tail) is always
+  computed: the scheduler's own extend;
+* ``query:R[@L]`` -- query-driven selection (ProphetKV, A^3): a probe runs the question (the
+  request's non-chunk tail, plus any gap tokens) at its true positions over the spliced context
+  through layers ``0..L`` (default: every layer), and the seam sums, at each of those layers, the
+  question's softmax attention to every context position over its heads and question tokens; the
+  top ``R`` spliced tokens by that mass (summed over layers: their layer average) are recomputed
+  through every layer over the mixed cache. The probe's cost is the question's tokens through
+  ``L+1`` layers (the extend computes them again afterwards);
+* ``edges+cacheblend:K:R[@L]`` / ``edges+query:K:R[@L]`` -- the boundary tokens always, plus the
+  top R by the selector;
 * ``all`` -- every spliced token: equal to a full prefill up to numerics (a correctness check of the
   blend pass, and the upper bound of the trade-off).
 
@@ -53,6 +71,8 @@ class Strategy:
     name: ClassVar[str] = ""
     takes_tokens: ClassVar[bool] = False  # spelled with ``:K`` (BlendPolicy.sink_tokens)
     uses_deviation: ClassVar[bool] = False  # spelled with ``:R[@L]`` (ratio, check_layer): a probe pass
+    signal: ClassVar[str] = "key"  # what the probe ranks by: "key" | "value" (staged) | "query"
+    default_layer: ClassVar[int] = 1  # check_layer when the spelling has no ``@L``
 
     @classmethod
     def fixed(cls, start: int, end: int, k: int) -> Iterable[int]:
@@ -67,7 +87,8 @@ class Strategy:
         if cls.uses_deviation:
             parts.append(f"{policy.ratio:g}")
         text = ":".join(parts)
-        return text + (f"@{policy.check_layer}" if cls.uses_deviation and policy.check_layer != 1 else "")
+        return text + (f"@{policy.check_layer}" if cls.uses_deviation and policy.check_layer != cls.default_layer
+                       else "")
 
     @classmethod
     def parse_args(cls, args: list[str], layer: str) -> dict:
@@ -83,7 +104,22 @@ class Strategy:
             kwargs["ratio"] = float(args.pop(0))
         if layer:
             kwargs["check_layer"] = int(layer)
+        elif cls.uses_deviation:
+            kwargs["check_layer"] = cls.default_layer
         return kwargs
+
+    @classmethod
+    def keeps(cls, budget: int, check_layer: int, free: int) -> tuple[int, ...]:
+        """Candidates kept after each check layer (1..check_layer for a staged probe; the last is the
+        budget); empty for a single-layer probe. ``free``: spliced tokens not already fixed."""
+        return ()
+
+    @classmethod
+    def probe_cost(cls, total: int, budget: int, check_layer: int, extended: int, free: int) -> tuple[int, float]:
+        """(tokens probed, layers each runs on average): the probe's compute, ``check_layer`` already
+        capped at the model's last layer. A key probe runs the spliced tokens through the layers
+        below the check layer plus the check layer's projections."""
+        return (total, check_layer + 1) if budget else (0, 0)
 
     @classmethod
     def spelling(cls) -> str:
@@ -139,6 +175,58 @@ class EdgesHkvd(Strategy):
     fixed = Edges.fixed
 
 
+class _ValueStaged(Strategy):
+    """CacheBlend's selector (see the module docstring); subclasses add the fixed tokens."""
+
+    uses_deviation, signal, default_layer = True, "value", 2
+
+    @classmethod
+    def keeps(cls, budget, check_layer, free):
+        return tuple(min(free, budget * (check_layer - j)) for j in range(check_layer))
+
+    @classmethod
+    def probe_cost(cls, total, budget, check_layer, extended, free):
+        if not budget:
+            return 0, 0
+        keeps = cls.keeps(budget, check_layer, free)
+        # every spliced token through layers 0-1, then stage j's candidates through layers 0..j+1
+        token_layers = 2 * total + sum(keep * (j + 3) for j, keep in enumerate(keeps[:-1]))
+        return total, round(token_layers / total, 4)
+
+
+@register
+class CacheBlend(_ValueStaged):
+    name = "cacheblend"
+
+
+@register
+class EdgesCacheBlend(_ValueStaged):
+    name, takes_tokens = "edges+cacheblend", True
+    fixed = Edges.fixed
+
+
+class _QueryDriven(Strategy):
+    """Query-driven selection (see the module docstring); check_layer: the last layer the question
+    attends through (64: every layer of the model, capped by the splice plan)."""
+
+    uses_deviation, signal, default_layer = True, "query", 64
+
+    @classmethod
+    def probe_cost(cls, total, budget, check_layer, extended, free):
+        return (extended, check_layer + 1) if budget else (0, 0)
+
+
+@register
+class Query(_QueryDriven):
+    name = "query"
+
+
+@register
+class EdgesQuery(_QueryDriven):
+    name, takes_tokens = "edges+query", True
+    fixed = Edges.fixed
+
+
 @register
 class All(Strategy):
     name = "all"
@@ -163,7 +251,7 @@ class BlendPolicy:
     policy: str = "none"
     sink_tokens: int = 4  # K of the boundary policies
     ratio: float = 0.15  # deviation policies: fraction of the request's spliced tokens picked by deviation
-    check_layer: int = 1  # deviation policies: layer whose key deviation ranks the tokens (>= 1)
+    check_layer: int = 1  # deviation policies: the (last) check layer of the probe (>= 1); see each strategy
 
     @property
     def strategy(self) -> type[Strategy]:
@@ -194,7 +282,8 @@ class BlendPolicy:
     @classmethod
     def parse(cls, text: str) -> "BlendPolicy":
         """``none``, ``all``, ``sink:K``, ``tail:K``, ``edges:K``, ``hkvd:R[@L]``,
-        ``sink+hkvd:K:R[@L]``, ``edges+hkvd:K:R[@L]`` -- or any registered strategy's spelling."""
+        ``sink+hkvd:K:R[@L]``, ``edges+hkvd:K:R[@L]``, ``cacheblend:R[@L]``, ``query:R[@L]`` -- or any
+        registered strategy's spelling."""
         if not isinstance(text, str):
             raise ValueError(f"blend policy must be text like {spellings()}, got {text!r}")
         body, _, layer = text.strip().partition("@")
@@ -222,13 +311,32 @@ class BlendPolicy:
     def recomputed_tokens(self, segments: list[tuple[int, int]]) -> int:
         return len(self.select(segments)) + self.deviation_budget(segments)
 
-    def compute_fraction(self, segments: list[tuple[int, int]], num_layers: int) -> float:
+    def plan_check_layer(self, num_layers: int) -> int:
+        """The check layer a plan uses on a model of ``num_layers`` layers (at most its last)."""
+        return max(min(self.check_layer, num_layers - 1), 0)
+
+    def plan_fields(self, segments: list[tuple[int, int]], num_layers: int) -> dict:
+        """The probe's extra :class:`~amem_sgl.blend.context.BlendPlan` fields (signal, keeps)."""
+        budget = self.deviation_budget(segments) if num_layers > 1 else 0
+        free = sum(length for _, length in segments) - len(self.select(segments))
+        return {"signal": self.strategy.signal,
+                "keeps": self.strategy.keeps(budget, self.plan_check_layer(num_layers), free) if budget else ()}
+
+    def probe_cost(self, segments: list[tuple[int, int]], num_layers: int, extended: int = 0) -> tuple[int, float]:
+        """(tokens probed, layers each on average) of this policy's probe pass(es); ``extended``:
+        the tokens after the spliced region (the question a query probe runs)."""
+        budget = self.deviation_budget(segments) if num_layers > 1 else 0
+        total = sum(length for _, length in segments)
+        return self.strategy.probe_cost(total, budget, self.plan_check_layer(num_layers), extended,
+                                        total - len(self.select(segments)))
+
+    def compute_fraction(self, segments: list[tuple[int, int]], num_layers: int, extended: int = 0) -> float:
         """Recompute cost as a fraction of prefilling the spliced tokens through every layer."""
         total = sum(length for _, length in segments)
         if total == 0:
             return 0.0
-        probe = total * min(self.check_layer + 1, num_layers) if self.uses_deviation else 0
-        return (self.recomputed_tokens(segments) * num_layers + probe) / (total * num_layers)
+        probed, layers = self.probe_cost(segments, num_layers, extended)
+        return (self.recomputed_tokens(segments) * num_layers + probed * layers) / (total * num_layers)
 
 
 POLICIES = policies()  # the built-in names (kept for callers that list them)

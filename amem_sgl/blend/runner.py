@@ -15,6 +15,7 @@ the model's layer range is cut to ``check_layer + 1`` layers for that forward, l
 check layer run in full (their fresh KV replaces the spliced copies), and at the check layer the
 seam records each token's key deviation in the context and stores nothing. No exception crosses
 the model's code. The top-deviation tokens then join the plan's fixed positions in the blend pass.
+Staged value-deviation (``cacheblend``) and query-driven (``query``) probes: amem_sgl.blend.probes.
 
 Extra forwards run eagerly: the prefill CUDA-graph runner is set aside for them (decode and the
 scheduler's own batches keep SGLang's graphs and the stock attention backend).
@@ -31,6 +32,7 @@ import torch
 from amem_sgl import sglang_compat as sgl
 from amem_sgl.blend.backend import amem_backend_of, default_kernel
 from amem_sgl.blend.context import BlendContext, BlendPlan
+from amem_sgl.blend.probes import run_probes
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +51,7 @@ class BlendRunner:
         if not picked:
             return
         runner = worker.model_runner
-        for layer in sorted({plan.check_layer for _, plan in picked if plan.budget > 0}):
-            probing = [(i, plan) for i, plan in picked if plan.budget > 0 and plan.check_layer == layer]
-            deviations = self._probe(runner, batch, probing, layer)
-            updated = {i: plan.with_deviation(dev) for (i, plan), dev in zip(probing, deviations)}
-            picked = [(i, updated.get(i, plan)) for i, plan in picked]
+        picked = run_probes(self, runner, batch, picked)  # amem_sgl.blend.probes: key, value (staged), query
         picked = [(i, plan) for i, plan in picked if plan.positions]
         if not picked:
             return
@@ -71,20 +69,8 @@ class BlendRunner:
                                        return_hidden_states_before_norm=False)
         positions = [p for _, _, row_positions in rows for p in row_positions]
         fb.positions = torch.tensor(positions, dtype=fb.positions.dtype, device=fb.positions.device)
-        layers = ctx.probe_layer + 1 if ctx.probe_layer is not None else None
-        with amem_backend_of(runner).serving(ctx), _eager(runner), _layer_range(runner.model, layers):
+        with amem_backend_of(runner).serving(ctx), _eager(runner), _layer_range(runner.model, ctx.layers_run()):
             runner.forward(fb)
-
-    def _probe(self, runner, batch, probing, layer: int) -> list[torch.Tensor]:
-        """Run every spliced token of ``probing`` up to ``layer``; each plan's key deviations there."""
-        rows = [(i, plan.end, tuple(plan.probe_positions())) for i, plan in probing]
-        ctx = self._context(runner, probe_layer=layer)
-        self._forward(runner, batch, rows, ctx)
-        if ctx.deviation is None:
-            raise RuntimeError(f"amem: blend probe never reached layer {layer}")
-        self.cache.stats.probed_tokens += sum(len(r[2]) - len(plan.gaps) for r, (_, plan) in zip(rows, probing))
-        self.cache.stats.probe_passes += 1
-        return list(torch.split(ctx.deviation, [len(r[2]) for r in rows]))
 
 
 @contextlib.contextmanager

@@ -140,13 +140,15 @@ def blend_plan(splice: Splice, policy: BlendPolicy, layers: int, extended: int) 
     gaps = plan.gaps
     chunk_positions = policy.select(segments)
     budget = policy.deviation_budget(segments) if layers > 1 else 0
-    check_layer = min(policy.check_layer, layers - 1)
+    check_layer = policy.plan_check_layer(layers)
     positions = sorted(set(chunk_positions) | set(gaps))
-    blend = (BlendPlan(plan.end, tuple(positions), tuple(segments), budget, check_layer, tuple(gaps))
+    blend = (BlendPlan(plan.end, tuple(positions), tuple(segments), budget, check_layer, tuple(gaps),
+                       **policy.plan_fields(segments, layers))
              if positions or budget else None)
     spliced = plan.end - plan.base - len(gaps)
+    probed, probe_layers = policy.probe_cost(segments, layers, extended) if budget else (0, 0)
     usage = splice_usage(namespace=splice.request.namespace, spliced=spliced,
-                         recomputed=len(chunk_positions) + budget, probed=spliced if budget else 0,
-                         probe_layers=check_layer + 1, extended=extended, loaded=splice.loaded_tokens,
+                         recomputed=len(chunk_positions) + budget, probed=probed,
+                         probe_layers=probe_layers, extended=extended, loaded=splice.loaded_tokens,
                          gaps=len(gaps), policy_label=policy.label)
     return blend, usage
