@@ -133,15 +133,17 @@ def _response_usage(original, *args, **kwargs):
     extended tokens, namespace, policy) when the request used chunk KV."""
     from amem_sgl.metrics import merge_usage
 
-    from amem_sgl.memory.api import memory_usage
+    from amem_sgl.memory.api import memory_usage, turn_timings
 
     usage = original(*args, **kwargs)
     responses = kwargs.get("responses", args[0] if args else [])
     n = kwargs.get("n_choices", args[1] if len(args) > 1 else 1) or 1
     merged = merge_usage([responses[i]["meta_info"].get(USAGE_KEY) for i in range(0, len(responses), n)])
-    recalled = memory_usage(responses[0]["meta_info"].get("id")) if responses else None
+    rid = responses[0]["meta_info"].get("id") if responses else None
+    recalled = memory_usage(rid)
     if recalled is not None:
-        merged = {**(merged or {"spliced_tokens": 0, "recomputed_tokens": 0}), "memory": recalled}
+        merged = {**(merged or {"spliced_tokens": 0, "recomputed_tokens": 0}), "memory": recalled,
+                  "timings": turn_timings(rid, responses[0]["meta_info"].get(USAGE_KEY))}
     if merged is not None:
         usage.amem = merged
     return usage

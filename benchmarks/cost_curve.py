@@ -45,6 +45,7 @@ from amem_sgl.sdk import Amem
 from benchmarks import numeric_floor as numeric_floor_runs
 from benchmarks.fidelity import device_name
 from benchmarks.fidelity_data import CITIES, FILLER, FIRST, LAST
+from benchmarks.ttft_phases import breakdown, table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -110,6 +111,7 @@ class Turn:
     answer: str
     chunks: list[str]
     correct: bool = False  # the answer names a city the memory connects the asked person to
+    timings: dict = dataclasses.field(default_factory=dict)  # usage.amem.timings (memory arms)
 
 
 def chat(url: str, body: dict, headers: dict | None = None) -> tuple[dict, float, str, list[str]]:
@@ -133,8 +135,10 @@ def chat(url: str, body: dict, headers: dict | None = None) -> tuple[dict, float
 
 
 def run_arms(amem_url: str, text_url: str, n_chunks: int, turns: int, k: int, max_tokens: int,
-             facts_per_chunk: int = 8) -> dict:
+             facts_per_chunk: int = 8, fidelity: str | None = None) -> dict:
     memory = Amem(amem_url)
+    # The fidelity level the memory arms ask for each turn (None: the server's default).
+    level = {"amem_fidelity": fidelity} if fidelity else {}
     # Arms 2 and 3 get a namespace each (same texts), so neither reuses the other's blended prefixes.
     namespace, session_ns = f"cost-q-{int(time.time())}", f"cost-s-{int(time.time())}"
     texts, questions, gold = make_memory(n_chunks, facts_per_chunk)
@@ -168,7 +172,8 @@ def run_arms(amem_url: str, text_url: str, n_chunks: int, turns: int, k: int, ma
         # 2. amem per query.
         before = blend_counters(amem_url)
         usage, ttft, answer, used = chat(amem_url, {"model": "default", "user": namespace, "max_tokens": max_tokens,
-                                                    "temperature": 0, "messages": [{"role": "user", "content": question}]})
+                                                    "temperature": 0, **level,
+                                                    "messages": [{"role": "user", "content": question}]})
         rows.append(_row("query", t, usage, ttft, answer, used, blend_counters(amem_url, before)))
         # 3. amem session (pinned at the first turn's recall; re-pinned when the topic drifts away).
         # Warming the working set is this turn's cost too: its prefill and recompute are added.
@@ -180,7 +185,7 @@ def run_arms(amem_url: str, text_url: str, n_chunks: int, turns: int, k: int, ma
                     - session.warm.get("cached_tokens", 0)}
         before = blend_counters(amem_url)
         usage, ttft, answer, used = chat(amem_url, {"model": "default", "max_tokens": max_tokens, "temperature": 0,
-                                                    "messages": [{"role": "user", "content": question}]},
+                                                    **level, "messages": [{"role": "user", "content": question}]},
                                          {"X-Amem-Session": session.session_id})
         rows.append(_row("session", t, usage, ttft, answer, used, blend_counters(amem_url, before), warm))
     mark_correct(rows, asks, gold)
@@ -214,7 +219,8 @@ def _row(arm, t, usage, ttft, answer, chunks, counters: dict | None = None, warm
     counters, warm = counters or {}, warm or {}
     recomputed = sum(c.get("recomputed_tokens", 0) + c.get("gap_tokens", 0) for c in (counters, warm))
     prefilled = prompt - cached + recomputed + warm.get("prefilled", 0)
-    return Turn(arm, t, prompt, cached, recomputed, prefilled, ttft, answer, chunks)
+    timings = (usage.get("amem") or {}).get("timings") or {}
+    return Turn(arm, t, prompt, cached, recomputed, prefilled, ttft, answer, chunks, timings=timings)
 
 
 def mark_correct(rows: list[Turn], asks: list[str], gold: dict[str, set[str]]) -> None:
@@ -263,6 +269,8 @@ def summarize(result: dict) -> dict:
         "accuracy": {arm: sum(r.correct for r in rs) / max(n, 1) for arm, rs in by.items()},
         "correctness_agreement": {arm: sum(p.correct == q.correct for p, q in zip(by[arm], by["text"])) / max(n, 1)
                                   for arm in ("query", "session")},
+        # Mean seconds per TTFT phase and arm (usage.amem.timings; the text arm has TTFT only).
+        "ttft_breakdown": breakdown(rows, ("text", "query", "session")),
     }
 
 
@@ -323,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="user facts per memory chunk (1: a ~20-token chunk per fact)")
     parser.add_argument("--blend", default=None,
                         help="amem.blend.policy of the amem server started here, e.g. all (default: the config's)")
+    parser.add_argument("--fidelity", choices=("exact", "guarded", "fast"), default=None,
+                        help="fidelity level the query and session arms ask for each turn (body field "
+                             "amem_fidelity; default: the server's own, amem.blend.fidelity)")
     parser.add_argument("--prefill", choices=("remember", "first_use"), default=None,
                         help="amem.memory.prefill of the amem server started here (default: configs/default.yaml's)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -341,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.url:
             result = run_arms(args.url, args.url, args.chunks, args.turns, args.k, args.max_tokens,
-                              args.facts_per_chunk)
+                              args.facts_per_chunk, args.fidelity)
         else:
             result = _run_with_servers(args, env, servers)
     finally:
@@ -359,10 +370,12 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": time.monotonic() - t0, "quick": args.quick,
             "chunk_prefill": ("the --url server's setting" if args.url else args.prefill or default_prefill()),
             "facts_per_chunk": args.facts_per_chunk, "k": args.k, "blend": args.blend or "the config's (amem.blend)",
+            "fidelity": args.fidelity or f"the server's default ({default_fidelity()})",
             "text_arm_backend": ("amem server, plain requests" if args.quick or args.url
                                  else "SGLang's built-in RadixCache (--radix-cache-backend '')"),
             "command": "python -m benchmarks.cost_curve " + " ".join(argv if argv is not None else sys.argv[1:])}
-    mode = (meta["chunk_prefill"] if not args.url else "url") + (f"-{args.blend}" if args.blend else "")
+    mode = ((meta["chunk_prefill"] if not args.url else "url") + (f"-{args.blend}" if args.blend else "")
+            + (f"-{args.fidelity}" if args.fidelity else ""))
     stem = args.out / (f"{dt.date.today().isoformat()}-{device}-cost-curve-{mode}-f{args.facts_per_chunk}"
                        f"{'-quick' if args.quick else ''}")
     plot(result, stem.with_suffix(".png"), f"{meta['model']} on {device}: {summary['chunks']} chunks, "
@@ -385,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
               "correctness_agreement": summary["correctness_agreement"],
               "recompute_fraction": summary["recompute_fraction"],
               "turns_with_arm1_chunks": summary["turns_with_arm1_chunks"],
+              "fidelity": meta["fidelity"], "ttft_breakdown": summary["ttft_breakdown"],
               "plot": stem.with_suffix(".png").name, "command": meta["command"]}
     (args.out / ("latest-quick.json" if args.quick else "latest.json")).write_text(json.dumps(latest, indent=2))
     lines = [f"# Cost curve ({meta['model']}, {device})", "", f"Command: `{meta['command']}`  ",
@@ -392,8 +406,11 @@ def main(argv: list[str] | None = None) -> int:
              f"chunk KV prefilled at {meta['chunk_prefill']}; {args.facts_per_chunk} user facts per fact chunk", "",
              f"![cost curve]({stem.with_suffix('.png').name})", "", "| metric | value |", "|---|---|"]
     for key, value in latest.items():
-        if key not in ("plot", "command", "device", "model", "date"):
+        if key not in ("plot", "command", "device", "model", "date", "ttft_breakdown"):
             lines.append(f"| {key} | {json.dumps(value) if isinstance(value, dict) else value} |")
+    lines += ["", "## Time to first token, by phase", "",
+              "usage.amem.timings (amem_sgl/memory/timings.py), mean per turn; out_s: the client's TTFT "
+              "minus the server's total_s.", "", *table(summary["ttft_breakdown"])]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
@@ -412,7 +429,7 @@ def _run_with_servers(args, env, servers) -> dict:
                                     log_path=args.out / "cost-curve-text.log", cwd=ROOT, env=env))
         text_url = servers[1].url
     result = run_arms(servers[0].url, text_url, args.chunks, args.turns, args.k, args.max_tokens,
-                      args.facts_per_chunk)
+                      args.facts_per_chunk, args.fidelity)
     if not args.quick:
         for server in servers:
             server.stop()
@@ -448,6 +465,13 @@ def amem_config(args, env: dict) -> Path:
     path = Path(env["AMEM_SGL_MEMORY_DIR"]).parent / "amem-config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def default_fidelity() -> str:
+    """amem.blend.fidelity of configs/default.yaml."""
+    from amem_sgl.config import load_config_file
+
+    return load_config_file(ROOT / "configs" / "default.yaml").amem.blend.fidelity
 
 
 def default_prefill() -> str:

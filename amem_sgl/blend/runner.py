@@ -33,6 +33,7 @@ from amem_sgl import sglang_compat as sgl
 from amem_sgl.blend.backend import amem_backend_of, default_kernel
 from amem_sgl.blend.context import BlendContext, BlendPlan
 from amem_sgl.blend.probes import run_probes
+from amem_sgl.cache.usage import add_timing, clock, stamp, usage_of
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +52,17 @@ class BlendRunner:
         if not picked:
             return
         runner = worker.model_runner
+        probe_reqs, started = [batch.reqs[i] for i, plan in picked if plan.budget > 0], clock()
         picked = run_probes(self, runner, batch, picked)  # amem_sgl.blend.probes: key, value (staged), query
+        probed = clock()
+        for req in probe_reqs:
+            add_timing(req, "blend_probe_s", probed - started)
         picked = [(i, plan) for i, plan in picked if plan.positions]
         if not picked:
             return
         self._forward(runner, batch, [(i, plan.end, plan.positions) for i, plan in picked], self._context(runner))
+        for i, _ in picked:
+            add_timing(batch.reqs[i], "blend_s", clock() - probed)
         self.cache.stats.recomputed_tokens += sum(len(set(plan.positions) - set(plan.gaps)) for _, plan in picked)
         self.cache.stats.gap_tokens += sum(len(plan.gaps) for _, plan in picked)
         self.cache.stats.blend_passes += 1
@@ -149,13 +156,25 @@ def around_forward(original, worker, *args, **kwargs):
     """AROUND hook for ``TpModelWorker.forward_batch_generation``: blend, then the normal forward.
 
     A failing blend pass must not take the scheduler down: the requests then run on their spliced
-    KV as it stands (answers may drift from a full prefill), the error is logged and counted."""
+    KV as it stands (answers may drift from a full prefill), the error is logged and counted.
+    A spliced request's usage record gets the batch's extend time and the stamp of its end."""
     backend = amem_backend_of(worker.model_runner)
     blender = backend.blender if backend is not None else None
-    if blender is not None:
-        try:
-            blender.run(worker, kwargs["batch"] if "batch" in kwargs else (args[0] if args else None))
-        except Exception:  # noqa: BLE001 -- serving goes on; the failure is visible in stats and log
-            blender.cache.stats.blend_failures += 1
-            logger.exception("amem: blend pass failed; serving these requests on their spliced KV")
-    return original(worker, *args, **kwargs)
+    if blender is None:
+        return original(worker, *args, **kwargs)
+    batch = kwargs["batch"] if "batch" in kwargs else (args[0] if args else None)
+    try:
+        blender.run(worker, batch)
+    except Exception:  # noqa: BLE001 -- serving goes on; the failure is visible in stats and log
+        blender.cache.stats.blend_failures += 1
+        logger.exception("amem: blend pass failed; serving these requests on their spliced KV")
+    timed = [req for req in getattr(batch, "reqs", None) or () if usage_of(req) is not None] \
+        if batch is not None and batch.forward_mode.is_extend() else []
+    started = clock() if timed else 0.0
+    result = original(worker, *args, **kwargs)
+    if timed:
+        done = clock()
+        for req in timed:
+            add_timing(req, "extend_s", done - started)
+            stamp(req, "done_at", done)
+    return result

@@ -46,7 +46,7 @@ from amem_sgl.cache.chunk_index import (  # noqa: F401 -- re-exported
 from amem_sgl.cache.residency_bridge import ResidencyBridge
 from amem_sgl.cache.splice import copy_kv
 from amem_sgl.cache.splicer import Splice, Splicer, blend_plan
-from amem_sgl.cache.usage import USAGE_KEY, CacheStats, attach_usage  # noqa: F401 -- re-exported
+from amem_sgl.cache.usage import USAGE_KEY, CacheStats, attach_usage, clock  # noqa: F401 -- re-exported
 from amem_sgl.chunks.hints import ChunkRequest, ChunkSpan, parse_kv_hints
 from amem_sgl.sglang_compat import (
     EvictParams, EvictResult, InsertParams, InsertResult, MatchPrefixParams, MatchResult, RadixCache, RadixKey)
@@ -69,6 +69,7 @@ class ChunkRadixCache(RadixCache):
         self.blend_plans: dict[str, BlendPlan] = {}  # admitted requests' plans until their batch runs
         self._to_capture: dict[str, list[ChunkSpan]] = {}  # capture requests: the spans they compute
         self._handed: set[str] = set()  # splice requests past their handover
+        self._match_s: dict[str, float] = {}  # chunk requests: seconds in match_prefix until admission
         self.metrics = None  # amem_sgl.metrics.AmemMetrics when the server runs with --enable-metrics
         super().__init__(params)
 
@@ -88,6 +89,15 @@ class ChunkRadixCache(RadixCache):
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         req = params.req
         request = self._chunk_request(req) if req is not None and self.chunk_reuse_enabled else None
+        if request is None:
+            return self._match(params, req, None)
+        started = clock()
+        try:
+            return self._match(params, req, request)
+        finally:
+            self._match_s[req.rid] = self._match_s.get(req.rid, 0.0) + clock() - started
+
+    def _match(self, params: MatchPrefixParams, req, request: ChunkRequest | None) -> MatchResult:
         if request is not None and request.forget is not None:
             self.index.forget(request.namespace, None if "*" in request.forget else set(request.forget))
             request = None  # then an ordinary request
@@ -129,10 +139,15 @@ class ChunkRadixCache(RadixCache):
         if request is None or request.register or request.forget is not None:
             return 0, node
         key_len = req.prefix_len + params.host_hit_length
+        started = clock()
         splice = self.splicer.admit(req, request, req.prefix_len, key_len, params.host_hit_length, node)
         if splice is None:
             self.stats.splice_fallbacks += 1
             return 0, node
+        recv_at = float(getattr(getattr(req, "time_stats", None), "scheduler_recv_time", 0.0) or 0.0)
+        splice.timings.update(match_s=round(self._match_s.pop(req.rid, 0.0), 6), splice_s=round(clock() - started, 6))
+        if recv_at > 0:
+            splice.timings.update(queue_s=round(started - recv_at, 6), recv_at=recv_at)
         self._admitted[req.rid] = splice
         return splice.plan.end - splice.plan.base, node
 
@@ -249,6 +264,7 @@ class ChunkRadixCache(RadixCache):
         self.blend_plans.pop(rid, None)
         self._to_capture.pop(rid, None)
         self._handed.discard(rid)
+        self._match_s.pop(rid, None)
 
     def _drop_admitted(self, rid: str) -> None:
         splice = self._admitted.pop(rid, None)

@@ -58,6 +58,7 @@ class Splice:
     slots: torch.Tensor  # int64, one per position in [plan.base, plan.end)
     request: ChunkRequest
     loaded_tokens: int = 0  # restored from the residency tiers (not on the device before)
+    timings: dict = dataclasses.field(default_factory=dict)  # scheduler phases so far (usage.py)
 
 
 class Splicer:
@@ -150,5 +151,5 @@ def blend_plan(splice: Splice, policy: BlendPolicy, layers: int, extended: int) 
     usage = splice_usage(namespace=splice.request.namespace, spliced=spliced,
                          recomputed=len(chunk_positions) + budget, probed=probed,
                          probe_layers=probe_layers, extended=extended, loaded=splice.loaded_tokens,
-                         gaps=len(gaps), policy_label=policy.label)
+                         gaps=len(gaps), policy_label=policy.label, timings=splice.timings)
     return blend, usage

@@ -3,13 +3,59 @@
 The usage record of a spliced request (``req.customized_info["amem"]``) reaches the response's
 ``meta_info["amem"]`` and the OpenAI ``usage.amem`` (amem_sgl.plugin), and the Prometheus counters
 (amem_sgl.metrics) when the server runs with ``--enable-metrics``.
+
+Its ``timings`` are the scheduler's share of the request's time to first token, in seconds: the
+match and queue wait before admission, the splice at admission, the blend pass (probe and
+recompute forwards) and the extend of its batch, plus two ``time.perf_counter`` stamps (``recv_at``:
+the scheduler received it, ``done_at``: its first token's forward ended) with which the HTTP
+process places them on its own clock (CLOCK_MONOTONIC, one per machine). The record is sent with
+the request's first output, so phases that end before its first token are all in it. On CUDA the
+phases are asynchronous launches unless ``AMEM_SGL_TIMING_SYNC=1`` (then each phase boundary waits
+for the device); the hot path never synchronises by default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 
 USAGE_KEY = "amem"  # req.customized_info key -> meta_info["amem"] of the response
+TIMINGS_KEY = "timings"
+TIMING_SYNC_ENV = "AMEM_SGL_TIMING_SYNC"
+_SYNC = os.environ.get(TIMING_SYNC_ENV, "") not in ("", "0")
+
+
+def clock() -> float:
+    """``time.perf_counter()``; with ``AMEM_SGL_TIMING_SYNC=1`` on CUDA, after the device finished."""
+    if _SYNC:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def usage_of(req) -> dict | None:
+    """The usage record attached to ``req`` (None: nothing spliced)."""
+    info = getattr(req, "customized_info", None) or {}
+    records = info.get(USAGE_KEY)
+    return records[0] if records else None
+
+
+def add_timing(req, name: str, seconds: float) -> None:
+    """Add ``seconds`` to phase ``name`` of ``req``'s usage record (a request without one: nothing)."""
+    usage = usage_of(req)
+    if usage is not None:
+        timings = usage.setdefault(TIMINGS_KEY, {})
+        timings[name] = round(timings.get(name, 0.0) + seconds, 6)
+
+
+def stamp(req, name: str, at: float) -> None:
+    """Record the clock reading ``at`` (a ``*_at`` stamp) in ``req``'s usage record."""
+    usage = usage_of(req)
+    if usage is not None:
+        usage.setdefault(TIMINGS_KEY, {})[name] = at
 
 
 @dataclasses.dataclass
@@ -48,8 +94,8 @@ class CacheStats:
 
 
 def splice_usage(*, namespace: str, spliced: int, recomputed: int, probed: int, probe_layers: int,
-                 extended: int, loaded: int, gaps: int, policy_label: str) -> dict:
-    """The usage record of one spliced request."""
+                 extended: int, loaded: int, gaps: int, policy_label: str, timings: dict | None = None) -> dict:
+    """The usage record of one spliced request (``timings``: its scheduler phases so far)."""
     return {
         "namespace": namespace, "spliced_tokens": spliced,
         "recomputed_tokens": recomputed, "probed_tokens": probed,
@@ -58,6 +104,7 @@ def splice_usage(*, namespace: str, spliced: int, recomputed: int, probed: int, 
         "loaded_tokens": loaded,
         "gap_tokens": gaps,
         "blend_policy": policy_label if recomputed else "none",
+        TIMINGS_KEY: dict(timings or {}),
     }
 
 

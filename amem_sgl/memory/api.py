@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from typing import Any, Literal, Optional
 
@@ -31,6 +32,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from amem_sgl.memory import layer as memory
+from amem_sgl.memory import timings
 from amem_sgl.memory.store import UnknownChunk, UnknownNamespace
 from amem_sgl.server import auth
 from amem_sgl.config import AmemConfig
@@ -214,6 +216,7 @@ def install_routes(app: FastAPI) -> None:
         return error(404, f"unknown chunk id {exc.args[0]!r} in this namespace")
 
     app.add_middleware(OpenAIMemoryMiddleware)
+    timings.install_hooks()  # streamed memory turns: usage.amem with its timings
 
 
 class OpenAIMemoryMiddleware:
@@ -283,14 +286,20 @@ class OpenAIMemoryMiddleware:
         scope = dict(scope)
         scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"] + [
             (b"content-length", str(len(body)).encode())]
-        await self.app(scope, _replay(body, receive), send_with_chunks)
+        token = timings.CURRENT_RID.set(rid)  # the streamed usage chunk finds its turn by it
+        try:
+            await self.app(scope, _replay(body, receive), send_with_chunks)
+        finally:
+            timings.CURRENT_RID.reset(token)
 
 
 def around_chat_conversion(original, serving, request, raw_request=None):
     """AROUND hook for ``OpenAIServingChat._convert_to_internal_request``: a turn that names a memory
     namespace (``user``, ``X-Amem-Namespace``) or session (``X-Amem-Session``) gets its prompt
     composed from recalled chunks (token ids + chunk spans in kv_hints)."""
+    started = time.perf_counter()
     adapted, processed = original(serving, request, raw_request)
+    converted = time.perf_counter()
     layer = memory.ACTIVE
     if layer is None:
         return adapted, processed
@@ -307,13 +316,16 @@ def around_chat_conversion(original, serving, request, raw_request=None):
     except memory.MemoryError_ as err:
         raise ValueError(str(err)) from None
     if plan is not None:
+        plan.timings.update(started_at=started, convert_s=converted - started)
         _apply(adapted, plan, layer, headers)
     return adapted, processed
 
 
 def around_completion_conversion(original, serving, request, raw_request=None):
     """AROUND hook for ``OpenAIServingCompletion._convert_to_internal_request`` (text prompts)."""
+    started = time.perf_counter()
     adapted, processed = original(serving, request, raw_request)
+    converted = time.perf_counter()
     layer = memory.ACTIVE
     headers = raw_request.headers if raw_request is not None else {}
     namespace = headers.get(NAMESPACE_HEADER) or getattr(request, "user", None)
@@ -321,6 +333,7 @@ def around_completion_conversion(original, serving, request, raw_request=None):
         return adapted, processed
     plan = layer.plan_completion(namespace, request.prompt)
     if plan is not None:
+        plan.timings.update(started_at=started, convert_s=converted - started)
         _apply(adapted, plan, layer, headers)
     return adapted, processed
 
@@ -344,9 +357,13 @@ def _apply(adapted, plan: memory.Plan, layer: memory.MemoryLayer, headers) -> No
     adapted.input_ids = plan.input_ids
     # exact / guarded / fast (amem_sgl.memory.fidelity); a guarded turn's probe runs here, in the
     # conversion's executor thread, before anything is sampled.
-    adapted.kv_hints = fidelity_control(layer).apply(rid, plan.namespace, plan.input_ids, plan.kv_hints,
-                                                     headers.get(FIDELITY_HEADER), headers.get(MARGIN_HEADER))
+    control, started = fidelity_control(layer), time.perf_counter()
+    adapted.kv_hints = control.apply(rid, plan.namespace, plan.input_ids, plan.kv_hints,
+                                     headers.get(FIDELITY_HEADER), headers.get(MARGIN_HEADER))
+    if control.level(headers.get(FIDELITY_HEADER)) == "guarded":
+        plan.timings["guard_s"] = time.perf_counter() - started
     layer.remember_plan(rid, plan)
+    plan.timings["sent_at"] = time.perf_counter()
 
 
 def _own_plan(rid: str | None) -> memory.Plan | None:
@@ -355,6 +372,13 @@ def _own_plan(rid: str | None) -> memory.Plan | None:
     layer = memory.ACTIVE
     plan = layer.plan_for(rid) if layer is not None else None
     return plan if plan is not None and auth.denial([plan.namespace]) is None else None
+
+
+def turn_timings(rid: str | None, records) -> dict | None:
+    """``usage.amem.timings`` of a memory turn (amem_sgl.memory.timings): its plan's HTTP phases and
+    its response's scheduler usage records (``meta_info["amem"]``)."""
+    plan = _own_plan(rid)
+    return timings.merge(plan.timings, records) if plan is not None else None
 
 
 def memory_usage(rid: str | None) -> dict | None:

@@ -92,6 +92,9 @@ class Plan:
     session_id: str | None
     fidelity: str | None = None
     new_chunk_ids: tuple[str, ...] = ()  # exact mode: chunks this turn appended to the working set
+    # Where the turn's time went (amem_sgl.memory.timings): recall_s, compose_s, then the OpenAI
+    # hooks' phases and stamps.
+    timings: dict = dataclasses.field(default_factory=dict, compare=False)
 
     def report(self) -> dict:
         out = {"namespace": self.namespace, "chunks": self.chunk_ids,
@@ -312,6 +315,7 @@ class MemoryLayer:
             return None  # nothing remembered for this user: a plain turn
         if (_fidelity(fidelity) or (session.fidelity if session is not None else None)) == "exact":
             return self._plan_exact(namespace, messages, session)
+        started = time.perf_counter()
         if session is not None:
             chunks, scores = self._session_chunks(session), [1.0] * len(session.chunk_ids)
             session.turns += 1
@@ -321,13 +325,16 @@ class MemoryLayer:
             chunks, scores = [c for c, _ in hits], [s for _, s in hits]
         if not chunks:
             return None
+        recalled = time.perf_counter()
         ids, spans = self.compose(namespace, messages, chunks)
         return Plan(ids, self.hints(namespace, spans), namespace, [c.chunk_id for c in chunks], scores,
-                    session.session_id if session else None)
+                    session.session_id if session else None,
+                    timings=_phases(started, recalled, time.perf_counter()))
 
     def _plan_exact(self, namespace: str, messages: Sequence[dict], session: Session | None) -> Plan | None:
         """An exact-mode turn (amem_sgl.memory.exact): its spans sent ``exact`` (nothing spliced or
         blended, the namespace's exact salt) with ``capture`` (chunks computed here become nodes)."""
+        started = time.perf_counter()
         query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         hits = sorted(self.recall(namespace, query), key=lambda h: h[0].created)
         with self._lock:
@@ -338,24 +345,28 @@ class MemoryLayer:
                 session.turns, session.rebases = session.turns + 1, session.rebases + rebased
         if not chunks:
             return None
-        scores = {c.chunk_id: s for c, s in hits}
+        scores, recalled = {c.chunk_id: s for c, s in hits}, time.perf_counter()
         ids, spans = self.compose(namespace, messages, chunks)
         return Plan(ids, self.hints(namespace, spans, exact=True), namespace, [c.chunk_id for c in chunks],
                     [scores.get(c.chunk_id, 1.0) for c in chunks], session.session_id if session else None,
-                    "exact", tuple(new))
+                    "exact", tuple(new), timings=_phases(started, recalled, time.perf_counter()))
 
     def plan_completion(self, namespace: str, prompt: str) -> Plan | None:
         if not self.store.has_namespace(validate_namespace(namespace)):
             return None
+        started = time.perf_counter()
         hits = sorted(self.recall(namespace, prompt), key=lambda h: h[0].created)
         if not hits:
             return None
+        recalled = time.perf_counter()
         ids, spans = list(self.preamble), []
         for chunk, _ in hits:
             spans.append((len(ids), len(ids) + len(chunk.token_ids)))
             ids.extend(chunk.token_ids)
-        return Plan(ids + self.encode(prompt), self.hints(namespace, spans), namespace,
-                    [c.chunk_id for c, _ in hits], [s for _, s in hits], None)
+        ids += self.encode(prompt)
+        return Plan(ids, self.hints(namespace, spans), namespace,
+                    [c.chunk_id for c, _ in hits], [s for _, s in hits], None,
+                    timings=_phases(started, recalled, time.perf_counter()))
 
     def remember_plan(self, rid: str, plan: Plan) -> None:
         with self._lock:
@@ -430,6 +441,10 @@ class MemoryLayer:
     def end_session(self, session_id: str) -> bool:
         with self._lock:
             return self.sessions.pop(session_id, None) is not None
+
+
+def _phases(started: float, recalled: float, composed: float) -> dict:
+    return {"recall_s": recalled - started, "compose_s": composed - recalled}
 
 
 def _fidelity(value: str | None) -> str | None:

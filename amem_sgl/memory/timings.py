@@ -1,0 +1,122 @@
+"""Where a memory turn's time to first token goes: ``usage.amem.timings`` (seconds).
+
+HTTP process (this module's callers measure them on ``time.perf_counter``):
+
+* ``convert_s`` -- SGLang's own conversion of the OpenAI request (chat template + tokenization of
+  the client's messages); ``recall_s`` -- embedding and index search; ``compose_s`` -- the memory
+  prompt's template and token ids; ``guard_s`` -- the fidelity guard's probe (guarded turns only);
+  ``plan_s`` -- the rest of the conversion hook (namespace and session checks, hints, bookkeeping).
+
+Scheduler (``amem_sgl.cache.usage``: the usage record reaches this process in ``meta_info["amem"]``,
+the path ``recomputed_tokens`` takes; no other channel):
+
+* ``dispatch_s`` -- end of the conversion to the scheduler receiving it (tokenizer manager,
+  validation hooks, ZMQ); ``queue_s`` -- waiting for admission (``match_s``, the prefix matches of
+  that wait, is inside it); ``splice_s`` -- allocation, restore, KV copy and re-rotation at
+  admission; ``schedule_s`` -- admission to the batch's forward (the rest of the scheduling round);
+  ``blend_probe_s`` / ``blend_s`` -- the blend pass's probe and recompute forwards; ``extend_s`` --
+  the batch's own forward (the first token is sampled in it).
+* ``total_s`` -- conversion start to the end of the first token's forward; what a client measures
+  beyond it is the response's way out (detokenizer, SSE, HTTP).
+
+Both processes read CLOCK_MONOTONIC (``perf_counter`` on Linux), so a scheduler stamp and an HTTP
+one subtract. Streamed responses carry no meta_info: the records are kept here per request id as
+the tokenizer manager receives them (:func:`around_update_meta_info`), and the streamed usage
+chunk gets ``usage.amem`` from them (:func:`around_streaming_usage`, the request found by the
+context variable the OpenAI memory middleware sets).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextvars
+import threading
+
+from amem_sgl import sglang_compat as sgl
+from amem_sgl.metrics import merge_usage
+
+USAGE_KEY = "amem"
+DIGITS = 4
+HTTP_PHASES = ("convert_s", "recall_s", "compose_s", "guard_s")
+SCHEDULER_PHASES = ("queue_s", "match_s", "splice_s", "blend_probe_s", "blend_s", "extend_s")
+# The order phases are listed in (a breakdown table's columns); match_s is inside queue_s.
+PHASES = ("convert_s", "recall_s", "compose_s", "guard_s", "plan_s", "dispatch_s", "queue_s", "match_s", "splice_s",
+          "schedule_s", "blend_probe_s", "blend_s", "extend_s", "total_s")
+
+CURRENT_RID: contextvars.ContextVar[str | None] = contextvars.ContextVar("amem_rid", default=None)
+_records: collections.OrderedDict[str, list] = collections.OrderedDict()
+_lock = threading.Lock()
+
+STREAMING_USAGE_TARGET = f"{sgl.UsageProcessor.__module__}.{sgl.UsageProcessor.__qualname__}.calculate_streaming_usage"
+META_INFO_TARGET = f"{sgl.TokenizerManager.__module__}.{sgl.TokenizerManager.__qualname__}.update_request_meta_info"
+
+
+def merge(http: dict, records) -> dict:
+    """One turn's timings from its plan's HTTP phases (with ``started_at``/``sent_at`` stamps) and
+    the scheduler usage records of its response (``meta_info["amem"]``; several for n > 1: the
+    first one's, the phases of one prompt)."""
+    out = {k: http[k] for k in HTTP_PHASES if k in http}
+    if "started_at" in http and "sent_at" in http:
+        out["plan_s"] = max(http["sent_at"] - http["started_at"] - sum(out.values()), 0.0)
+    sched = next((r.get("timings") for r in records or () if isinstance(r, dict) and r.get("timings")), None)
+    if sched:
+        out.update({k: sched[k] for k in SCHEDULER_PHASES if k in sched})
+        recv, done = sched.get("recv_at"), sched.get("done_at")
+        if recv is not None and "sent_at" in http:
+            out["dispatch_s"] = max(recv - http["sent_at"], 0.0)
+        if recv is not None and done is not None:
+            admitted = recv + sched.get("queue_s", 0.0) + sched.get("splice_s", 0.0)
+            forwards = sum(sched.get(k, 0.0) for k in ("blend_probe_s", "blend_s", "extend_s"))
+            out["schedule_s"] = max(done - forwards - admitted, 0.0)
+        if done is not None and "started_at" in http:
+            out["total_s"] = done - http["started_at"]
+    return {k: round(out[k], DIGITS) for k in PHASES if k in out}
+
+
+def keep_records(rid: str, records) -> None:
+    with _lock:
+        _records[rid] = records
+        while len(_records) > 4096:
+            _records.popitem(last=False)
+
+
+def records_for(rid: str) -> list | None:
+    with _lock:
+        return _records.pop(rid, None)
+
+
+def around_update_meta_info(original, manager, meta_info, state, *args, **kwargs):
+    """AROUND hook for ``TokenizerManager.update_request_meta_info`` (HTTP process): keeps a memory
+    turn's scheduler usage records for its streamed usage chunk."""
+    result = original(manager, meta_info, state, *args, **kwargs)
+    from amem_sgl.memory import layer as memory
+
+    rid = meta_info.get("id")
+    if USAGE_KEY in meta_info and memory.ACTIVE is not None and memory.ACTIVE.plan_for(rid) is not None:
+        keep_records(rid, meta_info[USAGE_KEY])
+    return result
+
+
+def around_streaming_usage(original, *args, **kwargs):
+    """AROUND hook for the streamed usage chunk: ``usage.amem`` of a memory turn, as a non-streamed
+    response reports it (amem_sgl.plugin), with its timings."""
+    usage = original(*args, **kwargs)
+    rid = CURRENT_RID.get()
+    if rid is None:
+        return usage
+    from amem_sgl.memory.api import memory_usage, turn_timings
+
+    records = records_for(rid)
+    recalled = memory_usage(rid)
+    if recalled is None:
+        return usage
+    merged = merge_usage([records]) or {"spliced_tokens": 0, "recomputed_tokens": 0}
+    usage.amem = {**merged, "memory": recalled, "timings": turn_timings(rid, records)}
+    return usage
+
+
+def install_hooks() -> None:
+    """Register the two hooks in this (HTTP) process; applied with SGLang's other late hooks."""
+    sgl.add_around_hook(META_INFO_TARGET, around_update_meta_info)
+    sgl.add_around_hook(STREAMING_USAGE_TARGET, around_streaming_usage)
+    sgl.apply_hooks()
