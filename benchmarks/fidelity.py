@@ -46,8 +46,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from amem_sgl.blend.policy import BlendPolicy
 from amem_sgl.chunks.client import ChunkClient
+from benchmarks.fidelity_arms import Arm, guard_sweep, parse_arm
 from benchmarks.fidelity_data import make_lookups, make_questions
 from benchmarks.fidelity_metrics import (answer_of, first_token_id_logprobs, first_token_kl, first_top_logprobs,
                                          logprob_request, summarize_rows, target_gaps)
@@ -87,14 +87,8 @@ class Row:
     full_output_ids: list[int]
     floor_identical: bool | None = None  # an fp32 full prefill gives the bf16 one's answer
     floor_answer_agree: bool | None = None
-
-
-def parse_policy(text: str) -> BlendPolicy:
-    return BlendPolicy.parse(text)
-
-
-def policy_label(policy: BlendPolicy) -> str:
-    return policy.label
+    reuse_margin: float | None = None  # p1 - p2 of the first token on reused KV (blend and guarded arms)
+    escalated: bool | None = None  # guarded arms: the guard sent the question to exact
 
 
 def _words(text: str) -> list[str]:
@@ -124,11 +118,11 @@ def load_items(dataset: str, n: int, seed: int, split: str = "test") -> list:
 
 
 def evaluate(client: ChunkClient, items: list, namespace: str, max_new_tokens: int,
-             policies: list[BlendPolicy], num_layers: int) -> list[Row]:
+             arms: list[Arm], num_layers: int) -> list[Row]:
     rows = []
     for q in tqdm(items, desc="fidelity", unit="question", file=sys.stderr):
-        # Chunks are registered once; every policy splices them afresh under its own cache salt (so
-        # no policy reuses another's blended prefix; the uncached preamble is computed in the blend
+        # Chunks are registered once; every arm splices them afresh under its own cache salt (so
+        # no arm reuses another's blended prefix; the uncached preamble is computed in the blend
         # pass, a numeric no-op against a cached one).
         chunks = [client.register(text, namespace).token_ids for text in q.chunks]
         prompt = client.layout.compose(chunks, q.prompt)
@@ -136,26 +130,20 @@ def evaluate(client: ChunkClient, items: list, namespace: str, max_new_tokens: i
                                extra=logprob_request())
         full_top = first_top_logprobs(full.meta_info)
         gold = q.gold.lower()
-        for policy in policies:
-            label = policy_label(policy)
-            reuse = client.generate(prompt, namespace, max_new_tokens=max_new_tokens, blend=policy, ttft=True,
-                                    cache_salt=f"{label}-{uuid.uuid4().hex}",
-                                    extra=logprob_request(list(full_top) or None))
-            # The server's own report of what it recomputed (0 when nothing was spliced).
-            recomputed = int(reuse.amem.get("recomputed_tokens", 0))
+        for arm in arms:
+            res = arm.run(client, prompt, namespace, full_top, max_new_tokens, num_layers)
+            reuse = res.gen
             # The salted preamble is computed by the blend pass (SGLang counts it as cached). In serving
             # it is an ordinary cached prefix, so it is kept out of the prefill count and reported apart.
-            gap = int(reuse.amem.get("gap_tokens", 0))
-            cost = recomputed + reuse.amem.get("probed_tokens", 0) * reuse.amem.get("probe_layers", 0) / num_layers
             ra, fa = answer_of(reuse.text), answer_of(full.text)
             rows.append(Row(
-                label, q.qid, q.band, q.hops, getattr(q, "kind", "city"), len(prompt.input_ids),
-                prompt.chunk_tokens, reuse.computed_prompt_tokens + recomputed, full.computed_prompt_tokens,
+                arm.label, q.qid, q.band, q.hops, getattr(q, "kind", "city"), len(prompt.input_ids),
+                prompt.chunk_tokens, res.computed_tokens, full.computed_prompt_tokens,
                 reuse.output_ids[:1] == full.output_ids[:1], reuse.output_ids == full.output_ids, ra == fa,
                 ra == gold, fa == gold, reuse.text, full.text, ra, fa,
-                first_token_kl(full_top, first_token_id_logprobs(reuse.meta_info)), recomputed, cost,
-                reuse.ttft_s, full.ttft_s, token_f1(reuse.text, gold), token_f1(full.text, gold), gap,
-                full.output_ids))
+                first_token_kl(full_top, first_token_id_logprobs(reuse.meta_info)), res.recomputed, res.cost_tokens,
+                res.ttft_s, full.ttft_s, token_f1(reuse.text, gold), token_f1(full.text, gold), res.gap_tokens,
+                full.output_ids, reuse_margin=res.margin, escalated=res.escalated))
     return rows
 
 
@@ -228,7 +216,7 @@ def device_name() -> str:
 
 COLUMNS = ["n", "identical_answers", "numeric_floor", "answer_agreement", "reuse_accuracy", "full_accuracy",
            "accuracy_delta", "first_token_agreement", "first_token_kl", "recomputed_fraction", "mean_chunk_tokens",
-           "prefill_ratio_full_over_reuse", "ttft_ratio_full_over_reuse"]
+           "prefill_ratio_full_over_reuse", "ttft_ratio_full_over_reuse", "escalation_rate"]
 
 
 def _cell(value) -> str:
@@ -240,7 +228,10 @@ def write_report(summary: dict, rows: list[Row], meta: dict, out_dir: Path, tag:
     stem = f"{dt.date.today().isoformat()}-{meta['device']}-{tag}"
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     targets = {g[: -len(" overall")]: target_gaps(s) for g, s in summary.items() if g.endswith(" overall")}
-    json_path.write_text(json.dumps({"meta": meta, "summary": summary, "targets": targets,
+    floors = [r.floor_identical for r in rows if r.floor_identical is not None]
+    floors = sum(floors) / len(floors) if floors else None
+    sweep = guard_sweep([dataclasses.asdict(r) for r in rows], floors)
+    json_path.write_text(json.dumps({"meta": meta, "summary": summary, "targets": targets, "guard_sweep": sweep,
                                      "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
     lines = [f"# Fidelity ({meta['set']} set, {meta['split']} split): {meta['policy']} vs full re-prefill "
              f"({meta['model']}, {meta['device']})", "",
@@ -253,6 +244,13 @@ def write_report(summary: dict, rows: list[Row], meta: dict, out_dir: Path, tag:
     for policy, t in targets.items():
         lines.append(f"| {policy} | {_cell(t['identical_minus_floor'])} | {_cell(t['agreement_minus_0.99'])} | "
                      f"{t['accuracy_within_0.01']} |")
+    for arm, found in sweep.items():
+        lines += ["", f"Guard replayed over this run ({arm} margins, the exact arm for escalated questions, "
+                  f"n={found['n']}; chosen = the smallest threshold reaching the floor: {found['chosen']}):", "",
+                  "| threshold | escalation rate | identical | agreement | prefill ratio full/guarded |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {x['threshold']:g} | {x['escalation_rate']:.3f} | {x['identical_answers']:.3f} | "
+                  f"{x['answer_agreement']:.3f} | {x['prefill_ratio_full_over_guarded']:.2f} |" for x in found["sweep"]]
     lines += ["", "identical_answers: greedy output ids equal; answer_agreement: normalised extracted answers equal; "
               "numeric_floor: fp32 vs bf16 full prefill on the same prompts (identical output ids); first_token_kl: "
               "KL(full || reuse) over the full arm's top-20 first tokens + the rest (a lower bound); "
@@ -261,25 +259,26 @@ def write_report(summary: dict, rows: list[Row], meta: dict, out_dir: Path, tag:
     return json_path, md_path
 
 
-def run(url: str, dataset: str, n: int, seed: int, split: str, policies: list[BlendPolicy], max_new_tokens: int,
+def run(url: str, dataset: str, n: int, seed: int, split: str, arms: list[str], max_new_tokens: int,
         out: Path, floor: bool, command: str, tag_suffix: str = "") -> tuple[Path, Path, dict]:
     """One fidelity run: every policy against the same full prefills (and the floor on the same prompts)."""
     t0 = time.monotonic()
     client = ChunkClient(url)
     items = load_items(dataset, n, seed, split)
-    rows = evaluate(client, items, f"fidelity-{dataset}-{split}-{seed}", max_new_tokens, policies,
+    arms = [parse_arm(a, url) for a in arms]
+    rows = evaluate(client, items, f"fidelity-{dataset}-{split}-{seed}", max_new_tokens, arms,
                     model_layers(client))
     if floor:
         from benchmarks import numeric_floor
 
         add_floor(rows, numeric_floor.replay_fp32(client, items, max_new_tokens, out))
     summary = summarize(rows)
-    meta = {"set": dataset, "split": split, "n": n, "policy": ", ".join(policy_label(p) for p in policies),
+    meta = {"set": dataset, "split": split, "n": n, "policy": ", ".join(a.label for a in arms),
             "model": "SmolLM2-135M-Instruct (bf16)", "device": device_name(),
             "date": dt.datetime.now().isoformat(timespec="seconds"), "seconds": time.monotonic() - t0,
             "max_new_tokens": max_new_tokens, "seed": seed, "numeric_floor": floor, "command": command}
-    tag = "-".join(re.sub(r"[^a-z0-9.]", "", policy_label(p)) for p in policies)
-    tag = tag if len(tag) <= 70 else f"{len(policies)}policies"
+    tag = "-".join(re.sub(r"[^a-z0-9.]", "", a.label) for a in arms)
+    tag = tag if len(tag) <= 70 else f"{len(arms)}policies"
     set_tag = "" if dataset == "twohop" and split == "test" else f"{dataset}-" + ("" if split == "test" else "calib-")
     json_path, md_path = write_report(summary, rows, meta, out, f"fidelity-{set_tag}{tag}{tag_suffix}")
     return json_path, md_path, summary
@@ -298,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--policies", nargs="+", default=["none"],
-                        help="blend policies to compare (each against the same full prefill): none, all, sink:K, "
-                             "tail:K, edges:K, hkvd:R[@L], sink+hkvd:K:R[@L], edges+hkvd:K:R[@L]")
+                        help="arms to compare (each against the same full prefill): blend policies (none, all, "
+                             "sink:K, tail:K, edges:K, hkvd:R[@L], ... -- the registry's), exact, and "
+                             "guarded:M[/POLICY] (the fidelity guard at margin M)")
     parser.add_argument("--floor", action="store_true",
                         help="also replay the full prefills on an fp32 server (the numeric floor, same prompts)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -311,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         server = start_bench_server(args.out)
         args.url = server.url
     try:
-        policies = [parse_policy(p) for p in args.policies]
-        json_path, md_path, _ = run(args.url, args.dataset, n, args.seed, args.split, policies, max_new_tokens,
+        for arm in args.policies:  # spelling errors before a server's time is spent
+            parse_arm(arm, "http://127.0.0.1:0")
+        json_path, md_path, _ = run(args.url, args.dataset, n, args.seed, args.split, args.policies, max_new_tokens,
                                     args.out, args.floor, command, "-quick" if args.quick else "")
         print(md_path.read_text())
         print(f"wrote {json_path} and {md_path}")

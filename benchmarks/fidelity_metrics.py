@@ -99,6 +99,8 @@ def summarize_rows(group: list[dict]) -> dict:
         / max(sum(r["reuse_ttft_s"] or 0 for r in group), 1e-9),
         "numeric_floor": sum(floor) / len(floor) if floor else None,
         "numeric_floor_answer_agreement": sum(floor_agree) / len(floor_agree) if floor_agree else None,
+        "escalation_rate": _mean(float(r["escalated"]) for r in group if r.get("escalated") is not None),
+        "first_token_margin": _mean(r.get("reuse_margin") for r in group),
     }
 
 

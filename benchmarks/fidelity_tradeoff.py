@@ -21,7 +21,8 @@ from pathlib import Path
 from benchmarks import numeric_floor
 from benchmarks.fidelity import device_name
 
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def points(results: Path) -> list[dict]:
@@ -45,6 +46,19 @@ def points(results: Path) -> list[dict]:
                         "first_token": row["first_token_agreement"], "recompute": row["recomputed_fraction"],
                         "run": path.name})
     return out
+
+
+def default_label(config: Path = ROOT / "configs" / "default.yaml") -> str:
+    """The served default's arm label in the harness's spelling: ``exact``, ``guarded:M`` or the
+    ``fast`` blend policy (configs/default.yaml, the README's serve command)."""
+    from amem_sgl.config import load_config_file
+
+    blend = load_config_file(config).amem.blend
+    if blend.fidelity == "exact":
+        return "exact"
+    if blend.fidelity == "guarded":
+        return f"guarded:{blend.guard_margin:g}"
+    return blend.to_policy().label
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         for p in group:
             ax.annotate(p["policy"], (p["recompute"] * 100, p["identical"]), fontsize=7,
                         xytext=(4, 2), textcoords="offset points")
+    default = default_label()
+    marked = [p for p in pts if p["policy"] == default]
+    if marked:
+        ax.scatter([p["recompute"] * 100 for p in marked], [p["identical"] for p in marked], s=160, marker="*",
+                   facecolors="none", edgecolors="black", label=f"the default ({default})", zorder=3)
     for dataset, bar in bars.items():
         if bar is not None:
             ax.axhline(bar, ls="--", color=colours.get(dataset, "grey"),
@@ -82,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
            ylabel="answers identical to a full re-prefill", ylim=(0, 1.05), xlim=(0, 130))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("blend policies: recompute vs fidelity", fontsize=10)
+    ax.set_title("blend policies, guard and exact: compute vs fidelity", fontsize=10)
     fig.tight_layout()
     stem = out / f"{dt.date.today().isoformat()}-{device_name()}-fidelity-tradeoff"
     out.mkdir(parents=True, exist_ok=True)
@@ -91,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["# Blend policies: recompute vs fidelity", "", "Command: `python -m benchmarks.fidelity_tradeoff`", "",
              f"![trade-off]({stem.with_suffix('.png').name})", "",
              "Numeric floor: " + ", ".join(f"{d} set {b}" for d, b in bars.items()), "",
+             f"The default (configs/default.yaml): {default}", "",
              "| policy | set | questions | identical answers | first token | recompute | run |",
              "|---|---|---|---|---|---|---|"]
     for p in sorted(pts, key=lambda p: (p["set"], p["recompute"], p["policy"])):

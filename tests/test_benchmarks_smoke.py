@@ -15,13 +15,27 @@ from benchmarks.kernels import bench_rope_rerotate
 def test_fidelity_quick_run_writes_a_valid_report_and_plot(amem_server, tmp_path):
     from benchmarks import fidelity_tradeoff
 
-    argv = ["--url", amem_server.url, "--quick", "--out", str(tmp_path), "--policies", "none", "all"]
+    argv = ["--url", amem_server.url, "--quick", "--out", str(tmp_path), "--policies", "none", "all", "exact",
+            "guarded:1", "guarded:0/none"]
     assert fidelity.main(argv) == 0
-    (report,) = tmp_path.glob("*fidelity-main-none-all-quick.json")
+    (report,) = tmp_path.glob("*fidelity-main-none-all-exact-guarded1-guarded0none-quick.json")
     data = json.loads(report.read_text())
     assert data["meta"]["set"] == "main" and data["meta"]["split"] == "test"
     none, everything = data["summary"]["none overall"], data["summary"]["all overall"]
-    assert none["n"] == everything["n"] == 3 and len(data["rows"]) == 6
+    assert none["n"] == everything["n"] == 3 and len(data["rows"]) == 15
+    # exact splices nothing: it prefills every prompt token, as the full arm does.
+    assert all(r["reuse_computed_tokens"] == r["full_computed_tokens"] for r in data["rows"] if r["policy"] == "exact")
+    # The guard at margin 1 escalates every question (no margin reaches 1 with two candidates), at 0 none.
+    by_arm = {a: [r for r in data["rows"] if r["policy"] == a] for a in ("guarded:1", "guarded:0/none")}
+    assert [r["escalated"] for r in by_arm["guarded:1"]] == [True] * 3
+    # ... and an escalated question, like every exact one, answers as the isolated full prefill does.
+    assert all(r["identical"] for r in data["rows"] if r["policy"] in ("exact", "guarded:1")), data["rows"]
+    assert [r["escalated"] for r in by_arm["guarded:0/none"]] == [False] * 3
+    assert all(0.0 <= r["reuse_margin"] <= 1.0 for rows in by_arm.values() for r in rows)
+    # The guard replayed over the blend arms' margins: every threshold, escalations growing with it.
+    assert set(data["guard_sweep"]) == {"none", "all"}
+    rates = [x["escalation_rate"] for x in data["guard_sweep"]["none"]["sweep"]]
+    assert rates == sorted(rates) and len(rates) == 21
     assert {"none band=short", "none band=medium", "none band=long"} <= set(data["summary"])
     for key in ("identical_answers", "answer_agreement", "reuse_accuracy", "full_accuracy", "accuracy_delta",
                 "first_token_kl", "recomputed_fraction", "prefill_ratio_full_over_reuse", "ttft_ratio_full_over_reuse"):
@@ -31,7 +45,7 @@ def test_fidelity_quick_run_writes_a_valid_report_and_plot(amem_server, tmp_path
     assert all(isinstance(r["first_token_kl"], float) and r["first_token_kl"] >= 0 for r in data["rows"])
     # Pure reuse computes fewer prompt tokens than the isolated full prefill on every question.
     assert all(r["reuse_computed_tokens"] < r["full_computed_tokens"] for r in data["rows"] if r["policy"] == "none")
-    assert set(data["targets"]) == {"none", "all"}
+    assert set(data["targets"]) == {"none", "all", "exact", "guarded:1", "guarded:0/none"}
     assert (tmp_path / report.name.replace(".json", ".md")).read_text().startswith("# Fidelity (main set")
     # The trade-off plot draws the run.
     assert fidelity_tradeoff.main(["--results", str(tmp_path)]) == 0
@@ -114,5 +128,5 @@ def test_fidelity_tradeoff_plots_every_policy_of_the_committed_runs(tmp_path):
     assert png.stat().st_size > 10_000
     expected = {group[: -len("overall")].strip() for path in runs[:2]
                 for group in json.loads(path.read_text())["summary"] if group.endswith("overall")}
-    listed = {line.split("|")[1].strip() for line in md.read_text().splitlines()[8:]}
+    listed = {line.split("|")[1].strip() for line in md.read_text().splitlines() if line.startswith("| ")}
     assert expected and expected <= listed, (expected, listed)

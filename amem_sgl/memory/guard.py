@@ -32,6 +32,7 @@ class GuardDecision:
     margin: float | None  # p1 - p2 of the probe's first token (None: the probe gave no answer)
     probe_s: float
     reason: str
+    meta: dict | None = dataclasses.field(default=None, repr=False, compare=False)  # the probe's meta_info
 
     def report(self) -> dict:
         return {"escalated": self.escalated, "margin": None if self.margin is None else round(self.margin, 4),
@@ -64,26 +65,30 @@ class FidelityGuard:
         self.probes = 0
         self.escalations = 0
 
-    def check(self, input_ids: list[int], kv_hints: dict, margin: float | None = None) -> GuardDecision:
+    def check(self, input_ids: list[int], kv_hints: dict, margin: float | None = None, *,
+              extra: dict | None = None) -> GuardDecision:
         """One probe (blocking: call it off the event loop); ``margin`` overrides the threshold for
-        this turn. A probe that fails escalates: the exact turn is always a full prefill's answer,
-        the blended one only a likely one."""
+        this turn; ``extra`` adds /generate fields (the fidelity harness's cache salt). A probe that
+        fails escalates: the exact turn is always a full prefill's answer, the blended one only a
+        likely one."""
         threshold = self.margin if margin is None else margin
         t0 = time.perf_counter()
         body = {"input_ids": list(input_ids), "kv_hints": kv_hints, "return_logprob": True,
                 "top_logprobs_num": 2, "logprob_start_len": max(len(input_ids) - 1, 0),
-                "sampling_params": {"max_new_tokens": 1, "temperature": 0}}
+                "sampling_params": {"max_new_tokens": 1, "temperature": 0}, **(extra or {})}
         self.probes += 1
+        meta = None
         try:
             reply = requests.post(f"{self.base_url}/generate", json=body, headers=self.headers,
                                   timeout=self.timeout_s)
-            found = first_token_margin(reply.json().get("meta_info", {})) if reply.status_code == 200 else None
+            meta = reply.json().get("meta_info", {}) if reply.status_code == 200 else None
+            found = first_token_margin(meta) if meta is not None else None
             reason = "probe answered" if reply.status_code == 200 else f"probe HTTP {reply.status_code}"
         except (requests.RequestException, ValueError) as err:
             found, reason = None, f"probe failed: {type(err).__name__}"
-        escalated = found is None or found < threshold
+        escalated = found is None or found < threshold or threshold >= 1.0  # 1.0: always (a margin can round to 1)
         if escalated:
             self.escalations += 1
             if found is not None:
                 reason = f"first-token margin {found:.3f} < {threshold:g}"
-        return GuardDecision(escalated, found, time.perf_counter() - t0, reason)
+        return GuardDecision(escalated, found, time.perf_counter() - t0, reason, meta)
