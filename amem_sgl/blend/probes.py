@@ -64,7 +64,8 @@ def _value_staged(blender, runner, batch, staged) -> dict[int, BlendPlan]:
 def _query(blender, runner, batch, group, layer: int) -> dict[int, BlendPlan]:
     ctx = blender._context(runner)
     ctx.query_layers, ctx.score_from = layer + 1, [plan.end for _, plan in group]
-    ends = [int(batch.seq_lens_cpu[i]) for i, _ in group]  # the question's tokens this batch extends
+    # the question's tokens this batch extends (a chunked prefill extends only part of the tail)
+    ends = [min(int(batch.seq_lens_cpu[i]), len(batch.reqs[i].origin_input_ids)) for i, _ in group]
     rows = [(i, end, tuple(sorted(set(plan.gaps) | set(range(plan.end, end)))))
             for (i, plan), end in zip(group, ends)]
     _run(blender, runner, batch, rows, ctx, [len(plan.gaps) for _, plan in group])
