@@ -70,6 +70,7 @@ class ChunkRadixCache(RadixCache):
         self._to_capture: dict[str, list[ChunkSpan]] = {}  # capture requests: the spans they compute
         self._handed: set[str] = set()  # splice requests past their handover
         self._match_s: dict[str, float] = {}  # chunk requests: seconds in match_prefix until admission
+        self._parsed: dict[str, tuple] = {}  # rid -> (its kv_hints envelope, the parsed ChunkRequest)
         self.metrics = None  # amem_sgl.metrics.AmemMetrics when the server runs with --enable-metrics
         super().__init__(params)
 
@@ -265,6 +266,7 @@ class ChunkRadixCache(RadixCache):
         self._to_capture.pop(rid, None)
         self._handed.discard(rid)
         self._match_s.pop(rid, None)
+        self._parsed.pop(rid, None)
 
     def _drop_admitted(self, rid: str) -> None:
         splice = self._admitted.pop(rid, None)
@@ -328,17 +330,23 @@ class ChunkRadixCache(RadixCache):
                                       canonical_start)
 
     def _chunk_request(self, req) -> ChunkRequest | None:
+        """The request's parsed, validated chunk action; parsed once per request (the scheduler asks
+        at every match of a waiting request, at admission, handover and each checkpoint)."""
         envelope = getattr(req, "kv_hints", None)
         if envelope is None:
             return None
+        known = self._parsed.get(req.rid)
+        if known is not None and known[0] is envelope:
+            return known[1]
         try:
             request = parse_kv_hints(envelope)
             if request is not None:
                 request.validate(len(req.origin_input_ids), self.chunks.max_chunk_tokens)
-            return request
         except ValueError as err:
             logger.warning("amem: ignoring chunk spans of request %s: %s", req.rid, err)
-            return None
+            request = None
+        self._parsed[req.rid] = (envelope, request)
+        return request
 
     # ------------------------------------------------------------------ reporting
 

@@ -25,9 +25,8 @@ from typing import Sequence
 import requests
 
 from amem_sgl.blend.policy import BlendPolicy
+from amem_sgl.chunks.compose import ComposedPrompt, Composer, place  # noqa: F401 -- ComposedPrompt re-exported
 from amem_sgl.chunks.hints import build_kv_hints
-
-_SPLIT = "AMEMSPLITMARKER"
 
 
 class AmemRequestError(RuntimeError):
@@ -40,16 +39,6 @@ class AmemRequestError(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
-class ComposedPrompt:
-    input_ids: list[int]
-    spans: list[tuple[int, int]]  # where each chunk sits in input_ids
-
-    @property
-    def chunk_tokens(self) -> int:
-        return sum(end - start for start, end in self.spans)
-
-
-@dataclasses.dataclass(frozen=True)
 class ChatLayout:
     """Token ids the chat template puts before and after the user's content."""
 
@@ -59,27 +48,18 @@ class ChatLayout:
 
     @classmethod
     def from_tokenizer(cls, tokenizer, system: str | None = None) -> "ChatLayout":
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": _SPLIT}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        before, after = text.split(_SPLIT)
-        encode = lambda s: tuple(tokenizer(s, add_special_tokens=False).input_ids)  # noqa: E731
-        return cls(encode(before), encode(after), tokenizer)
+        preamble, suffix = Composer(tokenizer).user_layout(system)  # amem_sgl.chunks.compose
+        return cls(preamble, suffix, tokenizer)
 
     def tokens(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return Composer(self.tokenizer).encode(text)
 
     def registration(self, chunk_ids: Sequence[int]) -> ComposedPrompt:
         """The prompt that computes a chunk's KV in its canonical context (the preamble)."""
-        return ComposedPrompt(list(self.preamble) + list(chunk_ids),
-                              [(len(self.preamble), len(self.preamble) + len(chunk_ids))])
+        return place(self.preamble, [chunk_ids], ())
 
     def compose(self, chunks: Sequence[Sequence[int]], question: str) -> ComposedPrompt:
-        ids, spans = list(self.preamble), []
-        for chunk in chunks:
-            spans.append((len(ids), len(ids) + len(chunk)))
-            ids.extend(chunk)
-        return ComposedPrompt(ids + self.tokens(question) + list(self.suffix), spans)
+        return place(self.preamble, chunks, self.tokens(question) + list(self.suffix))
 
 
 @dataclasses.dataclass(frozen=True)

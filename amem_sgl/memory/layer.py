@@ -24,11 +24,10 @@ One instance per server process: :data:`ACTIVE` (the OpenAI hooks read it).
 from __future__ import annotations
 
 import asyncio
-import os
 import collections
+import os
 import dataclasses
 import logging
-import re
 import threading
 import time
 import uuid
@@ -37,17 +36,17 @@ from typing import Sequence
 import httpx
 
 from amem_sgl.chunks.client import amem_usage
+from amem_sgl.chunks.compose import Composer
 from amem_sgl.chunks.hints import build_kv_hints
 from amem_sgl.chunks.identity import chunk_id, validate_namespace
 from amem_sgl.config import AmemConfig
 from amem_sgl.memory.exact import DEFAULT_MAX_TOKENS, exact_turn, validate_fidelity
 from amem_sgl.memory.store import Embedder, MemoryChunk, MemoryStore, UnknownNamespace
+from amem_sgl.memory.turns import Plan, embedding_threads, message_dicts, phases  # noqa: F401 -- re-exported
 
 logger = logging.getLogger(__name__)
 
 ACTIVE: "MemoryLayer | None" = None
-_MARK = "\u2063AMEM_CHUNKS\u2063"
-_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
 class MemoryError_(ValueError):
@@ -80,30 +79,6 @@ class Session:
                 "fidelity": self.fidelity, "rebases": self.rebases}
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """A composed memory turn: what goes to the scheduler and what the response reports."""
-
-    input_ids: list[int]
-    kv_hints: dict
-    namespace: str
-    chunk_ids: list[str]
-    scores: list[float]
-    session_id: str | None
-    fidelity: str | None = None
-    new_chunk_ids: tuple[str, ...] = ()  # exact mode: chunks this turn appended to the working set
-    # Where the turn's time went (amem_sgl.memory.timings): recall_s, compose_s, then the OpenAI
-    # hooks' phases and stamps.
-    timings: dict = dataclasses.field(default_factory=dict, compare=False)
-
-    def report(self) -> dict:
-        out = {"namespace": self.namespace, "chunks": self.chunk_ids,
-               "scores": [round(s, 4) for s in self.scores], "session_id": self.session_id}
-        if self.fidelity is not None:
-            out.update(fidelity=self.fidelity, new_chunks=list(self.new_chunk_ids))
-        return out
-
-
 class MemoryLayer:
     def __init__(self, config: AmemConfig, *, base_url: str, model_id: str, tokenizer_path: str,
                  residency=None) -> None:
@@ -119,58 +94,34 @@ class MemoryLayer:
         self.sessions: dict[str, Session] = {}
         self.plans: collections.OrderedDict[str, Plan] = collections.OrderedDict()  # by request id
         self._lock = threading.Lock()
-        self._tokenizer = None
-        self._preamble: list[int] | None = None
+        self._composer: Composer | None = None
 
     # ------------------------------------------------------------------ tokens
 
     @property
-    def tokenizer(self):
-        if self._tokenizer is None:
+    def composer(self) -> Composer:
+        """Prompt composition over this server's tokenizer (amem_sgl.chunks.compose): loaded once."""
+        if self._composer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
-        return self._tokenizer
+            self._composer = Composer(AutoTokenizer.from_pretrained(self.tokenizer_path))
+        return self._composer
+
+    @property
+    def tokenizer(self):
+        return self.composer.tokenizer
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
-
-    def _split_template(self, system: str, rest: Sequence[dict]) -> tuple[str, str]:
-        messages = [{"role": "system", "content": f"{system}\n{_MARK}"}, *rest]
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        before, after = text.split(_MARK, 1)
-        return before, after
+        return self.composer.encode(text)
 
     @property
     def preamble(self) -> list[int]:
         """Tokens before the chunks with the memory system prompt: where chunk KV is computed."""
-        if self._preamble is None:
-            self._preamble = self.encode(self._split_template(self.config.system_prompt, [])[0])
-        return self._preamble
+        return self.composer.preamble(self.config.system_prompt)
 
     def split(self, text: str) -> list[str]:
         """Sentence-boundary chunks of at most ``chunk_tokens`` tokens (a longer sentence is cut)."""
-        limit = self.config.chunk_tokens
-        sentences = [s.strip() for s in _SENTENCE.split(text) if s and s.strip()]
-        chunks, current, size = [], [], 0
-        for sentence in sentences:
-            n = len(self.encode(sentence + " "))
-            while n > limit:  # one sentence longer than a chunk: cut it by tokens
-                ids = self.encode(sentence)
-                head, sentence = self.tokenizer.decode(ids[:limit]), self.tokenizer.decode(ids[limit:])
-                if current:
-                    chunks.append(" ".join(current))
-                    current, size = [], 0
-                chunks.append(head.strip())
-                n = len(self.encode(sentence + " "))
-            if size + n > limit and current:
-                chunks.append(" ".join(current))
-                current, size = [], 0
-            current.append(sentence)
-            size += n
-        if current:
-            chunks.append(" ".join(current))
-        return [c for c in chunks if c]
+        return self.composer.split_text(text, self.config.chunk_tokens)
 
     # ------------------------------------------------------------------ remember / forget
 
@@ -269,7 +220,9 @@ class MemoryLayer:
     def recall(self, namespace: str, query: str, k: int | None = None) -> list[tuple[MemoryChunk, float]]:
         k = k or self.config.top_k
         query.encode("utf-8")  # a lone surrogate: UnicodeEncodeError (a ValueError, 400), not a 500 in the embedder
-        hits = [(c, s) for c, s in self.store.search(namespace, query, k) if s >= self.config.min_score]
+        with embedding_threads():
+            found = self.store.search(namespace, query, k)
+        hits = [(c, s) for c, s in found if s >= self.config.min_score]
         if self.residency is not None and hits:
             # The value policy's relevance term: a chunk recalled with a high score is kept in the
             # CPU tier over a more recent irrelevant one (fire and forget, off the request path).
@@ -277,18 +230,9 @@ class MemoryLayer:
         return hits
 
     def compose(self, namespace: str, messages: Sequence[dict], chunks: Sequence[MemoryChunk]) -> tuple[list[int], list]:
-        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
-        if msgs and msgs[0]["role"] == "system":
-            system, rest = msgs[0]["content"], msgs[1:]
-        else:
-            system, rest = self.config.system_prompt, msgs
-        before, after = self._split_template(system, rest)
-        ids = self.encode(before)
-        spans = []
-        for chunk in chunks:
-            spans.append((len(ids), len(ids) + len(chunk.token_ids)))
-            ids.extend(chunk.token_ids)
-        return ids + self.encode(after), spans
+        """A chat turn's token ids and chunk spans (amem_sgl.chunks.compose.Composer.chat)."""
+        prompt = self.composer.chat(messages, [c.token_ids for c in chunks], self.config.system_prompt)
+        return prompt.input_ids, prompt.spans
 
     @staticmethod
     def hints(namespace: str, spans, exact: bool = False) -> dict:
@@ -329,7 +273,7 @@ class MemoryLayer:
         ids, spans = self.compose(namespace, messages, chunks)
         return Plan(ids, self.hints(namespace, spans), namespace, [c.chunk_id for c in chunks], scores,
                     session.session_id if session else None,
-                    timings=_phases(started, recalled, time.perf_counter()))
+                    timings=phases(started, recalled, time.perf_counter()))
 
     def _plan_exact(self, namespace: str, messages: Sequence[dict], session: Session | None) -> Plan | None:
         """An exact-mode turn (amem_sgl.memory.exact): its spans sent ``exact`` (nothing spliced or
@@ -349,7 +293,7 @@ class MemoryLayer:
         ids, spans = self.compose(namespace, messages, chunks)
         return Plan(ids, self.hints(namespace, spans, exact=True), namespace, [c.chunk_id for c in chunks],
                     [scores.get(c.chunk_id, 1.0) for c in chunks], session.session_id if session else None,
-                    "exact", tuple(new), timings=_phases(started, recalled, time.perf_counter()))
+                    "exact", tuple(new), timings=phases(started, recalled, time.perf_counter()))
 
     def plan_completion(self, namespace: str, prompt: str) -> Plan | None:
         if not self.store.has_namespace(validate_namespace(namespace)):
@@ -359,14 +303,10 @@ class MemoryLayer:
         if not hits:
             return None
         recalled = time.perf_counter()
-        ids, spans = list(self.preamble), []
-        for chunk, _ in hits:
-            spans.append((len(ids), len(ids) + len(chunk.token_ids)))
-            ids.extend(chunk.token_ids)
-        ids += self.encode(prompt)
-        return Plan(ids, self.hints(namespace, spans), namespace,
+        composed = self.composer.completion(self.config.system_prompt, [c.token_ids for c, _ in hits], prompt)
+        return Plan(composed.input_ids, self.hints(namespace, composed.spans), namespace,
                     [c.chunk_id for c, _ in hits], [s for _, s in hits], None,
-                    timings=_phases(started, recalled, time.perf_counter()))
+                    timings=phases(started, recalled, time.perf_counter()))
 
     def remember_plan(self, rid: str, plan: Plan) -> None:
         with self._lock:
@@ -443,10 +383,6 @@ class MemoryLayer:
             return self.sessions.pop(session_id, None) is not None
 
 
-def _phases(started: float, recalled: float, composed: float) -> dict:
-    return {"recall_s": recalled - started, "compose_s": composed - recalled}
-
-
 def _fidelity(value: str | None) -> str | None:
     try:
         return validate_fidelity(value)
@@ -457,15 +393,3 @@ def _fidelity(value: str | None) -> str | None:
 def install(layer: MemoryLayer) -> None:
     global ACTIVE
     ACTIVE = layer
-
-
-def message_dicts(messages) -> list[dict]:
-    """OpenAI chat messages (pydantic objects or dicts) as {role, content} with text content."""
-    out = []
-    for m in messages:
-        m = m if isinstance(m, dict) else m.model_dump()
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        out.append({"role": m.get("role"), "content": content or ""})
-    return out

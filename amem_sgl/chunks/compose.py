@@ -1,0 +1,123 @@
+"""Prompt composition, in one place: token ids and chunk spans for every layout amem sends.
+
+A chunk is tokenized **alone** and placed in a prompt as those ids (never re-tokenized inside it,
+where separators would merge), so its KV -- computed once behind a preamble -- can be spliced; the
+text around the chunks comes from the model's own chat template, split at :data:`MARK`:
+
+* :meth:`Composer.chat` -- a memory turn of the OpenAI routes and sessions:
+  ``[template up to the system prompt][chunks][rest of the system message, history, turn]``;
+* :meth:`Composer.completion` -- a memory turn of ``/v1/completions``: the preamble, the chunks,
+  then the client's prompt as it is;
+* :meth:`Composer.user_layout` -- the template's ids before and after the user's content (the
+  native-API client, amem_sgl.chunks.client.ChatLayout, puts chunks there).
+
+:meth:`Composer.split_text` cuts a remembered text into chunks on sentence boundaries, counted in
+the same tokenizer's ids.
+
+One :class:`Composer` holds one tokenizer; the memory layer and the chunk client each use one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Sequence
+
+MARK = "\u2063AMEM_CHUNKS\u2063"  # where the chunks go in a templated text (U+2063: never trimmed)
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+@dataclasses.dataclass(frozen=True)
+class ComposedPrompt:
+    input_ids: list[int]
+    spans: list[tuple[int, int]]  # where each chunk sits in input_ids
+
+    @property
+    def chunk_tokens(self) -> int:
+        return sum(end - start for start, end in self.spans)
+
+
+def place(head: Sequence[int], chunks: Sequence[Sequence[int]], tail: Sequence[int]) -> ComposedPrompt:
+    """``head``, each chunk's ids (its span recorded), then ``tail``."""
+    ids, spans = list(head), []
+    for chunk in chunks:
+        spans.append((len(ids), len(ids) + len(chunk)))
+        ids.extend(chunk)
+    ids.extend(tail)
+    return ComposedPrompt(ids, spans)
+
+
+class Composer:
+    """The layouts over one tokenizer (a Hugging Face tokenizer with a chat template)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._preambles: dict[str, list[int]] = {}
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def around(self, messages: Sequence[dict]) -> tuple[str, str]:
+        """The templated text of ``messages`` (one of them holds :data:`MARK`), with the generation
+        prompt, split at the mark."""
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        before, after = text.split(MARK, 1)
+        return before, after
+
+    @staticmethod
+    def system_with_chunks(system: str) -> dict:
+        """The system message whose content ends where the chunks go."""
+        return {"role": "system", "content": f"{system}\n{MARK}"}
+
+    def preamble(self, system: str) -> list[int]:
+        """Ids before the chunks behind ``system`` (where chunk KV is computed); cached per prompt."""
+        if system not in self._preambles:
+            self._preambles[system] = self.encode(self.around([self.system_with_chunks(system)])[0])
+        return list(self._preambles[system])
+
+    def chat(self, messages: Sequence[dict], chunks: Sequence[Sequence[int]], default_system: str) -> ComposedPrompt:
+        """A chat turn: the chunks after its system prompt (the first message's, if it is a system
+        message, else ``default_system``), then the rest of the conversation."""
+        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if msgs and msgs[0]["role"] == "system":
+            system, rest = msgs[0]["content"], msgs[1:]
+        else:
+            system, rest = default_system, msgs
+        before, after = self.around([self.system_with_chunks(system), *rest])
+        return place(self.encode(before), chunks, self.encode(after))
+
+    def completion(self, system: str, chunks: Sequence[Sequence[int]], prompt: str) -> ComposedPrompt:
+        """A text completion: the preamble of ``system``, the chunks, the prompt's own ids."""
+        return place(self.preamble(system), chunks, self.encode(prompt))
+
+    def user_layout(self, system: str | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Ids the template puts before and after the user's content (with ``system`` first)."""
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": MARK}]
+        before, after = self.around(messages)
+        return tuple(self.encode(before)), tuple(self.encode(after))
+
+    def split_text(self, text: str, limit: int) -> list[str]:
+        """Sentence-boundary chunks of at most ``limit`` tokens (a longer sentence is cut by tokens)."""
+        sentences = [s.strip() for s in _SENTENCE.split(text) if s and s.strip()]
+        chunks, current, size = [], [], 0
+        for sentence in sentences:
+            n = len(self.encode(sentence + " "))
+            while n > limit:  # one sentence longer than a chunk: cut it by tokens
+                ids = self.encode(sentence)
+                head, sentence = self.decode(ids[:limit]), self.decode(ids[limit:])
+                if current:
+                    chunks.append(" ".join(current))
+                    current, size = [], 0
+                chunks.append(head.strip())
+                n = len(self.encode(sentence + " "))
+            if size + n > limit and current:
+                chunks.append(" ".join(current))
+                current, size = [], 0
+            current.append(sentence)
+            size += n
+        if current:
+            chunks.append(" ".join(current))
+        return [c for c in chunks if c]
