@@ -1,12 +1,19 @@
-"""``amem proxy --upstream URL [--host H --port P] [--memory URL | --store DIR]`` (also
-``python -m amem_sgl.proxy``): serve the proxy with uvicorn."""
+"""``amem proxy --upstream URL [--host H --port P] [--memory URL | --store DIR] [--keys-file FILE]``
+(also ``python -m amem_sgl.proxy``): serve the proxy with uvicorn.
+
+``--keys-file`` (or ``$AMEM_PROXY_KEYS_FILE``) turns auth on: the keys file of ``amem keys add``;
+callers send their amem key in ``X-Amem-Api-Key`` (see amem_sgl.proxy.guard). Without one the proxy
+serves only on a loopback ``--host`` unless ``--allow-open``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from amem_sgl.proxy import pricing
+from amem_sgl.server.auth import is_loopback
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,9 +34,24 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ttl", choices=("5m", "1h"), default="5m", help="Anthropic cache_control TTL")
     p.add_argument("--timeout", type=float, default=600.0, help="upstream timeout, seconds")
     p.add_argument("--prices", default=None, help="a JSON price table (see amem_sgl/proxy/pricing.py)")
+    p.add_argument("--keys-file", default=os.environ.get("AMEM_PROXY_KEYS_FILE") or None,
+                   help="amem API keys (amem keys add FILE NAMESPACE...): every namespace needs a key that covers "
+                        "it, sent in X-Amem-Api-Key (default $AMEM_PROXY_KEYS_FILE; none: auth off)")
+    p.add_argument("--memory-api-key", default=os.environ.get("AMEM_API_KEY") or None,
+                   help="the amem key the proxy shows the --memory server (default $AMEM_API_KEY; none: each "
+                        "caller's own amem key is passed on)")
+    p.add_argument("--allow-open", action="store_true",
+                   help="serve on a non-loopback --host without --keys-file (anyone who reaches it reads every "
+                        "namespace)")
     args = p.parse_args(argv)
     if args.k < 1 or args.block_k < args.k or not 0 <= args.drift <= 1:
         p.error("need 1 <= -k <= --block-k and 0 <= --drift <= 1")
+    if not args.memory:
+        args.memory_api_key = None  # only a --memory server is shown a key
+    if not args.keys_file and not args.allow_open and not is_loopback(args.host):
+        p.error(f"refusing to serve on {args.host}, a non-loopback address, without API keys: anyone who can "
+                "reach it could use every namespace's memory. Create keys (amem keys add FILE NAMESPACE...) and "
+                "pass --keys-file FILE, or pass --allow-open to serve without them")
     return args
 
 
@@ -46,8 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = ProxyConfig(upstream=args.upstream, memory_url=args.memory, store_dir=args.store,
                          state_dir=args.state_dir, k=args.k, block_k=args.block_k, drift=args.drift,
-                         focus=args.focus, ttl=args.ttl, timeout_s=args.timeout, prices=prices)
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning")
+                         focus=args.focus, ttl=args.ttl, timeout_s=args.timeout, prices=prices,
+                         keys_file=args.keys_file, memory_api_key=args.memory_api_key)
+    try:
+        app = create_app(config)
+    except ValueError as err:  # the keys file cannot be read or parsed
+        print(f"amem proxy: {err}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -3,7 +3,9 @@ same embedder, hybrid recall, per-namespace hnswlib index, persisted) or a runni
 (``--memory URL``: its ``/amem/v1`` API). Memory is text here: no KV, no SGLang in this process.
 
 Both answer :meth:`recall` (the top-k chunks for a query, as dicts with id, text, tokens, created)
-and :meth:`inventory` (every chunk id of a namespace with its token count).
+and :meth:`inventory` (every chunk id of a namespace with its token count). ``headers`` carry the
+amem key the remote server is shown (amem_sgl.proxy.guard.memory_headers); the local store ignores
+them (the proxy checked the caller itself).
 """
 
 from __future__ import annotations
@@ -54,13 +56,13 @@ class LocalBackend:
         new = set(self.store.add(namespace, items))
         return [{"id": cid, "tokens": len(ids), "new": cid in new, "text": text} for cid, text, ids, _ in items]
 
-    async def recall(self, namespace: str, query: str, k: int) -> list[dict]:
+    async def recall(self, namespace: str, query: str, k: int, headers: dict | None = None) -> list[dict]:
         if not self.store.has_namespace(namespace):
             return []
         hits = await asyncio.to_thread(self.store.search, namespace, query, k)
         return [{**c.to_json(), "score": s} for c, s in hits]
 
-    async def inventory(self, namespace: str) -> dict[str, int]:
+    async def inventory(self, namespace: str, headers: dict | None = None) -> dict[str, int]:
         try:
             return {c.chunk_id: c.tokens for c in self.store.list(namespace)}
         except UnknownNamespace:
@@ -73,23 +75,37 @@ class RemoteBackend:
     def __init__(self, url: str, client: httpx.AsyncClient) -> None:
         self.url, self.client = url.rstrip("/"), client
 
-    async def _call(self, method: str, path: str, **kwargs) -> dict | None:
+    async def send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One request to the memory server, read whole; BackendError 504/502 when it cannot answer."""
         try:
-            reply = await self.client.request(method, self.url + path, **kwargs)
+            return await self.client.request(method, self.url + path, **kwargs)
         except httpx.TimeoutException as err:
             raise BackendError(504, f"memory server {self.url} timed out: {err}") from None
         except httpx.HTTPError as err:
-            raise BackendError(502, f"memory server {self.url} unreachable: {err}") from None
+            raise BackendError(502, f"memory server {self.url} unreachable: {err!r}") from None
+
+    async def _call(self, method: str, path: str, **kwargs) -> dict | None:
+        reply = await self.send(method, path, **kwargs)
         if reply.status_code == 404:
             return None  # no memory in this namespace yet
+        if reply.status_code in (401, 403):  # the memory server refused the key it was shown: said as it said
+            raise BackendError(reply.status_code, f"memory server {self.url}: {_message(reply)}")
         if reply.status_code >= 400:
             raise BackendError(502, f"memory server {self.url} answered {reply.status_code}: {reply.text[:300]}")
         return reply.json()
 
-    async def recall(self, namespace: str, query: str, k: int) -> list[dict]:
-        data = await self._call("POST", "/amem/v1/search", json={"namespace": namespace, "query": query, "k": k})
+    async def recall(self, namespace: str, query: str, k: int, headers: dict | None = None) -> list[dict]:
+        data = await self._call("POST", "/amem/v1/search", json={"namespace": namespace, "query": query, "k": k},
+                                headers=headers)
         return list((data or {}).get("results", []))
 
-    async def inventory(self, namespace: str) -> dict[str, int]:
-        data = await self._call("GET", f"/amem/v1/namespaces/{namespace}/chunks")
+    async def inventory(self, namespace: str, headers: dict | None = None) -> dict[str, int]:
+        data = await self._call("GET", f"/amem/v1/namespaces/{namespace}/chunks", headers=headers)
         return {c["id"]: int(c.get("tokens", 0)) for c in (data or {}).get("chunks", [])}
+
+
+def _message(reply: httpx.Response) -> str:
+    try:
+        return str(reply.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return reply.text[:300]

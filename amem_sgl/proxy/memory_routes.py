@@ -1,33 +1,116 @@
 """The memory API on the amem server's paths and shapes (amem_sgl.memory.api), so the SDK
 (amem_sgl.sdk.Amem) works against the proxy as against a server. With ``--store`` the proxy answers
-from its own store; with ``--memory URL`` every ``/amem/v1`` request is forwarded to that server.
-Forgetting a namespace also drops its proxy sessions (their memory blocks hold its text)."""
+from its own store; with ``--memory URL`` every ``/amem/v1`` request is forwarded to that server,
+under the key amem_sgl.proxy.guard.memory_headers picks. Forgetting a namespace also drops its proxy
+sessions (their memory blocks hold its text).
+
+With auth on (a keys file), every route checks the caller's key against the namespace it touches
+(amem_sgl.proxy.guard.authorize) before anything is read, written or forwarded; the namespace list
+holds only the namespaces the key covers. Forwarded routes whose namespace the proxy cannot tell
+(anything but the chunk, remember, search and session routes) are for admin keys only; a session is
+ended only by a key that covers the namespace it was started in through this proxy.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
+import json
+from collections import OrderedDict
 
 from fastapi import APIRouter, Request
+from fastapi.responses import Response
 
 from amem_sgl.memory.api import RememberRequest, SearchRequest, error
 from amem_sgl.memory.store import UnknownChunk, UnknownNamespace
-from amem_sgl.proxy.backend import LocalBackend
+from amem_sgl.proxy import guard
+from amem_sgl.proxy.backend import LocalBackend, RemoteBackend
 
-Forward = Callable[[Request], Awaitable]
+# Request headers not sent to the memory server: hop-by-hop, the caller's keys (replaced by
+# guard.memory_headers), and what httpx sets itself.
+_NOT_FORWARDED = {"host", "connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailer",
+                  "transfer-encoding", "upgrade", "authorization", guard.PROXY_KEY_HEADER, "content-length",
+                  "accept-encoding"}
+_NOT_RETURNED = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding"}
+_SESSIONS_KEPT = 10_000
 
 
-def memory_router(backend, sessions, forward: Forward | None) -> APIRouter:
-    router = APIRouter(prefix="/amem/v1")
-    if forward is not None:
-        @router.api_route("/{path:path}", methods=["GET", "POST", "DELETE"])
-        async def remote(request: Request):
-            if request.method == "DELETE" and request.url.path.count("/") == 4:  # /amem/v1/namespaces/{ns}
-                sessions.drop_namespace(request.path_params["path"].split("/")[-1])
-            return await forward(request)
+def memory_router(backend, sessions, memory_key: str | None = None) -> APIRouter:
+    router = APIRouter(prefix=guard.MEMORY_PREFIX)
+    if isinstance(backend, RemoteBackend):
+        _remote_routes(router, backend, sessions, memory_key)
+    else:
+        _local_routes(router, backend, sessions)
+    return router
 
-        return router
-    assert isinstance(backend, LocalBackend)
+
+def _remote_routes(router: APIRouter, backend: RemoteBackend, sessions, memory_key: str | None) -> None:
+    started: OrderedDict[str, str] = OrderedDict()  # session id -> namespace, for sessions started here
+
+    @router.api_route("/{path:path}", methods=["GET", "POST", "DELETE"])
+    async def remote(request: Request, path: str):
+        raw = await request.body()
+        scope, namespace = "open", None
+        if guard.keys_of(request) is not None:
+            body = None
+            if request.method == "POST":
+                try:
+                    body = json.loads(raw) if raw else None
+                except ValueError:
+                    raise guard.ProxyError(400, "the request body is not valid JSON") from None
+            scope, namespace = guard.remote_scope(request.method, path, body)
+            if scope == "namespace":
+                guard.authorize(request, namespace)
+                if body is not None:
+                    raw = json.dumps(body).encode()  # the memory server reads exactly what was checked
+            elif scope == "session":
+                owner = started.get(namespace)
+                if owner is None and not _admin(request):
+                    raise guard.ProxyError(404, f"unknown session {namespace!r} (not started through this proxy)")
+                if owner is not None:
+                    guard.authorize(request, owner)
+            elif scope == "list":
+                guard.principal(request)
+            elif not _admin(request):
+                raise guard.ProxyError(403, f"{request.method} {request.url.path} needs an admin amem key "
+                                            "through the proxy")
+        headers = {k: v for k, v in request.headers.items() if k not in _NOT_FORWARDED}
+        headers.update(guard.memory_headers(request, memory_key))
+        reply = await backend.send(request.method, request.url.path, params=request.url.query or None,
+                                   content=raw, headers=headers)
+        content = reply.content
+        if reply.status_code < 300:
+            content = _after(request, path, scope, content, sessions, started)
+        return Response(content, status_code=reply.status_code,
+                        headers={k: v for k, v in reply.headers.items() if k not in _NOT_RETURNED})
+
+
+def _admin(request: Request) -> bool:
+    who = guard.principal(request)
+    return who is None or who.admin
+
+
+def _after(request: Request, path: str, scope: str, content: bytes, sessions, started: OrderedDict) -> bytes:
+    """What a successful forwarded reply changes here: the namespace list filtered to the caller's key,
+    a started session's namespace noted, a forgotten namespace's proxy sessions dropped."""
+    try:
+        data = json.loads(content)
+    except ValueError:
+        return content
+    if not isinstance(data, dict):
+        return content
+    if scope == "list" and isinstance(data.get("namespaces"), list):
+        data["namespaces"] = guard.visible(request, [n for n in data["namespaces"] if isinstance(n, str)])
+        return json.dumps(data).encode()
+    if path == "sessions" and request.method == "POST" and isinstance(data.get("session_id"), str):
+        started[data["session_id"]] = str(data.get("namespace"))
+        while len(started) > _SESSIONS_KEPT:
+            started.popitem(last=False)
+    elif request.method == "DELETE" and path.startswith("namespaces/") and path.count("/") == 1:
+        sessions.drop_namespace(path.split("/", 1)[1])
+    return content
+
+
+def _local_routes(router: APIRouter, backend: LocalBackend, sessions) -> None:
     store = backend.store
 
     def guarded(fn):
@@ -43,7 +126,8 @@ def memory_router(backend, sessions, forward: Forward | None) -> APIRouter:
         return run
 
     @router.post("/remember")
-    async def remember(body: RememberRequest):
+    async def remember(body: RememberRequest, request: Request):
+        guard.authorize(request, body.namespace)
         docs = [(t, dict(body.metadata)) for t in body.texts or []]
         docs += [(d.text, {**body.metadata, **d.metadata}) for d in body.documents or []]
         if not docs:
@@ -56,34 +140,39 @@ def memory_router(backend, sessions, forward: Forward | None) -> APIRouter:
         return await guarded(run)()
 
     @router.post("/search")
-    async def search(body: SearchRequest):
+    async def search(body: SearchRequest, request: Request):
+        guard.authorize(request, body.namespace)
+
         def run():
             hits = store.search(body.namespace, body.query, body.k)
             return {"namespace": body.namespace, "results": [{**c.to_json(), "score": s} for c, s in hits]}
         return await guarded(run)()
 
     @router.get("/namespaces")
-    async def namespaces():
-        return {"namespaces": store.namespaces()}
+    async def namespaces(request: Request):
+        return {"namespaces": guard.visible(request, store.namespaces())}
 
     @router.get("/namespaces/{namespace}/chunks")
-    async def list_chunks(namespace: str):
+    async def list_chunks(namespace: str, request: Request):
+        guard.authorize(request, namespace)
         return await guarded(lambda: {"namespace": namespace, "chunks": [c.to_json() for c in store.list(namespace)]})()
 
     @router.get("/namespaces/{namespace}/chunks/{chunk_id}")
-    async def get_chunk(namespace: str, chunk_id: str):
+    async def get_chunk(namespace: str, chunk_id: str, request: Request):
+        guard.authorize(request, namespace)
         return await guarded(lambda: store.get(namespace, chunk_id).to_json())()
 
     @router.delete("/namespaces/{namespace}/chunks/{chunk_id}")
-    async def forget_chunk(namespace: str, chunk_id: str):
+    async def forget_chunk(namespace: str, chunk_id: str, request: Request):
+        guard.authorize(request, namespace)
         return await guarded(lambda: {"namespace": namespace, "forgotten": store.forget(namespace, [chunk_id])})()
 
     @router.delete("/namespaces/{namespace}")
-    async def forget_namespace(namespace: str):
+    async def forget_namespace(namespace: str, request: Request):
+        guard.authorize(request, namespace)
+
         def run():
             gone = store.forget(namespace, None)
             sessions.drop_namespace(namespace)
             return {"namespace": namespace, "forgotten": gone}
         return await guarded(run)()
-
-    return router

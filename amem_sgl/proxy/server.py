@@ -5,9 +5,10 @@ A chat request names its namespace with ``X-Amem-Namespace``, OpenAI's ``user`` 
 ``metadata.user_id``; one that names none is forwarded untouched (body bytes and headers, streamed
 back as they come). Bad input gets the API's own error shape with a 4xx; upstream errors are passed
 on as they came, an unreachable upstream is 502 and a timeout 504: the proxy never answers 500.
-:func:`authorize` is the one place a namespace is checked against the caller: with a keys file in
-``app.state.amem_keys`` (amem_sgl.server.auth.KeyStore) the caller's amem key, sent in
-``X-Amem-Api-Key`` (never forwarded), must cover the namespace; without one it is a no-op.
+:func:`authorize` (amem_sgl.proxy.guard) is the one place a namespace is checked against the caller:
+with a keys file (``ProxyConfig.keys_file``, held in ``app.state.amem_keys``) the caller's amem key,
+sent in ``X-Amem-Api-Key`` (never forwarded upstream), must cover the namespace; without one it is a
+no-op. A request that names no namespace touches no memory and needs no amem key.
 """
 
 from __future__ import annotations
@@ -23,16 +24,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from amem_sgl.chunks.identity import validate_namespace
-from amem_sgl.proxy import layout, pricing
+from amem_sgl.proxy import guard, layout, pricing
 from amem_sgl.proxy.backend import BackendError, LocalBackend, RemoteBackend
+from amem_sgl.proxy.guard import ProxyError, api_of, authorize, error_response  # noqa: F401 (re-exported)
 from amem_sgl.proxy.memory_routes import memory_router
 from amem_sgl.proxy.sessions import SessionStore, digest, session_key
 from amem_sgl.proxy.usage import Report, stream_with_usage
-from amem_sgl.server.auth import PROXY_KEY_HEADER, proxy_denial
+from amem_sgl.server.auth import PROXY_KEY_HEADER, KeyStore
 
 logger = logging.getLogger(__name__)
 HOP = {"host", "connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate",
-       "te", "trailer", "transfer-encoding", "upgrade", "x-amem-api-key"}  # the amem key stays here
+       "te", "trailer", "transfer-encoding", "upgrade", PROXY_KEY_HEADER}  # the amem key stays here
 NAMESPACE_HEADER, SESSION_HEADER = "x-amem-namespace", "x-amem-session"
 API_OF_PATH = {"/v1/chat/completions": "openai", "/v1/messages": "anthropic"}
 
@@ -50,29 +52,8 @@ class ProxyConfig:
     ttl: str = "5m"  # Anthropic cache_control TTL: 5m or 1h
     timeout_s: float = 600.0
     prices: dict = dataclasses.field(default_factory=lambda: pricing.PRICES)
-
-
-class ProxyError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.kind = status, kind
-
-
-def error_response(api: str, status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    if api == "anthropic":
-        return JSONResponse({"type": "error", "error": {"type": kind, "message": message}}, status_code=status)
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
-                        status_code=status)
-
-
-async def authorize(request: Request, namespace: str) -> None:
-    """Raise ProxyError(401/403) when the caller may not use ``namespace``. The single namespace check
-    of the proxy: namespace-scoped API keys (amem_sgl.server.auth), when ``app.state.amem_keys`` is set."""
-    denied = proxy_denial(getattr(request.app.state, "amem_keys", None), request.headers.get(PROXY_KEY_HEADER),
-                          namespace)
-    if denied is not None:
-        raise ProxyError(denied[0], denied[1], {401: "authentication_error", 403: "permission_error"}.get(
-            denied[0], "api_error"))
+    keys_file: str | None = None  # amem keys (amem keys add): auth is on when set
+    memory_api_key: str | None = None  # the key shown to the --memory server (None: the caller's own)
 
 
 def _headers_out(request: Request, drop: set[str] = frozenset()) -> list[tuple[str, str]]:
@@ -94,6 +75,8 @@ def create_app(config: ProxyConfig) -> FastAPI:
         await client.aclose()
 
     app = FastAPI(title="amem proxy", docs_url=None, redoc_url=None, lifespan=lifespan)
+    if config.keys_file:
+        app.state.amem_keys = KeyStore(config.keys_file)  # ValueError (said at start) when unreadable
     if config.memory_url:
         backend = RemoteBackend(config.memory_url, client)
     else:
@@ -124,30 +107,27 @@ def create_app(config: ProxyConfig) -> FastAPI:
     async def health():
         return {"status": "ok", "upstream": upstream, "memory": config.memory_url or "local store"}
 
-    async def to_memory_server(request: Request) -> Response:
-        return await passthrough(request, "openai", config.memory_url.rstrip("/"))
-
-    app.include_router(memory_router(backend, sessions, to_memory_server if config.memory_url else None))
+    app.include_router(memory_router(backend, sessions, config.memory_api_key))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error_response("openai", 422, f"{where}: {first.get('msg', 'invalid request')}")
+        return error_response(api_of(request.url.path), 422, f"{where}: {first.get('msg', 'invalid request')}")
 
     @app.exception_handler(ProxyError)
     async def _refused(request: Request, exc: ProxyError):
-        return error_response(API_OF_PATH.get(request.url.path, "openai"), exc.status, str(exc), exc.kind)
+        return error_response(api_of(request.url.path), exc.status, str(exc), exc.kind)
 
     @app.exception_handler(BackendError)
     async def _backend(request: Request, exc: BackendError):
-        return error_response(API_OF_PATH.get(request.url.path, "openai"), exc.status, str(exc), "api_error")
+        kind = {401: "authentication_error", 403: "permission_error"}.get(exc.status, "api_error")
+        return error_response(api_of(request.url.path), exc.status, str(exc), kind)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):  # never a 500: a proxy failure is a bad gateway
         logger.exception("proxy failure on %s", request.url.path)
-        return error_response(API_OF_PATH.get(request.url.path, "openai"), 502, f"amem proxy failed: {exc!r}",
-                              "api_error")
+        return error_response(api_of(request.url.path), 502, f"amem proxy failed: {exc!r}", "api_error")
 
     async def chat(request: Request) -> Response:
         api = API_OF_PATH[request.url.path]
@@ -169,7 +149,7 @@ def create_app(config: ProxyConfig) -> FastAPI:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise ProxyError(400, "messages: a non-empty list of message objects is required")
-        await authorize(request, namespace)
+        authorize(request, namespace)  # before any memory is read or anything is sent upstream
         forwarded, report = await _compose(api, request, body, namespace)
         headers = _headers_out(request, {"content-length", "accept-encoding", NAMESPACE_HEADER, SESSION_HEADER})
         reply = await send(api, request, upstream, json.dumps(forwarded).encode(), headers)
@@ -206,12 +186,13 @@ def create_app(config: ProxyConfig) -> FastAPI:
             raise ProxyError(400, str(err)) from None
         async with sessions.lock(key):
             session = sessions.get(key, namespace)
-            known = await backend.inventory(namespace)
+            shown = guard.memory_headers(request, config.memory_api_key) if config.memory_url else None
+            known = await backend.inventory(namespace, shown)
             recalled = []
             fresh = newest is not None and layout.turn_key(newest, messages[newest]) not in session.turns
             if fresh:
                 query = layout.text_of(messages[newest].get("content"))
-                recalled = await backend.recall(namespace, query, config.block_k) if query.strip() else []
+                recalled = await backend.recall(namespace, query, config.block_k, shown) if query.strip() else []
             turn, new_chunks = layout.plan_memory(session, recalled, known, config.k, config.drift,
                                                     config.focus)
             inject, turn.replayed = layout.injections(session, messages, newest if fresh else None, new_chunks, known)

@@ -201,24 +201,9 @@ def visible(namespaces: Iterable[str]) -> list[str]:
     return [n for n in namespaces if principal.covers(n)]
 
 
-# The proxy's callers send their amem key here: their Authorization header is the upstream provider's.
+# The proxy's callers send their amem key here: their Authorization header is the upstream provider's
+# (the proxy's check: amem_sgl.proxy.guard).
 PROXY_KEY_HEADER = "x-amem-api-key"
-
-
-def proxy_denial(keys: KeyStore | None, key: str | None, namespace: str) -> tuple[int, str] | None:
-    """(status, message) when a proxy caller with amem key ``key`` may not use ``namespace`` (None
-    when it may, or when the proxy has no keys file)."""
-    if keys is None:
-        return None
-    try:
-        principal = keys.lookup(key)
-    except AuthUnavailable:
-        return 503, "authentication is unavailable: the keys file cannot be read"
-    if principal is None:
-        return 401, f"a valid amem API key is required ({PROXY_KEY_HEADER} header)"
-    if not principal.covers(namespace):
-        return 403, f"this API key does not cover namespace {namespace!r}"
-    return None
 
 
 # ---------------------------------------------------------------- keys file writing (amem keys add)

@@ -1,0 +1,137 @@
+"""Who may use a namespace through the proxy, and which key the proxy shows its memory server.
+
+With a keys file (``--keys-file``, ``app.state.amem_keys``: the server's own
+:class:`amem_sgl.server.auth.KeyStore` format, made by ``amem keys add``) every route that touches a
+namespace checks the caller's amem key: 401 without a valid one, 403 for a namespace it does not
+cover, 503 while the keys file cannot be read. Without one, nothing is checked here (the loopback
+default; the proxy refuses a non-loopback ``--host`` unless ``--allow-open``).
+
+**Where the caller's amem key goes.** On the chat routes the client's ``Authorization`` /
+``x-api-key`` belong to the upstream provider and are forwarded to it, so the amem key travels in
+``X-Amem-Api-Key`` (never forwarded upstream). On the memory routes (``/amem/v1/...``, the amem
+server's own API) ``Authorization: Bearer <key>`` is accepted too, so the SDK and CLI work against
+the proxy as against a server; ``X-Amem-Api-Key`` wins when both are sent.
+
+**The key the proxy sends its memory server** (``--memory URL``): ``--memory-api-key`` /
+``$AMEM_API_KEY`` when set (a key of the proxy's own, covering the namespaces it serves), else the
+caller's amem key, passed on, so a memory server with auth on checks every caller itself.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from amem_sgl.chunks.identity import validate_namespace
+from amem_sgl.memory.api import error as memory_error
+from amem_sgl.server.auth import PROXY_KEY_HEADER, AuthUnavailable, KeyStore, Principal
+
+MEMORY_PREFIX = "/amem/v1"
+_KINDS = {401: "authentication_error", 403: "permission_error"}
+# The memory server's routes a scoped (non-admin) key may use through a remote-memory proxy; their
+# namespace comes from the path or the JSON body. Segments are plain names: no dot segments.
+_SEGMENT = r"[A-Za-z0-9_:@-][A-Za-z0-9_.:@-]*"
+_NS_PATH = re.compile(rf"namespaces/(?P<ns>[^/]+)(?:/chunks(?:/{_SEGMENT})?)?")
+BODY_ROUTES = {"remember", "search", "sessions"}  # POST, namespace in the body
+_SESSION_PATH = re.compile(rf"sessions/(?P<sid>{_SEGMENT})")
+
+
+class ProxyError(Exception):
+    def __init__(self, status: int, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.kind = status, kind or _KINDS.get(status, "invalid_request_error")
+
+
+def error_response(api: str, status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    """The error in the shape of ``api``: anthropic, openai, or memory (the amem server's own)."""
+    if api == "anthropic":
+        return JSONResponse({"type": "error", "error": {"type": kind, "message": message}}, status_code=status)
+    if api == "memory":
+        return memory_error(status, message)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
+                        status_code=status)
+
+
+def api_of(path: str) -> str:
+    if path == "/v1/messages":
+        return "anthropic"
+    return "memory" if path.startswith(MEMORY_PREFIX + "/") or path == MEMORY_PREFIX else "openai"
+
+
+def caller_key(request: Request) -> str | None:
+    """The caller's amem key: ``X-Amem-Api-Key``, or on the memory routes ``Authorization: Bearer``."""
+    key = request.headers.get(PROXY_KEY_HEADER)
+    if key:
+        return key.strip()
+    if api_of(request.url.path) == "memory":
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return None
+
+
+def keys_of(request: Request) -> KeyStore | None:
+    return getattr(request.app.state, "amem_keys", None)
+
+
+def principal(request: Request) -> Principal | None:
+    """The caller's principal; None when auth is off. Raises ProxyError 401 (no valid key) or 503."""
+    keys = keys_of(request)
+    if keys is None:
+        return None
+    try:
+        found = keys.lookup(caller_key(request))
+    except AuthUnavailable:
+        raise ProxyError(503, "authentication is unavailable: the keys file cannot be read", "api_error") from None
+    if found is None:
+        where = "X-Amem-Api-Key header" + (" or Authorization: Bearer" if api_of(request.url.path) == "memory"
+                                                  else "; Authorization is the upstream provider's")
+        raise ProxyError(401, f"a valid amem API key is required ({where})")
+    return found
+
+
+def authorize(request: Request, namespace: str) -> None:
+    """Raise ProxyError(401/403/503) unless the caller may use ``namespace``; a no-op with auth off.
+    The proxy's one namespace check: every route that touches a namespace calls it."""
+    who = principal(request)
+    if who is not None and not who.covers(namespace):
+        raise ProxyError(403, f"this API key does not cover namespace {namespace!r}")
+
+
+def visible(request: Request, namespaces: list[str]) -> list[str]:
+    """The namespaces the caller's key covers (all with auth off; 401 without a valid key)."""
+    who = principal(request)
+    return list(namespaces) if who is None else [n for n in namespaces if who.covers(n)]
+
+
+def memory_headers(request: Request, memory_key: str | None) -> dict[str, str]:
+    """The Authorization the proxy sends its memory server for this caller (empty: none)."""
+    key = memory_key or caller_key(request)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def remote_scope(method: str, path: str, body) -> tuple[str, str | None]:
+    """What a forwarded ``/amem/v1/<path>`` request touches: ("namespace", ns), ("list", None) for the
+    namespace list, ("session", session id) for ending one, or ("other", None): admin keys only."""
+    if path == "namespaces" and method == "GET":
+        return "list", None
+    match = _NS_PATH.fullmatch(path)
+    if match and method in ("GET", "DELETE"):
+        return "namespace", _valid(match["ns"])
+    if path in BODY_ROUTES and method == "POST":
+        if not isinstance(body, dict) or not isinstance(body.get("namespace"), str):
+            raise ProxyError(400, "the request body must be a JSON object with a string 'namespace'")
+        return "namespace", _valid(body["namespace"])
+    match = _SESSION_PATH.fullmatch(path)
+    if match and method == "DELETE":
+        return "session", match["sid"]
+    return "other", None
+
+
+def _valid(namespace: str) -> str:
+    try:
+        return validate_namespace(namespace)
+    except ValueError as err:
+        raise ProxyError(400, str(err)) from None
