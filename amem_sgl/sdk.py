@@ -28,6 +28,7 @@ from typing import Any, Iterable, Sequence, Union
 import requests
 
 from amem_sgl.chunks.client import AmemRequestError, error_message
+from amem_sgl.config import FIDELITY_LEVELS
 
 
 # The server refused a request: ``status`` and the server's ``message`` (shared with ChunkClient).
@@ -159,9 +160,11 @@ class Amem:
         return Session(self, data["session_id"], namespace, data["chunk_ids"], data.get("warm") or {})
 
     def ask(self, namespace: str | None, question: str, *, history: Sequence[dict] = (),
-            session: Union["Session", str, None] = None, max_tokens: int = 64, temperature: float = 0.0) -> Answer:
+            session: Union["Session", str, None] = None, max_tokens: int = 64, temperature: float = 0.0,
+            fidelity: str | None = None) -> Answer:
         """One chat turn through the OpenAI route, with ``namespace``'s memory (or the session's:
-        ``session`` is a :class:`Session` from :meth:`start_session` or its id)."""
+        ``session`` is a :class:`Session` from :meth:`start_session` or its id). ``fidelity``
+        (``exact | guarded | fast``) overrides the server's ``amem.blend.fidelity`` for this turn."""
         if namespace is not None:
             _require(namespace, str, "namespace")
         _require(question, str, "question")
@@ -182,12 +185,18 @@ class Amem:
             session = session.session_id
         elif session is not None:
             _require(session, str, "session")
+        if fidelity is not None:
+            _require(fidelity, str, "fidelity")
+            if fidelity not in FIDELITY_LEVELS:
+                raise ValueError(f"fidelity must be one of {', '.join(FIDELITY_LEVELS)}, got {fidelity!r}")
         messages = [*history, {"role": "user", "content": question}]
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
                                 "temperature": temperature}
         if namespace:
             body["user"] = namespace
         headers = {"X-Amem-Session": session} if session else {}
+        if fidelity is not None:
+            headers["X-Amem-Fidelity"] = fidelity
         reply = self._request("POST", "/v1/chat/completions", body, headers)
         data = reply.json()
         usage = data.get("usage") or {}

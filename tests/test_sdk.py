@@ -31,6 +31,8 @@ def closed_port_url() -> str:
     (lambda a: a.remember("alice", "ok", prefill="later"), ValueError),
     (lambda a: a.start_session("alice", chunk_ids="abc"), TypeError),
     (lambda a: a.forget(None), TypeError),
+    (lambda a: a.ask("alice", "q", fidelity=1), TypeError),
+    (lambda a: a.ask("alice", "q", fidelity="perfect"), ValueError),
 ])
 def test_client_side_mistakes_raise_before_anything_is_sent(call, error):
     amem = Amem(closed_port_url())  # were anything sent, this would be an AmemError instead
@@ -63,3 +65,7 @@ def test_start_session_then_ask_with_the_session_object_or_its_id(amem_server):
         amem.ask("sdk-shape", "q", session="no-such-session")
     assert caught.value.status in (400, 404) and "unknown or expired session" in caught.value.message
     session.end()
+    # The fidelity knob per turn (the server's X-Amem-Fidelity): what the server says it served.
+    for level in ("exact", "fast"):
+        answer = amem.ask("sdk-shape", "Which pet does Nadia keep?", max_tokens=8, fidelity=level)
+        assert answer.usage["memory"]["fidelity"] == level, answer.usage
