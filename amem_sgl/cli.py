@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("namespace")
     p.add_argument("question")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--fidelity", choices=("exact", "guarded", "fast"), default=None,
+                   help="how far the turn may depart from a full prefill (default: the server's amem.blend.fidelity)")
     p = sub.add_parser("search", help="recall only")
     p.add_argument("namespace")
     p.add_argument("query")
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             done = client.remember(args.namespace, texts, prefill=args.prefill)
             print(json.dumps({"namespace": done.namespace, "ids": done.ids, "new": done.new}))
         elif args.command == "ask":
-            answer = client.ask(args.namespace, args.question, max_tokens=args.max_tokens)
+            answer = client.ask(args.namespace, args.question, max_tokens=args.max_tokens, fidelity=args.fidelity)
             print(answer.text)
             print(json.dumps({"chunks": answer.chunk_ids, "usage": answer.usage}), file=sys.stderr)
         elif args.command == "search":
