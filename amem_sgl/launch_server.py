@@ -120,6 +120,11 @@ def plan_launch(
         default("attention-backend", "torch_native")
         for name, value in CPU_DEFAULTS.items():
             default(name, value)
+        # SGLang's overlap schedule processes a batch's results after launching the next batch; on
+        # the CPU engine a launch is the whole forward, so every first token waited for a decode
+        # step (memory turns on 2 cores: 0.17-2.2 s from the prefill's end to the first output,
+        # 2-7 ms without it; amem usage.amem.timings output_s).
+        default("disable-overlap-schedule", True)
         env["SGLANG_USE_CPU_ENGINE"] = "1"
     if not lookup("model-path", "model")[0]:
         section["model-path"] = str(resolve_model(amem.model))

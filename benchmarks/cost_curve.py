@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {key} | {json.dumps(value) if isinstance(value, dict) else value} |")
     lines += ["", "## Time to first token, by phase", "",
               "usage.amem.timings (amem_sgl/memory/timings.py), mean per turn; out_s: the client's TTFT "
-              "minus the server's total_s.", "", *table(summary["ttft_breakdown"])]
+              "minus ingress_s + total_s + output_s (the server's share).", "", *table(summary["ttft_breakdown"])]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -38,7 +38,7 @@ def test_cpu_defaults_without_cuda():
                                "device": "cpu", "attention-backend": "torch_native",
                                "sleep-on-idle": True, "max-total-tokens": 131072,
                                "max-running-requests": 16, "enable-metrics": True,
-                               "model-path": EMBEDDED}
+                               "disable-overlap-schedule": True, "model-path": EMBEDDED}
     assert p.env["SGLANG_USE_CPU_ENGINE"] == "1"
     assert json.loads(p.env[CONFIG_ENV]) == json.loads(AmemConfig().to_json())
 
@@ -63,6 +63,7 @@ def test_cpu_defaults_without_config_are_the_default_configs_and_reach_sglangs_p
 
     args = server_args([])
     assert args.sleep_on_idle is True and args.max_total_tokens == 131072 and args.enable_metrics is True
+    assert args.disable_overlap_schedule is True  # on CPU a first token must not wait for a decode step
     args = server_args(["--max-total-tokens", "4096"])
     assert args.max_total_tokens == 4096 and args.sleep_on_idle is True
 

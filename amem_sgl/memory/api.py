@@ -37,7 +37,7 @@ from amem_sgl.memory.store import UnknownChunk, UnknownNamespace
 from amem_sgl.server import auth
 from amem_sgl.config import AmemConfig
 from amem_sgl.memory.fidelity import (FIDELITY_FIELD, FIDELITY_HEADER, MARGIN_HEADER, FidelityControl,
-                                      parse_fidelity, parse_margin)
+                                      parse_fidelity, parse_margin, requested_fidelity)
 from amem_sgl.server.limits import _read_body, _replay, _send_json, error_body
 
 _CHUNK_ID = re.compile(r"^[0-9a-f]{64}$")
@@ -76,6 +76,7 @@ class SessionRequest(BaseModel):
     query: Optional[StrictStr] = None
     chunk_ids: Optional[list[StrictStr]] = None
     k: Optional[int] = Field(default=None, ge=1, le=100)
+    fidelity: Optional[StrictStr] = None
 
 
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error"}
@@ -99,6 +100,7 @@ def session_namespace(session_id: str) -> str | None:
     layer = memory.ACTIVE
     session = layer.sessions.get(session_id) if layer is not None else None
     return session.namespace if session is not None else None
+
 
 
 def _layer() -> memory.MemoryLayer:
@@ -185,7 +187,12 @@ async def start_session(body: SessionRequest):
     _authorize(body.namespace)
     if body.chunk_ids:
         _check_ids(body.chunk_ids)
-    session = await _layer().start_session(body.namespace, body.query, body.chunk_ids, body.k)
+    layer = _layer()
+    try:  # exact | guarded | fast (default: amem.blend.fidelity); an exact session is prefilled exactly
+        level = fidelity_control(layer).level(body.fidelity)
+    except ValueError as err:
+        return error(400, str(err))
+    session = await layer.start_session(body.namespace, body.query, body.chunk_ids, body.k, fidelity=level)
     return session.to_json()
 
 
@@ -232,6 +239,7 @@ class OpenAIMemoryMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("path") not in self.PATHS or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
+        received = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         body, early, _ = await _read_body(receive)
         if body is None:  # the client went away before sending it all: pass that on
@@ -270,6 +278,7 @@ class OpenAIMemoryMiddleware:
                 rid = f"amem-{uuid.uuid4().hex}"
                 data["rid"] = rid
                 rewritten = True
+            timings.stamp(rid, "received_at", received)
         if rewritten:
             body = json.dumps(data).encode()
 
@@ -309,15 +318,16 @@ def around_chat_conversion(original, serving, request, raw_request=None):
     if not namespace and not session:
         return adapted, processed
     # exact: the memory layer's exact mode (a stable working set, turns as exact prefills)
-    exact = fidelity_control(layer).level(headers.get(FIDELITY_HEADER)) == "exact"
+    requested = requested_fidelity(headers.get(FIDELITY_HEADER), layer.sessions.get(session) if session else None)
+    level = fidelity_control(layer).level(requested)
     try:
         plan = layer.plan_chat(namespace, memory.message_dicts(request.messages), session,
-                               fidelity="exact" if exact else None)
+                               fidelity=level)
     except memory.MemoryError_ as err:
         raise ValueError(str(err)) from None
     if plan is not None:
         plan.timings.update(started_at=started, convert_s=converted - started)
-        _apply(adapted, plan, layer, headers)
+        _apply(adapted, plan, layer, headers, requested)
     return adapted, processed
 
 
@@ -349,7 +359,7 @@ def fidelity_control(layer: memory.MemoryLayer) -> FidelityControl:
     return _fidelity
 
 
-def _apply(adapted, plan: memory.Plan, layer: memory.MemoryLayer, headers) -> None:
+def _apply(adapted, plan: memory.Plan, layer: memory.MemoryLayer, headers, requested: str | None = None) -> None:
     if adapted.rid is None:
         adapted.rid = f"amem-{uuid.uuid4().hex}"
     rid = adapted.rid if isinstance(adapted.rid, str) else adapted.rid[0]
@@ -358,9 +368,10 @@ def _apply(adapted, plan: memory.Plan, layer: memory.MemoryLayer, headers) -> No
     # exact / guarded / fast (amem_sgl.memory.fidelity); a guarded turn's probe runs here, in the
     # conversion's executor thread, before anything is sampled.
     control, started = fidelity_control(layer), time.perf_counter()
+    requested = requested if requested is not None else headers.get(FIDELITY_HEADER)
     adapted.kv_hints = control.apply(rid, plan.namespace, plan.input_ids, plan.kv_hints,
-                                     headers.get(FIDELITY_HEADER), headers.get(MARGIN_HEADER))
-    if control.level(headers.get(FIDELITY_HEADER)) == "guarded":
+                                     requested, headers.get(MARGIN_HEADER))
+    if control.level(requested) == "guarded":
         plan.timings["guard_s"] = time.perf_counter() - started
     layer.remember_plan(rid, plan)
     plan.timings["sent_at"] = time.perf_counter()
@@ -378,7 +389,7 @@ def turn_timings(rid: str | None, records) -> dict | None:
     """``usage.amem.timings`` of a memory turn (amem_sgl.memory.timings): its plan's HTTP phases and
     its response's scheduler usage records (``meta_info["amem"]``)."""
     plan = _own_plan(rid)
-    return timings.merge(plan.timings, records) if plan is not None else None
+    return timings.merge({**plan.timings, **timings.stamps(rid)}, records) if plan is not None else None
 
 
 def memory_usage(rid: str | None) -> dict | None:

@@ -2,6 +2,8 @@
 
 HTTP process (this module's callers measure them on ``time.perf_counter``):
 
+* ``ingress_s`` -- the OpenAI memory middleware saw the request to the conversion hook's start
+  (body read and rewrite, FastAPI's request model, the hop to the conversion's executor thread);
 * ``convert_s`` -- SGLang's own conversion of the OpenAI request (chat template + tokenization of
   the client's messages); ``recall_s`` -- embedding and index search; ``compose_s`` -- the memory
   prompt's template and token ids; ``guard_s`` -- the fidelity guard's probe (guarded turns only);
@@ -16,8 +18,10 @@ the path ``recomputed_tokens`` takes; no other channel):
   admission; ``schedule_s`` -- admission to the batch's forward (the rest of the scheduling round);
   ``blend_probe_s`` / ``blend_s`` -- the blend pass's probe and recompute forwards; ``extend_s`` --
   the batch's own forward (the first token is sampled in it).
-* ``total_s`` -- conversion start to the end of the first token's forward; what a client measures
-  beyond it is the response's way out (detokenizer, SSE, HTTP).
+* ``total_s`` -- conversion start to the end of the first token's forward;
+* ``output_s`` (streamed turns) -- that forward's end to the first output reaching this process's
+  tokenizer manager (output processing, detokenizer, ZMQ); what a client measures beyond
+  ``ingress_s + total_s + output_s`` is the HTTP way in and the SSE way out.
 
 Both processes read CLOCK_MONOTONIC (``perf_counter`` on Linux), so a scheduler stamp and an HTTP
 one subtract. Streamed responses carry no meta_info: the records are kept here per request id as
@@ -31,6 +35,7 @@ from __future__ import annotations
 import collections
 import contextvars
 import threading
+import time
 
 from amem_sgl import sglang_compat as sgl
 from amem_sgl.metrics import merge_usage
@@ -40,11 +45,12 @@ DIGITS = 4
 HTTP_PHASES = ("convert_s", "recall_s", "compose_s", "guard_s")
 SCHEDULER_PHASES = ("queue_s", "match_s", "splice_s", "blend_probe_s", "blend_s", "extend_s")
 # The order phases are listed in (a breakdown table's columns); match_s is inside queue_s.
-PHASES = ("convert_s", "recall_s", "compose_s", "guard_s", "plan_s", "dispatch_s", "queue_s", "match_s", "splice_s",
-          "schedule_s", "blend_probe_s", "blend_s", "extend_s", "total_s")
+PHASES = ("ingress_s", "convert_s", "recall_s", "compose_s", "guard_s", "plan_s", "dispatch_s", "queue_s", "match_s", "splice_s",
+          "schedule_s", "blend_probe_s", "blend_s", "extend_s", "total_s", "output_s")
 
 CURRENT_RID: contextvars.ContextVar[str | None] = contextvars.ContextVar("amem_rid", default=None)
 _records: collections.OrderedDict[str, list] = collections.OrderedDict()
+_stamps: collections.OrderedDict[str, dict] = collections.OrderedDict()  # rid -> received_at, output_at
 _lock = threading.Lock()
 
 STREAMING_USAGE_TARGET = f"{sgl.UsageProcessor.__module__}.{sgl.UsageProcessor.__qualname__}.calculate_streaming_usage"
@@ -58,6 +64,8 @@ def merge(http: dict, records) -> dict:
     out = {k: http[k] for k in HTTP_PHASES if k in http}
     if "started_at" in http and "sent_at" in http:
         out["plan_s"] = max(http["sent_at"] - http["started_at"] - sum(out.values()), 0.0)
+    if "started_at" in http and "received_at" in http:
+        out["ingress_s"] = max(http["started_at"] - http["received_at"], 0.0)
     sched = next((r.get("timings") for r in records or () if isinstance(r, dict) and r.get("timings")), None)
     if sched:
         out.update({k: sched[k] for k in SCHEDULER_PHASES if k in sched})
@@ -70,6 +78,8 @@ def merge(http: dict, records) -> dict:
             out["schedule_s"] = max(done - forwards - admitted, 0.0)
         if done is not None and "started_at" in http:
             out["total_s"] = done - http["started_at"]
+        if done is not None and "output_at" in http:
+            out["output_s"] = max(http["output_at"] - done, 0.0)
     return {k: round(out[k], DIGITS) for k in PHASES if k in out}
 
 
@@ -78,6 +88,19 @@ def keep_records(rid: str, records) -> None:
         _records[rid] = records
         while len(_records) > 4096:
             _records.popitem(last=False)
+
+
+def stamp(rid: str, name: str, at: float) -> None:
+    """Keep a ``*_at`` clock reading of request ``rid`` made outside its plan (before it exists)."""
+    with _lock:
+        _stamps.setdefault(rid, {})[name] = at
+        while len(_stamps) > 4096:
+            _stamps.popitem(last=False)
+
+
+def stamps(rid: str) -> dict:
+    with _lock:
+        return dict(_stamps.get(rid, {}))
 
 
 def records_for(rid: str) -> list | None:
@@ -93,6 +116,8 @@ def around_update_meta_info(original, manager, meta_info, state, *args, **kwargs
 
     rid = meta_info.get("id")
     if USAGE_KEY in meta_info and memory.ACTIVE is not None and memory.ACTIVE.plan_for(rid) is not None:
+        if getattr(getattr(state, "obj", None), "stream", False) and "output_at" not in stamps(rid):
+            stamp(rid, "output_at", time.perf_counter())  # streamed: it came with the first output
         keep_records(rid, meta_info[USAGE_KEY])
     return result
 
