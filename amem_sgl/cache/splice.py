@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from kernels.rope_rerotate import rope_rerotate
+from kernels.rope_rerotate import check_rerotate_indices, rope_rerotate
 
 logger = logging.getLogger(__name__)
 
@@ -93,10 +93,17 @@ def copy_kv(kv_pool, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
 
 def splice_kv(kv_pool, src_slots: torch.Tensor, dst_slots: torch.Tensor, delta: torch.Tensor,
               rope: RopeSpec) -> None:
-    """Copy every layer's KV from ``src_slots`` to ``dst_slots``, keys rotated by ``delta``."""
-    for layer in pool_layers(kv_pool):
+    """Copy every layer's KV from ``src_slots`` to ``dst_slots``, keys rotated by ``delta``. The
+    index values are checked once for all layers (every layer's K buffer has the pool's slot count):
+    per layer they cost a sort and a device->host read each (30 of them for SmolLM2)."""
+    layers = pool_layers(kv_pool)
+    if len(layers):
+        k = kv_pool.get_key_buffer(layers[0])
+        check_rerotate_indices(src_slots, dst_slots, delta, src_num_slots=k.shape[0],
+                               table_positions=rope.table.shape[0], in_place=True)
+    for layer in layers:
         k = kv_pool.get_key_buffer(layer)
         rope_rerotate(k, src_slots, dst_slots, delta, rope.table, rotary_dim=rope.rotary_dim,
-                      is_neox=rope.is_neox)
+                      is_neox=rope.is_neox, check=False)
         v = kv_pool.get_value_buffer(layer)
         v[dst_slots] = v[src_slots]
