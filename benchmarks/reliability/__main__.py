@@ -1,4 +1,4 @@
-"""python -m benchmarks.reliability [--clients 32] [--per-client 100] [--fuzz 2000] [--chunks 200]
+"""python -m benchmarks.reliability [--clients 32] [--per-client 100] [--fuzz 2000] [--chunks 200] [--load-seconds S]
 
 Load, fuzz and faults on real servers of its own (the load server: auth on, a 2 MiB disk tier, a
 16K-token pool; the crash test: two more), in that order; writes
@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fuzz", type=int, default=2000)
     parser.add_argument("--chunks", type=int, default=200, help="chunks in the remember killed by kill -9")
     parser.add_argument("--disk-chunks", type=int, default=40, help="chunks remembered into the full disk tier")
+    parser.add_argument("--load-seconds", type=float, default=None,
+                        help="start no load request after this many seconds (the report says how many of the "
+                             "planned clients x per-client were sent); default: no limit")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     harness = Harness(work / "load", n_namespaces=args.namespaces, seed=args.seed)
     results["load_server_start_s"] = round(harness.server.startup_s, 1)
     try:
-        results["load"] = timed(harness.load, args.clients, args.per_client)
+        results["load"] = timed(harness.load, args.clients, args.per_client, args.load_seconds, 60.0)
         print("load:", report.short(results["load"]), flush=True)
         results["fuzz"] = timed(harness.fuzz, args.fuzz)
         print("fuzz:", report.short(results["fuzz"]), flush=True)

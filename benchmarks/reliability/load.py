@@ -97,6 +97,7 @@ class Load:
         self.errors: list[dict] = []
         self.violations: list[dict] = []
         self.unknown: list[tuple[str, str, str]] = []
+        self.stop_at: float | None = None  # monotonic time after which no client starts a request
 
     def resolve_unknown(self) -> None:
         for name, kind, cid in self.unknown:
@@ -243,6 +244,8 @@ class Load:
         with requests.Session() as s:
             s.headers.update(ns.headers)
             for j in range(n):
+                if self.stop_at is not None and time.monotonic() >= self.stop_at:
+                    break
                 kind = rng.choices(list(KINDS), weights=list(KINDS.values()))[0]
                 other = rng.choice([o for o in self.namespaces if o is not ns])
                 t0 = time.monotonic()
@@ -270,12 +273,22 @@ def _ok(reply: requests.Response) -> None:
 
 
 def run(url: str, namespaces: list[Namespace], client: ChunkClient, *, clients: int, per_client: int,
-        seed: int) -> dict:
-    """``clients`` threads × ``per_client`` requests; returns counts, latencies, errors, violations."""
+        seed: int, seconds: float | None = None, progress_s: float | None = None) -> dict:
+    """``clients`` threads × ``per_client`` requests; returns counts, latencies, errors, violations.
+    ``seconds``: no request is started after that long (the report says how many were planned);
+    ``progress_s``: print the count so far that often."""
     load = Load(url, namespaces, client, seed)
     t0 = time.monotonic()
+    load.stop_at = None if seconds is None else t0 + seconds
     with cf.ThreadPoolExecutor(clients) as pool:
-        list(pool.map(lambda i: load.client_run(i, per_client), range(clients)))
+        futures = [pool.submit(load.client_run, i, per_client) for i in range(clients)]
+        while cf.wait(futures, timeout=progress_s)[1]:
+            with load.lock:
+                done, failed = len(load.records), len(load.errors)
+            print(f"load: {done}/{clients * per_client} requests, {failed} errors, {time.monotonic() - t0:.0f} s",
+                  flush=True)
+        for f in futures:
+            f.result()
     wall = time.monotonic() - t0
     load.resolve_unknown()
     by_kind = collections.defaultdict(list)
@@ -285,7 +298,8 @@ def run(url: str, namespaces: list[Namespace], client: ChunkClient, *, clients: 
                  "p50_s": round(statistics.median(r["s"] for r in v), 3),
                  "max_s": round(max(r["s"] for r in v), 3)} for k, v in sorted(by_kind.items())}
     return {"clients": clients, "per_client": per_client, "namespaces": len(namespaces),
-            "requests": len(load.records), "errors": len(load.errors), "violations": len(load.violations),
+            "planned": clients * per_client, "stopped_at_s": seconds if len(load.records) < clients * per_client
+            else None, "requests": len(load.records), "errors": len(load.errors), "violations": len(load.violations),
             "cross_namespace": sum(1 for v in load.violations if v.keys() & {"foreign_chunks", "foreign_secrets",
                                                                              "foreign_kv", "spliced_over_own"}),
             "wall_s": round(wall, 1), "requests_per_s": round(len(load.records) / wall, 2), "kinds": kinds,

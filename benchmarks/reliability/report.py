@@ -21,6 +21,12 @@ def _idle(state: dict) -> str:
             f"{state['pending_splices']}")
 
 
+def _cut(load: dict) -> str:
+    if load.get("stopped_at_s") is None:
+        return ""
+    return f" (stopped after {load['stopped_at_s']:.0f} s by --load-seconds: {load['requests']} of {load['planned']} sent)"
+
+
 def markdown(meta: dict, r: dict) -> str:
     load, fz, crash, rk, disk = r["load"], r["fuzz"], r["crash"], r["residency_kill"], r["disk_full"]
     lines = [f"# Reliability: load, fuzz, faults ({meta['model']}, {meta['device']})", "",
@@ -29,7 +35,8 @@ def markdown(meta: dict, r: dict) -> str:
              "## Load", "",
              "| clients × requests | requests | errors | cross-namespace hits | SGLang leak lines | slots after (idle) "
              "| memory intact | own secret in the answer | req/s | wall s |", "|---|---|---|---|---|---|---|---|---|---|",
-             f"| {load['clients']} × {load['per_client']} over {load['namespaces']} namespaces | {load['requests']} | "
+             f"| {load['clients']} × {load['per_client']} over {load['namespaces']} namespaces"
+             f"{_cut(load)} | {load['requests']} | "
              f"{load['errors']} | {load['cross_namespace']} (violations {load['violations']}) | {len(load['leak_lines'])} | "
              f"{_idle(load['idle'])} | {load['memory']['intact']}/{load['memory']['namespaces']} | "
              f"{load['memory']['secret_answered']}/{load['memory']['namespaces']} | {load['requests_per_s']} | "

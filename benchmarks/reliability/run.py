@@ -43,9 +43,10 @@ class Harness:
         return {"idle": servers.wait_idle(self.url), "leak_lines": servers.leak_lines(self.server.log()),
                 "answers": servers.answers(self.url), "alive": self.server.proc.poll() is None}
 
-    def load(self, clients: int, per_client: int) -> dict:
+    def load(self, clients: int, per_client: int, seconds: float | None = None,
+             progress_s: float | None = None) -> dict:
         report = load.run(self.url, self.namespaces, self.client, clients=clients, per_client=per_client,
-                          seed=self.seed)
+                          seed=self.seed, seconds=seconds, progress_s=progress_s)
         return {**report, **self.health(), "memory": load.own_recall(self.url, self.namespaces)}
 
     def snapshot(self) -> dict:
