@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
-import random
 import sys
 import tempfile
 import time
@@ -44,61 +43,12 @@ from amem_sgl.local_server import amem_state, free_port, start_server
 from amem_sgl.sdk import Amem
 from benchmarks import numeric_floor as numeric_floor_runs
 from benchmarks.fidelity import device_name
-from benchmarks.fidelity_data import CITIES, FILLER, FIRST, LAST
+from benchmarks.cost_curve_data import TOPICS, make_memory, topic_changed, turn_questions  # noqa: F401
+from benchmarks.cost_curve_plot import plot, replot  # noqa: F401 -- re-exported
 from benchmarks.ttft_phases import breakdown, table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-TOPICS = ["family", "work", "travel", "health", "hobbies", "home"]
-
-
-def make_memory(n_chunks: int, facts_per_chunk: int = 16,
-                seed: int = 0) -> tuple[list[str], dict[str, list[str]], dict[str, set[str]]]:
-    """User facts and document passages; each topic gets a share. Returns (texts, questions by topic,
-    gold: question -> the cities the memory connects its person to).
-
-    A third of the chunks are document passages (~150-300 tokens); the rest hold ``facts_per_chunk``
-    user facts each (~15 tokens a fact), as the memory layer packs a remembered list of facts into
-    chunks of up to ``amem.memory.chunk_tokens`` (256) tokens. ``facts_per_chunk=1``: one short fact
-    per chunk (~20 tokens), the worst case for chunk reuse."""
-    rng = random.Random(seed)
-    texts, questions, gold = [], {t: [] for t in TOPICS}, {}
-    for i in range(n_chunks):
-        topic = TOPICS[i % len(TOPICS)]
-        if i % 3 == 0:  # a document passage
-            name, city = f"{rng.choice(FIRST)} {rng.choice(LAST)}", rng.choice(CITIES)
-            body = " ".join(rng.sample(FILLER, rng.randint(8, 14)))
-            texts.append(f"Notes on {topic} ({i}): {name} from {city}. {body}")
-            questions[topic].append(f"In my {topic} notes, which city is {name} connected to?")
-            gold.setdefault(questions[topic][-1], set()).add(city)
-            continue
-        facts = []
-        for _ in range(facts_per_chunk):
-            name, city = f"{rng.choice(FIRST)} {rng.choice(LAST)}", rng.choice(CITIES)
-            facts.append(f"{name} is connected to {city} through {topic}.")
-            questions[topic].append(f"In my {topic} notes, which city is {name} connected to?")
-            gold.setdefault(questions[topic][-1], set()).add(city)
-        texts.append(f"The user's {topic} notes ({i}): " + " ".join(facts))
-    return texts, questions, gold
-
-
-def topic_changed(asks: list[str], t: int) -> bool:
-    """The conversation moved to another topic at turn ``t`` (a session re-pins its working set)."""
-    topic = lambda q: q.split("my ")[1].split(" notes")[0]  # noqa: E731
-    return t > 0 and topic(asks[t]) != topic(asks[t - 1])
-
-
-def turn_questions(questions: dict[str, list[str]], turns: int, seed: int = 1) -> list[str]:
-    """A slowly drifting conversation: a topic for several turns, then the next one."""
-    rng = random.Random(seed)
-    out, topic = [], 0
-    for t in range(turns):
-        if t and t % 6 == 0:
-            topic = (topic + 1) % len(TOPICS)
-        out.append(rng.choice(questions[TOPICS[topic]]))
-    return out
-
-
 @dataclasses.dataclass
 class Turn:
     arm: str
@@ -272,52 +222,6 @@ def summarize(result: dict) -> dict:
         # Mean seconds per TTFT phase and arm (usage.amem.timings; the text arm has TTFT only).
         "ttft_breakdown": breakdown(rows, ("text", "query", "session")),
     }
-
-
-def replot(json_path: Path) -> Path:
-    """Draw a saved run's plot again (``<run>.json`` -> ``<run>.png``)."""
-    data = json.loads(Path(json_path).read_text())
-    rows = [Turn(**r) for r in data["rows"]]
-    once = data["summary"]["one_time_prefill_tokens"]
-    path = Path(json_path).with_suffix(".png")
-    s = data["summary"]
-    plot({"rows": rows, "one_time_prefill_used": once["used"]}, path,
-         f"{data['meta']['model']} on {data['meta']['device']}: {s['chunks']} chunks, {s['turns']} turns, "
-         f"top-{data['meta'].get('k', 4)}")
-    return path
-
-
-def plot(result: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    labels = {"text": "text memory, plain SGLang", "query": "amem per query", "session": "amem session"}
-    for arm, label in labels.items():
-        rs = [r for r in result["rows"] if r.arm == arm]
-        turns = [r.turn + 1 for r in rs]
-        prefill, ttft, a, b = [], [], 0, 0.0
-        for r in rs:
-            a += r.prefilled_tokens
-            b += r.ttft_s
-            prefill.append(a)
-            ttft.append(b)
-        line = axes[0].plot(turns, prefill, marker="o", ms=3, label=label)[0]
-        axes[1].plot(turns, ttft, marker="o", ms=3, label=label)
-        if arm == "query" and result["one_time_prefill_used"]:  # the break-even picture
-            axes[0].plot(turns, [p + result["one_time_prefill_used"] for p in prefill], ls="--",
-                         color=line.get_color(), label=f"{label} + prefill of the chunks used")
-    axes[0].set(xlabel="turn", ylabel="cumulative prefilled tokens", title="prefill")
-    axes[1].set(xlabel="turn", ylabel="cumulative TTFT (s)", title="time to first token")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,3 +111,24 @@ def test_a_served_memory_turn_reports_its_phases_streamed_and_not(amem_server):
                 usage = json.loads(line[6:]).get("usage") or usage
     assert usage is not None and set(SERVED) | {"ingress_s", "output_s"} <= set(usage["amem"]["timings"]), usage
     assert usage["amem"]["memory"]["namespace"] == "timings-ns"
+
+
+def test_the_cost_curves_breakdown_averages_each_arms_phases():
+    from benchmarks.cost_curve import Turn
+    from benchmarks.ttft_phases import breakdown, table
+
+    def turn(arm, ttft, timings):
+        return Turn(arm, 0, 100, 0, 0, 100, ttft, "", [], timings=timings)
+
+    rows = [turn("text", 1.0, {}), turn("text", 3.0, {}),
+            turn("query", 0.5, {"recall_s": 0.02, "total_s": 0.3, "ingress_s": 0.01, "output_s": 0.05}),
+            turn("query", 0.7, {"recall_s": 0.04, "blend_s": 0.2, "total_s": 0.5, "ingress_s": 0.01, "output_s": 0.05})]
+    out = breakdown(rows, ("text", "query"))
+    assert out["text"] == {"turns": 2, "timed_turns": 0, "ttft_s": 2.0}
+    q = out["query"]
+    assert q["ttft_s"] == 0.6 and q["recall_s"] == pytest.approx(0.03) and q["total_s"] == pytest.approx(0.4)
+    assert q["blend_s"] == pytest.approx(0.1)  # a phase a turn did not have counts as 0 for it
+    assert q["out_s"] == pytest.approx(0.6 - 0.4 - 0.01 - 0.05)
+    lines = table(out)
+    assert lines[0] == "| phase (mean ms) | text | query |" and "| recall_s |  | 30.0 |" in lines
+    assert lines[-1] == "| timed turns | 0/2 | 2/2 |"
