@@ -11,18 +11,18 @@ little between turns. Arms, same model, same questions, same machine:
 3. ``session`` -- amem session: the working set pinned and warmed once, every turn reuses its
                   blended prefix.
 
-Per turn: prefilled tokens (prompt tokens not served from cache, plus recomputed ones, plus a
-session's warm-up when it is (re)pinned), TTFT
-(streamed, wall clock) and the answer. Reported: cumulative prefill and TTFT, ratios per query and
+Per turn: prefilled tokens (prompt tokens not served from cache, plus recomputed ones, plus a session's
+warm-up when it is (re)pinned), TTFT (streamed, wall clock), its phases (``usage.amem.timings``, a
+mean per arm: benchmarks.ttft_phases) and the answer. Reported: cumulative prefill and TTFT, ratios per query and
 over the session, break-even in queries with the one-time chunk prefill counted against arms 2/3
 (as the server counted it: all remembered chunks with ``--prefill remember``, none with
 ``first_use``, where it is inside the turns; and only the chunks the session used), answer agreement
 between arms and accuracy (the answer names the asked person's city).
-Writes ``benchmarks/results/<date>-<device>-cost-curve-<prefill>-f<facts>.{json,md,png}`` and updates
-``latest.json``.
+Writes ``benchmarks/results/<date>-<device>-cost-curve-<prefill>[-<level>]-f<facts>.{json,md,png}``, updates ``latest.json``.
 
     python -m benchmarks.cost_curve            # full: 2 servers + an fp32 one for the floor, 240 chunks, 30 turns (~12 min, 2 CPU cores)
     python -m benchmarks.cost_curve --quick    # smoke: 1 server, 40 chunks, 6 turns (< 3 min)
+    python -m benchmarks.cost_curve --fidelity exact,fast   # the memory arms at each level, one report each
 """
 
 from __future__ import annotations
@@ -90,15 +90,16 @@ def run_arms(amem_url: str, text_url: str, n_chunks: int, turns: int, k: int, ma
     # The fidelity level the memory arms ask for each turn (None: the server's default).
     level = {"amem_fidelity": fidelity} if fidelity else {}
     # Arms 2 and 3 get a namespace each (same texts), so neither reuses the other's blended prefixes.
-    namespace, session_ns = f"cost-q-{int(time.time())}", f"cost-s-{int(time.time())}"
+    tag = f"{fidelity + '-' if fidelity else ''}{int(time.time())}"
+    namespace, session_ns = f"cost-q-{tag}", f"cost-s-{tag}"
     texts, questions, gold = make_memory(n_chunks, facts_per_chunk)
     # The one-time chunk prefill, as the server counts it (0 when chunks are prefilled on first use:
     # then that cost is inside the turns' prefill).
-    before = registered_tokens(amem_url)
+    before = int(amem_state(amem_url)["stats"].get("registered_tokens", 0))
     t0 = time.perf_counter()
     remembered = memory.remember(namespace, texts)
     remember_s = time.perf_counter() - t0
-    one_time = registered_tokens(amem_url) - before
+    one_time = int(amem_state(amem_url)["stats"].get("registered_tokens", 0)) - before
     memory.remember(session_ns, texts)
     listed = memory.list(namespace)
     chunk_tokens = {c.id: c.tokens for c in listed}
@@ -155,10 +156,6 @@ def blend_counters(url: str, before: dict | None = None) -> dict:
     keys = ("recomputed_tokens", "gap_tokens", "probed_tokens")
     now = {k: int(stats.get(k, 0)) for k in keys}
     return now if before is None else {k: now[k] - before[k] for k in keys}
-
-
-def registered_tokens(url: str) -> int:
-    return int(amem_state(url)["stats"].get("registered_tokens", 0))
 
 
 def _row(arm, t, usage, ttft, answer, chunks, counters: dict | None = None, warm: dict | None = None) -> Turn:
@@ -235,9 +232,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="user facts per memory chunk (1: a ~20-token chunk per fact)")
     parser.add_argument("--blend", default=None,
                         help="amem.blend.policy of the amem server started here, e.g. all (default: the config's)")
-    parser.add_argument("--fidelity", choices=("exact", "guarded", "fast"), default=None,
-                        help="fidelity level the query and session arms ask for each turn (body field "
-                             "amem_fidelity; default: the server's own, amem.blend.fidelity)")
+    parser.add_argument("--fidelity", type=_levels, default=[None], metavar="LEVEL[,LEVEL...]",
+                        help="fidelity level (exact|guarded|fast) the query and session arms ask for each turn "
+                             "(body field amem_fidelity; default: the server's own, amem.blend.fidelity); several, "
+                             "comma-separated, run the arms once per level on the same servers, a report each")
     parser.add_argument("--prefill", choices=("remember", "first_use"), default=None,
                         help="amem.memory.prefill of the amem server started here (default: configs/default.yaml's)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -255,13 +253,27 @@ def main(argv: list[str] | None = None) -> int:
     servers = []
     try:
         if args.url:
-            result = run_arms(args.url, args.url, args.chunks, args.turns, args.k, args.max_tokens,
-                              args.facts_per_chunk, args.fidelity)
+            results = {level: run_arms(args.url, args.url, args.chunks, args.turns, args.k, args.max_tokens,
+                                       args.facts_per_chunk, level) for level in args.fidelity}
         else:
-            result = _run_with_servers(args, env, servers)
+            results = _run_with_servers(args, env, servers)
     finally:
         for server in servers:
             server.stop()
+    for i, (level, result) in enumerate(results.items()):
+        report(args, argv, level, result, t0, latest_too=i == 0)
+    return 0
+
+
+def _levels(text: str) -> list[str | None]:
+    levels = [v.strip() for v in text.split(",") if v.strip()]
+    if not levels or set(levels) - {"exact", "guarded", "fast"}:
+        raise argparse.ArgumentTypeError(f"fidelity levels are exact, guarded, fast; got {text!r}")
+    return levels
+
+
+def report(args, argv, level: str | None, result: dict, t0: float, latest_too: bool) -> None:
+    """One level's JSON, MD and plot (and latest.json for the first level asked for)."""
     summary = summarize(result)
     if "floor" in result:
         floor, floor_source = result["floor"], "this run's prompts: arm 1 again in fp32 vs bf16"
@@ -272,14 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     device = device_name()
     meta = {"device": device, "model": "SmolLM2-135M-Instruct (bf16)", "date": dt.datetime.now().isoformat(timespec="seconds"),
             "seconds": time.monotonic() - t0, "quick": args.quick,
-            "chunk_prefill": ("the --url server's setting" if args.url else args.prefill or default_prefill()),
+            "chunk_prefill": args.prefill or default_setting("memory", "prefill") if not args.url
+            else "the --url server's setting",
             "facts_per_chunk": args.facts_per_chunk, "k": args.k, "blend": args.blend or "the config's (amem.blend)",
-            "fidelity": args.fidelity or f"the server's default ({default_fidelity()})",
+            "fidelity": level or f"the server's default ({default_setting('blend', 'fidelity')})",
             "text_arm_backend": ("amem server, plain requests" if args.quick or args.url
                                  else "SGLang's built-in RadixCache (--radix-cache-backend '')"),
             "command": "python -m benchmarks.cost_curve " + " ".join(argv if argv is not None else sys.argv[1:])}
     mode = ((meta["chunk_prefill"] if not args.url else "url") + (f"-{args.blend}" if args.blend else "")
-            + (f"-{args.fidelity}" if args.fidelity else ""))
+            + (f"-{level}" if level else ""))
     stem = args.out / (f"{dt.date.today().isoformat()}-{device}-cost-curve-{mode}-f{args.facts_per_chunk}"
                        f"{'-quick' if args.quick else ''}")
     plot(result, stem.with_suffix(".png"), f"{meta['model']} on {device}: {summary['chunks']} chunks, "
@@ -304,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
               "turns_with_arm1_chunks": summary["turns_with_arm1_chunks"],
               "fidelity": meta["fidelity"], "ttft_breakdown": summary["ttft_breakdown"],
               "plot": stem.with_suffix(".png").name, "command": meta["command"]}
-    (args.out / ("latest-quick.json" if args.quick else "latest.json")).write_text(json.dumps(latest, indent=2))
+    if latest_too:
+        (args.out / ("latest-quick.json" if args.quick else "latest.json")).write_text(json.dumps(latest, indent=2))
     lines = [f"# Cost curve ({meta['model']}, {device})", "", f"Command: `{meta['command']}`  ",
              f"Date: {meta['date']}, {meta['seconds']:.0f} s; arm 1 served by {meta['text_arm_backend']}; "
              f"chunk KV prefilled at {meta['chunk_prefill']}; {args.facts_per_chunk} user facts per fact chunk", "",
@@ -317,7 +331,6 @@ def main(argv: list[str] | None = None) -> int:
               "minus ingress_s + total_s + output_s (the server's share).", "", *table(summary["ttft_breakdown"])]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
 
 
 def _run_with_servers(args, env, servers) -> dict:
@@ -332,13 +345,16 @@ def _run_with_servers(args, env, servers) -> dict:
                                     f"--port {port} --radix-cache-backend ''", port=port,
                                     log_path=args.out / "cost-curve-text.log", cwd=ROOT, env=env))
         text_url = servers[1].url
-    result = run_arms(servers[0].url, text_url, args.chunks, args.turns, args.k, args.max_tokens,
-                      args.facts_per_chunk, args.fidelity)
+    results = {level: run_arms(servers[0].url, text_url, args.chunks, args.turns, args.k, args.max_tokens,
+                               args.facts_per_chunk, level) for level in args.fidelity}
     if not args.quick:
         for server in servers:
             server.stop()
-        result["floor"], result["fp32_answers"] = numeric_floor(result, args.out)
-    return result
+        first = next(iter(results.values()))  # arm 1 is the same at every level: one floor
+        floor, fp32 = numeric_floor(first, args.out)
+        for result in results.values():
+            result["floor"], result["fp32_answers"] = floor, fp32
+    return results
 
 
 def numeric_floor(result: dict, out: Path) -> tuple[float, list[str]]:
@@ -371,18 +387,11 @@ def amem_config(args, env: dict) -> Path:
     return path
 
 
-def default_fidelity() -> str:
-    """amem.blend.fidelity of configs/default.yaml."""
+def default_setting(section: str, key: str) -> str:
+    """amem.<section>.<key> of configs/default.yaml (e.g. memory.prefill, blend.fidelity)."""
     from amem_sgl.config import load_config_file
 
-    return load_config_file(ROOT / "configs" / "default.yaml").amem.blend.fidelity
-
-
-def default_prefill() -> str:
-    """amem.memory.prefill of configs/default.yaml."""
-    from amem_sgl.config import load_config_file
-
-    return load_config_file(ROOT / "configs" / "default.yaml").amem.memory.prefill
+    return getattr(getattr(load_config_file(ROOT / "configs" / "default.yaml").amem, section), key)
 
 
 if __name__ == "__main__":
