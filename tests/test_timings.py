@@ -32,16 +32,26 @@ def test_admission_records_match_queue_and_splice_on_real_pools():
     finish(cache, req)
 
 
-def test_a_request_without_a_splice_gets_no_usage_and_its_match_time_is_dropped():
+def test_a_chunk_request_admitted_without_a_splice_gets_its_phases_only():
     cache, pools = make(registered=(A,), blend=True)
-    prompt, spans = compose([B])  # B was never registered: nothing to splice
+    prompt, spans = compose([B])  # B was never registered: nothing to splice, the preamble is a prefix hit
     req = start(cache, pools, prompt, build_kv_hints("alice", spans))
-    assert usage_of(req) is None
-    add_timing(req, "extend_s", 1.0)  # no record: a no-op, not an error
-    stamp(req, "done_at", 1.0)
-    assert usage_of(req) is None
+    assert 0 < req.prefix_len < spans[0][1]
+    usage = usage_of(req)
+    assert set(usage) == {"namespace", "blend_policy", "timings"} and usage["namespace"] == "alice"
+    assert {"match_s", "queue_s", "recv_at"} == set(usage["timings"]) and usage["timings"]["queue_s"] >= 0
+    add_timing(req, "extend_s", 0.5)  # the forward hook adds to it as to a spliced request's
+    assert usage_of(req)["timings"]["extend_s"] == 0.5
+    assert cache.stats.spliced_requests == 0
     finish(cache, req)
-    assert req.rid not in cache._match_s
+    assert req.rid not in cache._match_s and req.rid not in cache._parsed
+    # A request without chunk spans gets no record at all.
+    plain = start(cache, pools, prompt)
+    assert usage_of(plain) is None
+    add_timing(plain, "extend_s", 1.0)  # no record: a no-op, not an error
+    stamp(plain, "done_at", 1.0)
+    assert usage_of(plain) is None
+    finish(cache, plain)
 
 
 def test_add_timing_accumulates_and_stamps_overwrite():

@@ -159,6 +159,8 @@ class ChunkRadixCache(RadixCache):
         splice = self._admitted.pop(req.rid, None)
         request = self._chunk_request(req) if self.chunk_reuse_enabled else None
         if request is not None and not request.register and request.forget is None:
+            if splice is None and req.rid not in self._handed:
+                self._attach_timings(req, request)  # a prefix hit, an exact turn: its phases only
             self._hand_over(req, request, splice, req.prefix_len)
         if splice is None:
             return super().prefix_device_indices(req)
@@ -190,6 +192,15 @@ class ChunkRadixCache(RadixCache):
         self.stats.chunk_misses += len(computed)
         if request.capture:
             self._to_capture[req.rid] = computed
+
+    def _attach_timings(self, req, request: ChunkRequest) -> None:
+        """The usage record of a chunk request admitted without a splice: its scheduler phases
+        (usage.py) and nothing else (no counters, no metrics)."""
+        recv_at = float(getattr(getattr(req, "time_stats", None), "scheduler_recv_time", 0.0) or 0.0)
+        timings = {"match_s": round(self._match_s.pop(req.rid, 0.0), 6)}
+        if recv_at > 0:
+            timings.update(queue_s=round(clock() - recv_at, 6), recv_at=recv_at)
+        attach_usage(req, {"namespace": request.namespace, "blend_policy": "none", "timings": timings})
 
     def take_blend_plans(self, reqs) -> list[tuple[int, BlendPlan]]:
         """(index in ``reqs``, plan) for every request of a batch that was handed a blend plan at

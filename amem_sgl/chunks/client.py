@@ -81,6 +81,8 @@ class Generation:
     amem: dict = dataclasses.field(default_factory=dict)
     # The response's whole meta_info (logprobs when asked for with ``extra``).
     meta_info: dict = dataclasses.field(default_factory=dict, repr=False)
+    # Its scheduler phases (queue_s, splice_s, blend_s, extend_s, ...; amem_timings).
+    timings: dict = dataclasses.field(default_factory=dict)
 
     @property
     def computed_prompt_tokens(self) -> int:
@@ -128,7 +130,7 @@ class ChunkClient:
         meta = out["meta_info"]
         return Generation(out["text"], list(out.get("output_ids") or []), meta["prompt_tokens"],
                           meta.get("cached_tokens", 0), time.perf_counter() - t0,
-                          first - t0 if first is not None else None, amem_usage(meta), meta)
+                          first - t0 if first is not None else None, amem_usage(meta), meta, amem_timings(meta))
 
     def _stream(self, path: str, body: dict) -> tuple[dict, float | None]:
         """POST a streaming request; the last event (with all output ids) and the first event's time."""
@@ -166,9 +168,19 @@ class ChunkClient:
 
 
 def amem_usage(meta_info: dict) -> dict:
-    """What the cache did for a /generate request (its ``meta_info["amem"]``; {} when nothing)."""
+    """What the cache did for a /generate request (its ``meta_info["amem"]`` without the phase
+    timings, :func:`amem_timings`; {} when nothing)."""
     usage = meta_info.get("amem") or [{}]
-    return usage[0] if isinstance(usage, list) else usage
+    usage = usage[0] if isinstance(usage, list) else usage
+    return {k: v for k, v in usage.items() if k != "timings"}
+
+
+def amem_timings(meta_info: dict) -> dict:
+    """The scheduler's phases of a spliced request (amem_sgl.cache.usage; seconds, plus the
+    ``recv_at``/``done_at`` clock stamps); {} when nothing was spliced."""
+    usage = meta_info.get("amem") or [{}]
+    usage = usage[0] if isinstance(usage, list) else usage
+    return dict(usage.get("timings") or {})
 
 
 def error_message(reply: requests.Response) -> str:
