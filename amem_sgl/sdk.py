@@ -142,9 +142,11 @@ class Amem:
     # ------------------------------------------------------------------ turns
 
     def start_session(self, namespace: str, *, query: str | None = None, chunk_ids: Sequence[str] | None = None,
-                      k: int | None = None) -> "Session":
+                      k: int | None = None, fidelity: str | None = None) -> "Session":
         """Pin (and warm) a working set: the chunks ``query`` recalls, the given ids, or the latest.
-        The returned :class:`Session` is accepted by :meth:`ask` (``session=``), as is its id."""
+        The returned :class:`Session` is accepted by :meth:`ask` (``session=``), as is its id.
+        ``fidelity``: the session's level (default: the server's ``amem.blend.fidelity``); an
+        ``exact`` session's working set is prefilled exactly, any other is spliced and blended."""
         _require(namespace, str, "namespace")
         if query is not None:
             _require(query, str, "query")
@@ -155,7 +157,9 @@ class Amem:
                 _require(cid, str, f"chunk_ids[{i}]")
         if k is not None:
             _require_count(k, "k")
-        body = {"namespace": namespace, "query": query, "chunk_ids": list(chunk_ids) if chunk_ids else None, "k": k}
+        _require_fidelity(fidelity)
+        body = {"namespace": namespace, "query": query, "chunk_ids": list(chunk_ids) if chunk_ids else None, "k": k,
+                "fidelity": fidelity}
         data = self._call("POST", "/amem/v1/sessions", {k_: v for k_, v in body.items() if v is not None})
         return Session(self, data["session_id"], namespace, data["chunk_ids"], data.get("warm") or {})
 
@@ -185,10 +189,7 @@ class Amem:
             session = session.session_id
         elif session is not None:
             _require(session, str, "session")
-        if fidelity is not None:
-            _require(fidelity, str, "fidelity")
-            if fidelity not in FIDELITY_LEVELS:
-                raise ValueError(f"fidelity must be one of {', '.join(FIDELITY_LEVELS)}, got {fidelity!r}")
+        _require_fidelity(fidelity)
         messages = [*history, {"role": "user", "content": question}]
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
                                 "temperature": temperature}
@@ -260,6 +261,13 @@ class Session:
 def _require(value, kind: type, name: str) -> None:
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise TypeError(f"{name} must be {kind.__name__}, got {type(value).__name__} ({value!r:.60})")
+
+
+def _require_fidelity(fidelity) -> None:
+    if fidelity is not None:
+        _require(fidelity, str, "fidelity")
+        if fidelity not in FIDELITY_LEVELS:
+            raise ValueError(f"fidelity must be one of {', '.join(FIDELITY_LEVELS)}, got {fidelity!r}")
 
 
 def _require_count(value, name: str) -> None:

@@ -37,6 +37,8 @@ def test_readme_sdk_flow_two_questions_in_a_session_the_second_on_reused_kv(amem
     # The second turn's memory came from reused KV: no chunk token spliced anew or recomputed.
     assert second.reused_kv and second.spliced_tokens == 0, second.usage
     assert second.cached_tokens >= sum(c.tokens for c in amem.list("alice"))
+    # The served default is exact (configs/default.yaml): the session's turns are exact-mode turns.
+    assert first.usage["memory"]["fidelity"] == second.usage["memory"]["fidelity"] == "exact", second.usage
 
 
 DANA = ["Dana's brother Felix lives in Osaka and teaches physics.", "Dana drives a green 1998 Volvo.",
@@ -56,7 +58,8 @@ def test_first_use_prefill_computes_chunks_in_the_first_turn_and_later_turns_spl
     assert after_first["chunks_captured"] - after_remember["chunks_captured"] == len(first.chunk_ids)
     tokens = {c.id: c.tokens for c in amem.list("dana")}
     later = [cid for cid in done.ids if cid in first.chunk_ids][1:]  # they move to other positions now
-    with amem.start_session("dana", chunk_ids=later) as session:
+    # A fast session splices its working set (an exact one, the server's default, prefills it).
+    with amem.start_session("dana", chunk_ids=later, fidelity="fast") as session:
         assert session.warm["amem"]["spliced_tokens"] == sum(tokens[c] for c in later), session.warm
         reply = session.ask("What car does Dana drive?", max_tokens=16)
     assert reply.text.strip() and amem_server.amem_state()["stats"]["registered_tokens"] == before["registered_tokens"]

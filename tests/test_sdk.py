@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+import requests
 
 from amem_sgl.sdk import Amem, AmemError, Session
 
@@ -33,6 +34,7 @@ def closed_port_url() -> str:
     (lambda a: a.forget(None), TypeError),
     (lambda a: a.ask("alice", "q", fidelity=1), TypeError),
     (lambda a: a.ask("alice", "q", fidelity="perfect"), ValueError),
+    (lambda a: a.start_session("alice", fidelity="perfect"), ValueError),
 ])
 def test_client_side_mistakes_raise_before_anything_is_sent(call, error):
     amem = Amem(closed_port_url())  # were anything sent, this would be an AmemError instead
@@ -69,3 +71,14 @@ def test_start_session_then_ask_with_the_session_object_or_its_id(amem_server):
     for level in ("exact", "fast"):
         answer = amem.ask("sdk-shape", "Which pet does Nadia keep?", max_tokens=8, fidelity=level)
         assert answer.usage["memory"]["fidelity"] == level, answer.usage
+    # A session's level (default: the server's) applies to its turns; a turn's own level wins.
+    fast = amem.start_session("sdk-shape", fidelity="fast")
+    # its set spliced, or already in the tree as the fast turn above left it
+    assert fast.warm["amem"].get("spliced_tokens", 0) > 0 or fast.warm["cached_tokens"] > 0, fast.warm
+    assert fast.ask("Which pet does Nadia keep?", max_tokens=8).usage["memory"]["fidelity"] == "fast"
+    assert fast.ask("Which pet does Nadia keep?", max_tokens=8, fidelity="exact").usage["memory"]["fidelity"] == "exact"
+    fast.end()
+    assert amem.start_session("sdk-shape").ask("Which pet?", max_tokens=4).usage["memory"]["fidelity"] == "exact"
+    bad = requests.post(f"{amem_server.url}/amem/v1/sessions", json={"namespace": "sdk-shape", "fidelity": "perfect"},
+                        timeout=60)
+    assert bad.status_code == 400 and "fidelity" in bad.text, bad.text

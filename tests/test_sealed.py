@@ -86,8 +86,9 @@ def test_chunk_ids_are_keyed_by_the_servers_secret_file(amem_server, zoe):
     unkeyed = subprocess.check_output(args, env=env, text=True, timeout=300).strip()
     keyed = subprocess.check_output(args, env={**env, SECRET_FILE_ENV: str(secret)}, text=True, timeout=300).strip()
     assert zoe == [keyed] and keyed != unkeyed
-    # ... and the scheduler keys them the same way: a turn over the chunk reuses its KV.
-    chat = {"model": "default", "max_tokens": 8, "temperature": 0, "user": NS,
+    # ... and the scheduler keys them the same way: a turn over the chunk reuses its KV (a fast turn:
+    # the chunk spliced where the registered node is found).
+    chat = {"model": "default", "max_tokens": 8, "temperature": 0, "user": NS, "amem_fidelity": "fast",
             "messages": [{"role": "user", "content": "Where does Zoe keep her spare key?"}]}
     reply = post(amem_server, "/v1/chat/completions", chat)
     assert reply.status_code == 200, reply.text

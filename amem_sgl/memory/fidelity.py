@@ -42,6 +42,14 @@ def parse_margin(value: object) -> float:
     return margin
 
 
+def requested_fidelity(header: str | None, session) -> str | None:
+    """A turn's level: its own ``X-Amem-Fidelity``, else its session's (``session``: the memory
+    layer's Session or None), else None -- the server's ``amem.blend.fidelity``."""
+    if header is not None:
+        return header
+    return getattr(session, "fidelity", None)
+
+
 def exact_hints(namespace: str, kv_hints: dict | None) -> dict:
     """The exact form of a memory turn's kv_hints: same namespace and spans (captured where they
     are computed), nothing spliced or blended, under the namespace's exact salt. A plan without hints

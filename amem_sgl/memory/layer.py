@@ -65,8 +65,8 @@ class Session:
     created: float
     last_used: float
     turns: int = 0
-    # "exact": the working set grows in a stable order and turns are plain prefills (memory.exact);
-    # None: the server's blend setting.
+    # Its level (exact | guarded | fast; a turn's X-Amem-Fidelity wins). "exact": the working set grows
+    # in a stable order and turns are plain prefills (memory.exact); None: the server's default.
     fidelity: str | None = None
     rebases: int = 0  # exact mode: times the bounded working set started over
     # What warming cost: prompt and cached tokens of the warm request, and its amem usage (spliced,
