@@ -131,7 +131,8 @@ def evaluate(client: ChunkClient, items: list, namespace: str, max_new_tokens: i
         full_top = first_top_logprobs(full.meta_info)
         gold = q.gold.lower()
         for arm in arms:
-            res = arm.run(client, prompt, namespace, full_top, max_new_tokens, num_layers)
+            res = arm.run(client, prompt, namespace, full_top, max_new_tokens, num_layers, chunks=chunks,
+                          question=q.prompt)
             reuse = res.gen
             # The salted preamble is computed by the blend pass (SGLang counts it as cached). In serving
             # it is an ordinary cached prefix, so it is kept out of the prefill count and reported apart.
@@ -299,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", nargs="+", default=["none"],
                         help="arms to compare (each against the same full prefill): blend policies (none, all, "
                              "sink:K, tail:K, edges:K, hkvd:R[@L], ... -- the registry's), exact, and "
-                             "guarded:M[/POLICY] (the fidelity guard at margin M)")
+                             "guarded:M[/POLICY] (the fidelity guard at margin M), ctx:POLICY (context-aware chunk KV, "
+                             "captured from a first use in another order, then POLICY)")
     parser.add_argument("--floor", action="store_true",
                         help="also replay the full prefills on an fp32 server (the numeric floor, same prompts)")
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -9,6 +9,11 @@ cache salt (so it shares no blended prefix with another arm):
 * ``exact`` -- the same spans declared ``exact`` (amem_sgl.memory.fidelity.exact_hints): nothing
   spliced or blended; on a question seen for the first time that is a full prefill (savings come from
   a session's working set, measured by the cost curve);
+* ``ctx:POLICY`` -- context-aware chunk KV (FusionRAG's "kept from its first real use"): the item's
+  chunks are first used once, in another order (reversed), by a request with ``capture`` in a fresh
+  namespace -- each chunk computed in place behind the others and kept as its chunk node -- then the
+  compared prompt splices those nodes and blends them with POLICY. The first use is a one-time chunk
+  prefill (like registering), not counted per question;
 * ``guarded:M[/POLICY]`` -- the server's fidelity guard (amem_sgl.memory.guard.FidelityGuard, the code
   a guarded memory turn runs): a one-token probe on the spliced + blended KV (POLICY, default the
   server's); a first-token margin below M escalates the question to ``exact``, otherwise it is
@@ -54,7 +59,8 @@ class Arm:
     label = ""
 
     def run(self, client: ChunkClient, prompt, namespace: str, full_top: dict, max_new_tokens: int,
-            num_layers: int) -> ArmResult:
+            num_layers: int, **item) -> ArmResult:
+        """``item``: ``chunks`` (the item's chunk token ids) and ``question`` (its text)."""
         raise NotImplementedError
 
 
@@ -62,7 +68,7 @@ class BlendArm(Arm):
     def __init__(self, policy: BlendPolicy) -> None:
         self.policy, self.label = policy, policy.label
 
-    def run(self, client, prompt, namespace, full_top, max_new_tokens, num_layers):
+    def run(self, client, prompt, namespace, full_top, max_new_tokens, num_layers, **item):
         extra = {**logprob_request(list(full_top) or None), "top_logprobs_num": 2}
         gen = client.generate(prompt, namespace, max_new_tokens=max_new_tokens, blend=self.policy, ttft=True,
                               cache_salt=f"{self.label}-{uuid.uuid4().hex}", extra=extra)
@@ -74,7 +80,7 @@ class BlendArm(Arm):
 class ExactArm(Arm):
     label = "exact"
 
-    def run(self, client, prompt, namespace, full_top, max_new_tokens, num_layers, salt: str | None = None):
+    def run(self, client, prompt, namespace, full_top, max_new_tokens, num_layers, salt: str | None = None, **item):
         hints = exact_hints(namespace, build_kv_hints(namespace, prompt.spans))
         gen = client.generate(prompt, max_new_tokens=max_new_tokens, ttft=True,
                               cache_salt=salt or f"exact-{uuid.uuid4().hex}",
@@ -84,13 +90,26 @@ class ExactArm(Arm):
         return ArmResult(gen, gen.computed_prompt_tokens, 0, min(chunk_tokens, gen.computed_prompt_tokens), gen.ttft_s)
 
 
+class ContextArm(BlendArm):
+    def __init__(self, policy: BlendPolicy) -> None:
+        super().__init__(policy)
+        self.label = f"ctx:{policy.label}"
+
+    def run(self, client, prompt, namespace, full_top, max_new_tokens, num_layers, **item):
+        own = f"{namespace}-ctx-{uuid.uuid4().hex[:12]}"
+        first = client.layout.compose(list(reversed(item["chunks"])), item["question"])
+        client.generate(first, max_new_tokens=1, cache_salt=f"ctx-first-{uuid.uuid4().hex}",
+                        extra={"kv_hints": build_kv_hints(own, first.spans, capture=True)})
+        return super().run(client, prompt, own, full_top, max_new_tokens, num_layers)
+
+
 class GuardedArm(Arm):
     def __init__(self, url: str, margin: float, policy: BlendPolicy | None = None) -> None:
         self.guard = FidelityGuard(url, margin)
         self.policy = policy
         self.label = f"guarded:{margin:g}" + (f"/{policy.label}" if policy is not None else "")
 
-    def run(self, client, prompt, namespace, full_top, max_new_tokens, num_layers):
+    def run(self, client, prompt, namespace, full_top, max_new_tokens, num_layers, **item):
         salt = f"{self.label}-{uuid.uuid4().hex}"
         hints = build_kv_hints(namespace, prompt.spans, blend=self.policy)
         decision = self.guard.check(prompt.input_ids, hints, extra={"cache_salt": salt})
@@ -111,9 +130,11 @@ class GuardedArm(Arm):
 
 
 def parse_arm(text: str, url: str) -> Arm:
-    """``exact``, ``guarded:M[/POLICY]`` or a blend policy's spelling."""
+    """``exact``, ``guarded:M[/POLICY]``, ``ctx:POLICY`` or a blend policy's spelling."""
     if text == "exact":
         return ExactArm()
+    if text.startswith("ctx:"):
+        return ContextArm(BlendPolicy.parse(text[len("ctx:"):]))
     if text.startswith("guarded:"):
         spec = text[len("guarded:"):]
         margin, _, policy = spec.partition("/")
