@@ -94,8 +94,8 @@ def test_a_served_memory_turn_reports_its_phases_streamed_and_not(amem_server):
 
     Amem(amem_server.url).remember("timings-ns", ["Tom's brother Ian lives in Oslo.", "Tom works at a bakery in Lyon."])
 
-    def body(nonce: str) -> dict:  # its own system prompt: the chunks are spliced after it, not a prefix hit
-        return {"model": "default", "user": "timings-ns", "max_tokens": 4, "temperature": 0,
+    def body(nonce: str, level: str = "fast") -> dict:  # its own system prompt: spliced after it, not a prefix hit
+        return {"model": "default", "user": "timings-ns", "max_tokens": 4, "temperature": 0, "amem_fidelity": level,
                 "messages": [{"role": "system", "content": f"Answer briefly ({nonce})."},
                              {"role": "user", "content": "Where does Tom work?"}]}
 
@@ -142,3 +142,9 @@ def test_the_cost_curves_breakdown_averages_each_arms_phases():
     lines = table(out)
     assert lines[0] == "| phase (mean ms) | text | query |" and "| recall_s |  | 30.0 |" in lines
     assert lines[-1] == "| timed turns | 0/2 | 2/2 |"
+    # An exact turn splices nothing: its record has the phases it went through (no splice, no blend).
+    reply = requests.post(f"{amem_server.url}/v1/chat/completions", json=body("c", "exact"), timeout=300)
+    assert reply.status_code == 200, reply.text
+    exact = reply.json()["usage"]["amem"]
+    assert exact["spliced_tokens"] == 0 and exact["memory"]["fidelity"] == "exact"
+    assert {"recall_s", "queue_s", "extend_s", "total_s"} <= set(exact["timings"]) and "splice_s" not in exact["timings"]
