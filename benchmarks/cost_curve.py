@@ -345,8 +345,12 @@ def _run_with_servers(args, env, servers) -> dict:
                                     f"--port {port} --radix-cache-backend ''", port=port,
                                     log_path=args.out / "cost-curve-text.log", cwd=ROOT, env=env))
         text_url = servers[1].url
-    results = {level: run_arms(servers[0].url, text_url, args.chunks, args.turns, args.k, args.max_tokens,
-                               args.facts_per_chunk, level) for level in args.fidelity}
+    results = {}
+    for i, level in enumerate(args.fidelity):
+        if i:  # arm 1 must not find the previous level's prompts cached: it would prefill ~nothing
+            flush_cache(text_url)
+        results[level] = run_arms(servers[0].url, text_url, args.chunks, args.turns, args.k, args.max_tokens,
+                                  args.facts_per_chunk, level)
     if not args.quick:
         for server in servers:
             server.stop()
@@ -355,6 +359,15 @@ def _run_with_servers(args, env, servers) -> dict:
         for result in results.values():
             result["floor"], result["fp32_answers"] = floor, fp32
     return results
+
+
+def flush_cache(url: str) -> None:
+    """SGLang's /flush_cache (the radix tree emptied; it refuses while requests run, so retry)."""
+    for _ in range(30):
+        if requests.post(f"{url}/flush_cache", timeout=60).status_code == 200:
+            return
+        time.sleep(1)
+    raise RuntimeError(f"{url}/flush_cache kept refusing")
 
 
 def numeric_floor(result: dict, out: Path) -> tuple[float, list[str]]:
