@@ -45,6 +45,7 @@ from benchmarks import numeric_floor as numeric_floor_runs
 from benchmarks.fidelity import device_name
 from benchmarks.cost_curve_data import TOPICS, make_memory, topic_changed, turn_questions  # noqa: F401
 from benchmarks.cost_curve_plot import plot, replot  # noqa: F401 -- re-exported
+from benchmarks.cost_curve_servers import amem_config, default_setting, flush_cache, numeric_floor  # noqa: F401
 from benchmarks.ttft_phases import breakdown, table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +132,8 @@ def run_arms(amem_url: str, text_url: str, n_chunks: int, turns: int, k: int, ma
         warm = {}
         if session is None or topic_changed(asks, t):
             before = blend_counters(amem_url)
-            session = memory.start_session(session_ns, query=question, k=2 * k)  # a wider pinned set
+            # a wider pinned set, warmed at the turns' level (an exact warm-up would not serve fast turns)
+            session = memory.start_session(session_ns, query=question, k=2 * k, fidelity=fidelity)
             warm = {**blend_counters(amem_url, before), "prefilled": session.warm.get("prompt_tokens", 0)
                     - session.warm.get("cached_tokens", 0)}
         before = blend_counters(amem_url)
@@ -359,52 +361,6 @@ def _run_with_servers(args, env, servers) -> dict:
         for result in results.values():
             result["floor"], result["fp32_answers"] = floor, fp32
     return results
-
-
-def flush_cache(url: str) -> None:
-    """SGLang's /flush_cache (the radix tree emptied; it refuses while requests run, so retry)."""
-    for _ in range(30):
-        if requests.post(f"{url}/flush_cache", timeout=60).status_code == 200:
-            return
-        time.sleep(1)
-    raise RuntimeError(f"{url}/flush_cache kept refusing")
-
-
-def numeric_floor(result: dict, out: Path) -> tuple[float, list[str]]:
-    """The numeric floor on this run's own prompts: arm 1's requests again on plain SGLang in fp32;
-    the share of answers identical to arm 1's (bf16)."""
-    port = free_port()
-    command = (f"{sys.executable} -m amem_sgl.launch_server --config configs/default.yaml --port {port} "
-               f"--radix-cache-backend '' --dtype float32")
-    text = [r.answer for r in result["rows"] if r.arm == "text"]
-    with start_server(command, port=port, log_path=out / "cost-curve-fp32.log", cwd=ROOT) as server:
-        fp32 = [chat(server.url, body)[2] for body in tqdm(result["text_bodies"], desc="fp32 floor", file=sys.stderr)]
-    return sum(a == b for a, b in zip(text, fp32)) / max(len(text), 1), fp32
-
-
-def amem_config(args, env: dict) -> Path:
-    """configs/default.yaml with ``-k``, ``--prefill`` and ``--blend`` applied (written next to the run's
-    work folders)."""
-    import yaml
-
-    config = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
-    # The server recalls -k chunks per memory turn, as arm 1 does (it recalled its configured 4 while
-    # arm 1 sent -k: with -k 8, prompts of 1,616 vs 830 tokens).
-    config.setdefault("amem", {}).setdefault("memory", {})["top_k"] = args.k
-    if args.prefill:
-        config.setdefault("amem", {}).setdefault("memory", {})["prefill"] = args.prefill
-    if args.blend:
-        config.setdefault("amem", {}).setdefault("blend", {})["policy"] = args.blend
-    path = Path(env["AMEM_SGL_MEMORY_DIR"]).parent / "amem-config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def default_setting(section: str, key: str) -> str:
-    """amem.<section>.<key> of configs/default.yaml (e.g. memory.prefill, blend.fidelity)."""
-    from amem_sgl.config import load_config_file
-
-    return getattr(getattr(load_config_file(ROOT / "configs" / "default.yaml").amem, section), key)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,12 @@ def test_a_served_memory_turn_reports_its_phases_streamed_and_not(amem_server):
                 usage = json.loads(line[6:]).get("usage") or usage
     assert usage is not None and set(SERVED) | {"ingress_s", "output_s"} <= set(usage["amem"]["timings"]), usage
     assert usage["amem"]["memory"]["namespace"] == "timings-ns"
+    # An exact turn splices nothing: its record has the phases it went through (no splice, no blend).
+    reply = requests.post(f"{amem_server.url}/v1/chat/completions", json=body("c", "exact"), timeout=300)
+    assert reply.status_code == 200, reply.text
+    exact = reply.json()["usage"]["amem"]
+    assert exact["spliced_tokens"] == 0 and exact["memory"]["fidelity"] == "exact"
+    assert {"recall_s", "queue_s", "extend_s", "total_s"} <= set(exact["timings"]) and "splice_s" not in exact["timings"]
 
 
 def test_the_cost_curves_breakdown_averages_each_arms_phases():
@@ -142,9 +148,3 @@ def test_the_cost_curves_breakdown_averages_each_arms_phases():
     lines = table(out)
     assert lines[0] == "| phase (mean ms) | text | query |" and "| recall_s |  | 30.0 |" in lines
     assert lines[-1] == "| timed turns | 0/2 | 2/2 |"
-    # An exact turn splices nothing: its record has the phases it went through (no splice, no blend).
-    reply = requests.post(f"{amem_server.url}/v1/chat/completions", json=body("c", "exact"), timeout=300)
-    assert reply.status_code == 200, reply.text
-    exact = reply.json()["usage"]["amem"]
-    assert exact["spliced_tokens"] == 0 and exact["memory"]["fidelity"] == "exact"
-    assert {"recall_s", "queue_s", "extend_s", "total_s"} <= set(exact["timings"]) and "splice_s" not in exact["timings"]
