@@ -37,6 +37,9 @@ def test_a_chunk_request_admitted_without_a_splice_gets_its_phases_only():
     prompt, spans = compose([B])  # B was never registered: nothing to splice, the preamble is a prefix hit
     req = start(cache, pools, prompt, build_kv_hints("alice", spans))
     assert 0 < req.prefix_len < spans[0][1]
+    assert usage_of(req) is None
+    cache.timing_record(req)  # what the forward hook does before the batch's forward
+    cache.timing_record(req)  # once: a later chunk of a chunked prefill keeps the record
     usage = usage_of(req)
     assert set(usage) == {"namespace", "blend_policy", "timings"} and usage["namespace"] == "alice"
     assert {"match_s", "queue_s", "recv_at"} == set(usage["timings"]) and usage["timings"]["queue_s"] >= 0
@@ -47,6 +50,7 @@ def test_a_chunk_request_admitted_without_a_splice_gets_its_phases_only():
     assert req.rid not in cache._match_s and req.rid not in cache._parsed
     # A request without chunk spans gets no record at all.
     plain = start(cache, pools, prompt)
+    cache.timing_record(plain)
     assert usage_of(plain) is None
     add_timing(plain, "extend_s", 1.0)  # no record: a no-op, not an error
     stamp(plain, "done_at", 1.0)

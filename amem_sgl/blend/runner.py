@@ -168,8 +168,10 @@ def around_forward(original, worker, *args, **kwargs):
     except Exception:  # noqa: BLE001 -- serving goes on; the failure is visible in stats and log
         blender.cache.stats.blend_failures += 1
         logger.exception("amem: blend pass failed; serving these requests on their spliced KV")
-    timed = [req for req in getattr(batch, "reqs", None) or () if usage_of(req) is not None] \
-        if batch is not None and batch.forward_mode.is_extend() else []
+    extend = batch is not None and batch.forward_mode.is_extend()
+    for req in getattr(batch, "reqs", None) or () if extend else ():
+        blender.cache.timing_record(req)  # chunk requests admitted without a splice: their phases
+    timed = [req for req in getattr(batch, "reqs", None) or () if usage_of(req) is not None] if extend else []
     started = clock() if timed else 0.0
     result = original(worker, *args, **kwargs)
     if timed:

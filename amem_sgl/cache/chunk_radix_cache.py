@@ -46,7 +46,7 @@ from amem_sgl.cache.chunk_index import (  # noqa: F401 -- re-exported
 from amem_sgl.cache.residency_bridge import ResidencyBridge
 from amem_sgl.cache.splice import copy_kv
 from amem_sgl.cache.splicer import Splice, Splicer, blend_plan
-from amem_sgl.cache.usage import USAGE_KEY, CacheStats, attach_usage, clock  # noqa: F401 -- re-exported
+from amem_sgl.cache.usage import USAGE_KEY, CacheStats, attach_usage, clock, usage_of  # noqa: F401 -- re-exported
 from amem_sgl.chunks.hints import ChunkRequest, ChunkSpan, parse_kv_hints
 from amem_sgl.sglang_compat import (
     EvictParams, EvictResult, InsertParams, InsertResult, MatchPrefixParams, MatchResult, RadixCache, RadixKey)
@@ -159,8 +159,6 @@ class ChunkRadixCache(RadixCache):
         splice = self._admitted.pop(req.rid, None)
         request = self._chunk_request(req) if self.chunk_reuse_enabled else None
         if request is not None and not request.register and request.forget is None:
-            if splice is None and req.rid not in self._handed:
-                self._attach_timings(req, request)  # a prefix hit, an exact turn: its phases only
             self._hand_over(req, request, splice, req.prefix_len)
         if splice is None:
             return super().prefix_device_indices(req)
@@ -193,9 +191,15 @@ class ChunkRadixCache(RadixCache):
         if request.capture:
             self._to_capture[req.rid] = computed
 
-    def _attach_timings(self, req, request: ChunkRequest) -> None:
-        """The usage record of a chunk request admitted without a splice: its scheduler phases
-        (usage.py) and nothing else (no counters, no metrics)."""
+    def timing_record(self, req) -> None:
+        """Before a chunk request's first forward (the blend runner's hook calls it): one admitted
+        without a splice (a prefix hit, an exact turn, a cold prompt) gets a usage record of its
+        scheduler phases (usage.py) and nothing else (no counters, no metrics)."""
+        if usage_of(req) is not None or not self.chunk_reuse_enabled:
+            return
+        request = self._chunk_request(req)
+        if request is None or request.register or request.forget is not None:
+            return
         recv_at = float(getattr(getattr(req, "time_stats", None), "scheduler_recv_time", 0.0) or 0.0)
         timings = {"match_s": round(self._match_s.pop(req.rid, 0.0), 6)}
         if recv_at > 0:
