@@ -89,6 +89,7 @@ class Row:
     floor_answer_agree: bool | None = None
     reuse_margin: float | None = None  # p1 - p2 of the first token on reused KV (blend and guarded arms)
     escalated: bool | None = None  # guarded arms: the guard sent the question to exact
+    spliced_tokens: int = 0  # chunk tokens the compared request spliced (0: computed, or a prefix hit)
 
 
 def _words(text: str) -> list[str]:
@@ -144,7 +145,8 @@ def evaluate(client: ChunkClient, items: list, namespace: str, max_new_tokens: i
                 ra == gold, fa == gold, reuse.text, full.text, ra, fa,
                 first_token_kl(full_top, first_token_id_logprobs(reuse.meta_info)), res.recomputed, res.cost_tokens,
                 res.ttft_s, full.ttft_s, token_f1(reuse.text, gold), token_f1(full.text, gold), res.gap_tokens,
-                full.output_ids, reuse_margin=res.margin, escalated=res.escalated))
+                full.output_ids, reuse_margin=res.margin, escalated=res.escalated,
+                spliced_tokens=int(reuse.amem.get("spliced_tokens", 0))))
     return rows
 
 
@@ -217,7 +219,7 @@ def device_name() -> str:
 
 COLUMNS = ["n", "identical_answers", "numeric_floor", "answer_agreement", "reuse_accuracy", "full_accuracy",
            "accuracy_delta", "first_token_agreement", "first_token_kl", "recomputed_fraction", "mean_chunk_tokens",
-           "prefill_ratio_full_over_reuse", "ttft_ratio_full_over_reuse", "escalation_rate"]
+           "prefill_ratio_full_over_reuse", "ttft_ratio_full_over_reuse", "escalation_rate", "spliced_fraction"]
 
 
 def _cell(value) -> str:
@@ -255,7 +257,9 @@ def write_report(summary: dict, rows: list[Row], meta: dict, out_dir: Path, tag:
     lines += ["", "identical_answers: greedy output ids equal; answer_agreement: normalised extracted answers equal; "
               "numeric_floor: fp32 vs bf16 full prefill on the same prompts (identical output ids); first_token_kl: "
               "KL(full || reuse) over the full arm's top-20 first tokens + the rest (a lower bound); "
-              "recomputed_fraction: recomputed chunk tokens + probe layers, of a full prefill of the chunks."]
+              "recomputed_fraction: recomputed chunk tokens + probe layers, of a full prefill of the chunks; "
+              "spliced_fraction: chunk tokens the compared request spliced (a blend arm far below 1 measured "
+              "computed chunks, not reuse: e.g. its chunk nodes were evicted first)."]
     md_path.write_text("\n".join(lines) + "\n")
     return json_path, md_path
 

@@ -101,6 +101,7 @@ def summarize_rows(group: list[dict]) -> dict:
         "numeric_floor_answer_agreement": sum(floor_agree) / len(floor_agree) if floor_agree else None,
         "escalation_rate": _mean(float(r["escalated"]) for r in group if r.get("escalated") is not None),
         "first_token_margin": _mean(r.get("reuse_margin") for r in group),
+        "spliced_fraction": sum(r.get("spliced_tokens", 0) for r in group) / chunk,
     }
 
 

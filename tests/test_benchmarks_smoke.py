@@ -35,6 +35,8 @@ def test_fidelity_quick_run_writes_a_valid_report_and_plot(amem_server, tmp_path
     # The guard replayed over the blend arms' margins: every threshold, escalations growing with it.
     # Context-aware chunk KV (captured from a first use in another order) is spliced, not recomputed.
     assert all(r["reuse_computed_tokens"] < r["full_computed_tokens"] for r in data["rows"] if r["policy"] == "ctx:none")
+    assert data["summary"]["ctx:none overall"]["spliced_fraction"] > 0.99 and none["spliced_fraction"] > 0.99
+    assert data["summary"]["exact overall"]["spliced_fraction"] == 0.0
     assert set(data["guard_sweep"]) == {"none", "all", "ctx:none"}
     rates = [x["escalation_rate"] for x in data["guard_sweep"]["none"]["sweep"]]
     assert rates == sorted(rates) and len(rates) == 21
