@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--disk-chunks", type=int, default=40, help="chunks remembered into the full disk tier")
     parser.add_argument("--load-seconds", type=float, default=None,
                         help="start no load request after this many seconds (the report says how many of the "
-                             "planned clients x per-client were sent); default: no limit")
+                             "planned clients x per-client were sent; the load under the residency kill gets a "
+                             "quarter of it); default: no limit")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         print("load:", report.short(results["load"]), flush=True)
         results["fuzz"] = timed(harness.fuzz, args.fuzz)
         print("fuzz:", report.short(results["fuzz"]), flush=True)
-        results["residency_kill"] = timed(harness.residency_kill, 16, max(2, args.per_client // 10))
+        results["residency_kill"] = timed(harness.residency_kill, 16, max(2, args.per_client // 10), 5.0,
+                                          args.load_seconds and max(60.0, args.load_seconds / 4))
         print("residency kill:", report.short(results["residency_kill"]), flush=True)
         results["disk_full"] = timed(harness.disk_full, args.disk_chunks)
         print("disk full:", report.short(results["disk_full"]), flush=True)

@@ -76,10 +76,11 @@ class Harness:
                 "namespaces": len(after), "chunks": sum(len(c) for c in after.values()),
                 "same_answer_after": self.ask(self.namespaces[0]) == answer}
 
-    def residency_kill(self, clients: int, per_client: int, after_s: float = 5.0) -> dict:
+    def residency_kill(self, clients: int, per_client: int, after_s: float = 5.0, seconds: float | None = None) -> dict:
         report = faults.residency_kill_under_load(
             self.server, lambda: load.run(self.url, self.namespaces, self.client, clients=clients,
-                                          per_client=per_client, seed=self.seed + 1), after_s=after_s)
+                                          per_client=per_client, seed=self.seed + 1, seconds=seconds),
+            after_s=after_s)
         return {**report, **self.health()}
 
     def disk_full(self, chunks: int) -> dict:
