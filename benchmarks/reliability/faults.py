@@ -181,12 +181,13 @@ def residency_kill_under_load(server: LocalServer, run_load, *, after_s: float =
 
         os.kill(old, signal.SIGKILL)
         killed_at = time.monotonic()
+        # Watched while the load runs (after it, the figure would be the load's length, not the restart's).
+        while not (new := [p for p in residency_pids(server) if p != old]) and time.monotonic() < killed_at + 120:
+            time.sleep(0.5)
+        seen = round(time.monotonic() - killed_at, 1) if new else None
         report = future.result()
-    deadline = time.monotonic() + 120
-    while not (new := [p for p in residency_pids(server) if p != old]) and time.monotonic() < deadline:
-        time.sleep(0.5)
     return {"load": report, "killed_pid": old, "restarted_pid": new[0] if new else None,
-            "restart_seen_s": round(time.monotonic() - killed_at, 1) if new else None,
+            "restart_seen_s": seen,
             "server_alive": server.proc.poll() is None and servers.answers(server.url)}
 
 
