@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.set(xlabel="chunk compute spent (% of a full re-prefill of the chunks)",
            ylabel="answers identical to a full re-prefill", ylim=(0, 1.05), xlim=(0, 130))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left")
     ax.set_title("blend policies, guard and exact: compute vs fidelity", fontsize=10)
     fig.tight_layout()
     stem = out / f"{dt.date.today().isoformat()}-{device_name()}-fidelity-tradeoff"
