@@ -15,8 +15,8 @@ import types
 
 import httpx
 
+from amem_sgl.chunks.compose import Composer
 from amem_sgl.chunks.identity import chunk_id
-from amem_sgl.memory.layer import MemoryLayer
 from amem_sgl.memory.store import MemoryStore, UnknownNamespace
 
 TEXT_MODEL_ID = "amem-proxy-text"  # chunk ids of text memory: (namespace, this, the text's UTF-8 bytes)
@@ -33,7 +33,7 @@ class BackendError(RuntimeError):
 class LocalBackend:
     def __init__(self, root, chunk_tokens: int = 128) -> None:
         self.store = MemoryStore(root)
-        self.config = types.SimpleNamespace(chunk_tokens=chunk_tokens)  # what MemoryLayer.split reads
+        self.config = types.SimpleNamespace(chunk_tokens=chunk_tokens)  # the splitter's chunk size
 
     @property
     def tokenizer(self):
@@ -42,10 +42,17 @@ class LocalBackend:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    @property
+    def composer(self) -> Composer:
+        """The server's composition module over the embedder's tokenizer (what the splitter counts)."""
+        if getattr(self, "_composer", None) is None:
+            self._composer = Composer(self.tokenizer)
+        return self._composer
+
     def split(self, text: str) -> list[str]:
         """The server's own splitter (sentence-bounded chunks of at most ``chunk_tokens`` tokens), here
-        counting the embedder's tokens: it needs only ``config.chunk_tokens``, ``encode`` and ``tokenizer``."""
-        return MemoryLayer.split(self, text)
+        counting the embedder's tokens."""
+        return self.composer.split_text(text, self.config.chunk_tokens)
 
     def remember(self, namespace: str, docs: list[tuple[str, dict]]) -> list[dict]:
         items = []
