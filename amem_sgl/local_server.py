@@ -53,6 +53,15 @@ class LocalServer:
         self.stop()
 
 
+def flush_cache(url: str, *, tries: int = 50, wait_s: float = 0.2) -> None:
+    """SGLang's ``/flush_cache`` (the radix tree emptied); it refuses while requests run, so retry."""
+    for _ in range(tries):
+        if requests.post(f"{url}/flush_cache", timeout=60).status_code == 200:
+            return
+        time.sleep(wait_s)
+    raise RuntimeError(f"{url}/flush_cache kept refusing (requests still running?)")
+
+
 def amem_state(url: str) -> dict:
     """The amem tree's report from the server at ``url``'s /get_server_info (internal_states[0].amem)."""
     info = requests.get(f"{url}/get_server_info", timeout=30).json()

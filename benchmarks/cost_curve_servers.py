@@ -4,24 +4,19 @@ between fidelity levels, and the fp32 replay of arm 1 for the numeric floor."""
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
-import requests
 from tqdm.auto import tqdm
 
+from amem_sgl import local_server
 from amem_sgl.local_server import free_port, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def flush_cache(url: str) -> None:
-    """SGLang's /flush_cache (the radix tree emptied; it refuses while requests run, so retry)."""
-    for _ in range(30):
-        if requests.post(f"{url}/flush_cache", timeout=60).status_code == 200:
-            return
-        time.sleep(1)
-    raise RuntimeError(f"{url}/flush_cache kept refusing")
+    """Arm 1's server emptied between fidelity levels (a level's turns may take a while to drain)."""
+    local_server.flush_cache(url, tries=30, wait_s=1.0)
 
 
 def numeric_floor(result: dict, out: Path) -> tuple[float, list[str]]:

@@ -32,10 +32,9 @@ import uuid
 from pathlib import Path
 
 import psutil
-import requests
 
 from amem_sgl.chunks.client import ChunkClient, ComposedPrompt
-from amem_sgl.local_server import free_port, start_server
+from amem_sgl.local_server import flush_cache, free_port, start_server
 from benchmarks.fidelity import device_name
 from benchmarks.ttft import chunk_texts
 
@@ -60,11 +59,7 @@ def residency_pids(server) -> list[int]:
 
 
 def flush(url: str) -> None:
-    for _ in range(50):
-        if requests.post(f"{url}/flush_cache", timeout=60).status_code == 200:
-            return
-        time.sleep(0.2)
-    raise RuntimeError("/flush_cache kept failing (requests still running?)")
+    flush_cache(url)
 
 
 def run(url: str, server, n_chunks: int, repeats: int) -> dict:
