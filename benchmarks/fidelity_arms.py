@@ -115,8 +115,9 @@ class GuardedArm(Arm):
         salt = f"{self.label}-{uuid.uuid4().hex}"
         hints = build_kv_hints(namespace, prompt.spans, blend=self.policy)
         decision = self.guard.check(prompt.input_ids, hints, extra={"cache_salt": salt})
-        probe = amem_usage(decision.meta or {})
-        probe_computed = (decision.meta or {}).get("prompt_tokens", 0) - (decision.meta or {}).get("cached_tokens", 0)
+        meta = decision.meta or {}  # the probe's meta_info (empty when it failed)
+        probe = amem_usage(meta)
+        probe_computed = meta.get("prompt_tokens", 0) - meta.get("cached_tokens", 0)
         p_recomputed = int(probe.get("recomputed_tokens", 0))
         p_cost = p_recomputed + probe.get("probed_tokens", 0) * probe.get("probe_layers", 0) / num_layers
         if decision.escalated:
