@@ -31,6 +31,9 @@ LEADS = ["Ines Duarte", "Tomas Berg", "Priya Nair", "Kofi Mensah", "Lena Vogel",
          "Mei Tanaka", "Omar Haddad", "Sara Lind", "Yuki Mori", "Ravi Shah", "Nora Field",
          "Emil Kraus", "Ada Quinn", "Luis Ortega", "Hana Sato"]
 BLENDS = ["edges:8", "none", "hkvd:0.1", "sink+hkvd:4:0.05"]
+# A memory turn's fidelity level (X-Amem-Fidelity): mostly fast (splice + blend), some guarded (the probe,
+# escalated when unsure) and exact (the server's default: the working set prefilled in place).
+FIDELITY = {"fast": 2, "guarded": 1, "exact": 1}
 KINDS = {"memory_chat": 25, "memory_stream": 12, "memory_completion": 8, "native_splice": 10, "cross_probe": 5,
          "plain_chat": 10, "plain_stream": 5, "remember_forget": 12, "search": 6, "session": 7}
 MAX_TOKENS = 16
@@ -97,6 +100,7 @@ class Load:
         self.errors: list[dict] = []
         self.violations: list[dict] = []
         self.unknown: list[tuple[str, str, str]] = []
+        self.levels: collections.Counter = collections.Counter()  # memory turns per fidelity level
         self.stop_at: float | None = None  # monotonic time after which no client starts a request
 
     def resolve_unknown(self) -> None:
@@ -113,6 +117,9 @@ class Load:
             self.unknown += [(ns.name, kind, c) for c in chunks if c not in self.owner]
         others = [o.secret for o in self.namespaces if o is not ns and o.secret in text]
         spliced = usage.get("spliced_tokens", 0)
+        with self.lock:
+            self.levels["turns_spliced"] += spliced > 0
+            self.levels["turns_escalated"] += bool(usage.get("escalated"))
         held = sum(self.tokens.get(c, 0) for c in chunks)
         problems = {}
         if foreign:
@@ -128,10 +135,10 @@ class Load:
     # ------------------------------------------------------------------ request kinds
 
     def _chat(self, s: requests.Session, ns: Namespace | None, question: str, *, stream: bool = False,
-              header: bool = False) -> tuple[str, list[str], dict]:
+              header: bool = False, fidelity: str | None = None) -> tuple[str, list[str], dict]:
         body = {"model": "default", "max_tokens": MAX_TOKENS, "temperature": 0, "stream": stream,
                 "messages": [{"role": "user", "content": question}]}
-        headers = {}
+        headers = {"X-Amem-Fidelity": fidelity} if fidelity else {}
         if ns is not None and header:
             headers["X-Amem-Namespace"] = ns.name
         elif ns is not None:
@@ -156,15 +163,21 @@ class Load:
         chunks = [c for c in reply.headers.get("x-amem-chunks", "").split(",") if c]
         return text, chunks, {}
 
+    def _fidelity(self, rng: random.Random) -> str:
+        level = rng.choices(list(FIDELITY), weights=list(FIDELITY.values()))[0]
+        with self.lock:
+            self.levels[level] += 1
+        return level
+
     def one(self, s: requests.Session, kind: str, ns: Namespace, other: Namespace, rng: random.Random) -> None:
         if kind in ("memory_chat", "memory_stream"):
             text, chunks, usage = self._chat(s, ns, ns.question, stream=kind == "memory_stream",
-                                             header=kind == "memory_stream")
+                                             header=kind == "memory_stream", fidelity=self._fidelity(rng))
             self._check_memory(ns, kind, chunks, text, usage)
         elif kind == "memory_completion":
-            reply = s.post(f"{self.url}/v1/completions", timeout=TIMEOUT, json={
-                "model": "default", "user": ns.name, "max_tokens": MAX_TOKENS, "temperature": 0,
-                "prompt": f"Q: {ns.question}\nA:"})
+            reply = s.post(f"{self.url}/v1/completions", timeout=TIMEOUT, headers={"X-Amem-Fidelity": self._fidelity(rng)},
+                           json={"model": "default", "user": ns.name, "max_tokens": MAX_TOKENS, "temperature": 0,
+                                 "prompt": f"Q: {ns.question}\nA:"})
             _ok(reply)
             data = reply.json()
             usage = (data.get("usage") or {}).get("amem") or {}
@@ -302,7 +315,7 @@ def run(url: str, namespaces: list[Namespace], client: ChunkClient, *, clients: 
             else None, "requests": len(load.records), "errors": len(load.errors), "violations": len(load.violations),
             "cross_namespace": sum(1 for v in load.violations if v.keys() & {"foreign_chunks", "foreign_secrets",
                                                                              "foreign_kv", "spliced_over_own"}),
-            "wall_s": round(wall, 1), "requests_per_s": round(len(load.records) / wall, 2), "kinds": kinds,
+            "memory_turns": dict(load.levels), "wall_s": round(wall, 1), "requests_per_s": round(len(load.records) / wall, 2), "kinds": kinds,
             "error_samples": load.errors[:20], "violation_samples": load.violations[:20]}
 
 

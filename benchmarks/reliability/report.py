@@ -42,6 +42,12 @@ def markdown(meta: dict, r: dict) -> str:
              f"{load['memory']['secret_answered']}/{load['memory']['namespaces']} | {load['requests_per_s']} | "
              f"{load['wall_s']} |", "", "| request kind | requests | errors | p50 s | max s |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {v['requests']} | {v['errors']} | {v['p50_s']} | {v['max_s']} |" for k, v in load["kinds"].items()]
+    turns = load.get("memory_turns") or {}
+    if turns:
+        lines += ["", "Memory turns by fidelity level (X-Amem-Fidelity): " + ", ".join(
+            f"{level} {turns.get(level, 0)}" for level in ("fast", "guarded", "exact"))
+            + f"; turns that spliced chunk KV {turns.get('turns_spliced', 0)}, escalated by the guard "
+              f"{turns.get('turns_escalated', 0)} (non-streaming turns report usage)."]
     lines += ["", "## Fuzz", "",
               f"{fz['cases']} generated bad requests (seeded), {fz['wall_s']} s: **{fz['four_xx_with_message']}** a 4xx "
               f"with a message, {fz['five_xx']} 5xx, {fz['two_xx']} 2xx, {fz['no_answer']} unanswered; not explained by a "
