@@ -212,11 +212,20 @@ class ChunkRadixCache(RadixCache):
         return [(i, self.blend_plans.pop(req.rid)) for i, req in enumerate(reqs) if req.rid in self.blend_plans]
 
     def alloc(self, n: int) -> torch.Tensor | None:
-        """``n`` free slots (evicting unlocked entries if needed), or None."""
+        """``n`` free slots (evicting unlocked entries if needed), or None.
+
+        SGLang checkpoints and releases requests inside the allocator's free group (its batch-result
+        processors), where freed slots -- evictions included -- are held until ``free_group_end``.
+        A capture allocates there, so when the free list is short the held frees are handed back
+        first: what the group would free at its end anyway, earlier."""
         allocator = self.token_to_kv_pool_allocator
         if allocator.available_size() < n:
             self.evict(EvictParams(num_tokens=n - allocator.available_size()))
         slots = allocator.alloc(n)
+        if slots is None and getattr(allocator, "free_group", None):
+            allocator.free_group_end()
+            allocator.free_group_begin()
+            slots = allocator.alloc(n)
         return None if slots is None else slots.to(torch.int64)
 
     # ------------------------------------------------------------------ tree overrides
@@ -278,7 +287,7 @@ class ChunkRadixCache(RadixCache):
     def _forget_request(self, rid: str) -> None:
         self._drop_admitted(rid)
         self.blend_plans.pop(rid, None)
-        self._to_capture.pop(rid, None)
+        self.stats.captures_skipped += len(self._to_capture.pop(rid, None) or ())
         self._handed.discard(rid)
         self._match_s.pop(rid, None)
         self._parsed.pop(rid, None)
@@ -332,6 +341,7 @@ class ChunkRadixCache(RadixCache):
             src = row[span.start: span.end].to(torch.int64)
             slots = self.alloc(len(span))
             if slots is None:
+                todo.insert(0, span)  # no slots even after evicting: tried again at the next checkpoint
                 return
             copy_kv(self.chunks.kv_pool, src, slots)
             self.index.register(request.namespace, tokens, slots, span.start)

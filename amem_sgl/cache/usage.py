@@ -88,6 +88,7 @@ class CacheStats:
     registered_tokens: int = 0  # chunk tokens prefilled by register requests
     chunks_captured: int = 0  # chunks kept from a request that computed them in place (first use)
     captured_tokens: int = 0
+    captures_skipped: int = 0  # spans a capture request released without keeping (no slots, or never computed)
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
