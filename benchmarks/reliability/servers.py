@@ -66,9 +66,14 @@ def start(workdir: Path, *, serve_command: str = LAUNCHER, amem: dict | None = N
     return start_server(f"{command} --port {port} --max-total-tokens {MAX_TOTAL_TOKENS}", port=port,
                         log_path=workdir / f"{name}-{int(time.time() * 1000)}.log", cwd=ROOT,
                         timeout_s=timeout_s,
-                        env={"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+                        env={"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": BENCH_THREADS,
                              "AMEM_SGL_RESIDENCY_DIR": str(workdir / "residency"),
                              "AMEM_SGL_MEMORY_DIR": str(workdir / "memory")})
+
+
+# One torch thread per server (as benchmarks/fidelity.py): with a spinning thread per core, a loaded
+# 2-core machine made this load decode at ~3 tokens/s (16 running requests, 5 s per step).
+BENCH_THREADS = os.environ.get("OMP_NUM_THREADS", "1")
 
 
 def kill9(server: LocalServer) -> None:
