@@ -13,9 +13,9 @@ cache salt (so it shares no blended prefix with another arm):
   chunks are first used once, in another order (reversed), by a request with ``capture`` in a fresh
   namespace -- each chunk computed in place behind the others and kept as its chunk node -- then the
   compared prompt splices those nodes and blends them with POLICY. The first use is a one-time chunk
-  prefill (like registering), not counted per question. Known issue: on a server with a busy pool
-  the captured nodes are often missing when the compared prompt runs (its chunks are then computed:
-  the report's ``spliced_fraction`` shows it), so ctx figures are valid only where that is ~1;
+  prefill (like registering), not counted per question. The report's ``spliced_fraction`` checks
+  that the compared prompt spliced the captured nodes (before the fix in ChunkRadixCache.alloc a
+  capture on a full pool kept nothing: benchmarks/results/void/);
 * ``guarded:M[/POLICY]`` -- the server's fidelity guard (amem_sgl.memory.guard.FidelityGuard, the code
   a guarded memory turn runs): a one-token probe on the spliced + blended KV (POLICY, default the
   server's); a first-token margin below M escalates the question to ``exact``, otherwise it is

@@ -16,13 +16,13 @@ def test_fidelity_quick_run_writes_a_valid_report_and_plot(amem_server, tmp_path
     from benchmarks import fidelity_tradeoff
 
     argv = ["--url", amem_server.url, "--quick", "--out", str(tmp_path), "--policies", "none", "all", "exact",
-            "guarded:1", "guarded:0/none"]
+            "guarded:1", "guarded:0/none", "ctx:none"]
     assert fidelity.main(argv) == 0
-    (report,) = tmp_path.glob("*fidelity-main-none-all-exact-guarded1-guarded0none-quick.json")
+    (report,) = tmp_path.glob("*fidelity-main-none-all-exact-guarded1-guarded0none-ctxnone-quick.json")
     data = json.loads(report.read_text())
     assert data["meta"]["set"] == "main" and data["meta"]["split"] == "test"
     none, everything = data["summary"]["none overall"], data["summary"]["all overall"]
-    assert none["n"] == everything["n"] == 3 and len(data["rows"]) == 15
+    assert none["n"] == everything["n"] == 3 and len(data["rows"]) == 18
     # exact splices nothing: it prefills every prompt token, as the full arm does.
     assert all(r["reuse_computed_tokens"] == r["full_computed_tokens"] for r in data["rows"] if r["policy"] == "exact")
     # The guard at margin 1 escalates every question (no margin reaches 1 with two candidates), at 0 none.
@@ -35,7 +35,11 @@ def test_fidelity_quick_run_writes_a_valid_report_and_plot(amem_server, tmp_path
     # The guard replayed over the blend arms' margins: every threshold, escalations growing with it.
     assert none["spliced_fraction"] > 0.99  # every chunk of the pure-splice arm was spliced
     assert data["summary"]["exact overall"]["spliced_fraction"] == 0.0
-    assert set(data["guard_sweep"]) == {"none", "all"}
+    # Context-aware chunk KV: the chunks captured by the first use (another order, a fresh namespace) are
+    # all spliced by the compared prompt, on the shared server's full pool too (tests/test_ctx_capture.py).
+    ctx = [r for r in data["rows"] if r["policy"] == "ctx:none"]
+    assert [r["spliced_tokens"] for r in ctx] == [r["chunk_tokens"] for r in ctx], ctx
+    assert set(data["guard_sweep"]) == {"none", "all", "ctx:none"}
     rates = [x["escalation_rate"] for x in data["guard_sweep"]["none"]["sweep"]]
     assert rates == sorted(rates) and len(rates) == 21
     assert {"none band=short", "none band=medium", "none band=long"} <= set(data["summary"])
@@ -47,7 +51,7 @@ def test_fidelity_quick_run_writes_a_valid_report_and_plot(amem_server, tmp_path
     assert all(isinstance(r["first_token_kl"], float) and r["first_token_kl"] >= 0 for r in data["rows"])
     # Pure reuse computes fewer prompt tokens than the isolated full prefill on every question.
     assert all(r["reuse_computed_tokens"] < r["full_computed_tokens"] for r in data["rows"] if r["policy"] == "none")
-    assert set(data["targets"]) == {"none", "all", "exact", "guarded:1", "guarded:0/none"}
+    assert set(data["targets"]) == {"none", "all", "exact", "guarded:1", "guarded:0/none", "ctx:none"}
     assert (tmp_path / report.name.replace(".json", ".md")).read_text().startswith("# Fidelity (main set")
     # The trade-off plot draws the run.
     assert fidelity_tradeoff.main(["--results", str(tmp_path)]) == 0
