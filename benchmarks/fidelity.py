@@ -1,9 +1,12 @@
 """Fidelity of chunk reuse against a full re-prefill of the same prompt, on the real server.
 
-Two question sets (benchmarks.fidelity_data): ``main`` -- single-fact lookups among distractor
+Three question sets (benchmarks.fidelity_data): ``main`` -- single-fact lookups among distractor
 facts of other kinds, which a full prefill of SmolLM2-135M answers (0.77 on 60), the yardstick of
 the product's promise; ``twohop`` -- the earlier one/two-hop city questions (full prefill right
-~0.3 of the time). ``--split calibration`` draws the main set's calibration split (other people,
+~0.3 of the time); ``long`` -- the cost curve's questions over its memory chunks, answered in free
+form (64 new tokens by default): ``identical`` is then the whole 64-token text, ``answer_agreement``
+the first entity each answer names (as on the other sets), ``text_f1_vs_full`` the token F1 of the
+reuse answer against the full prefill's (1.0: the same words). ``--split calibration`` draws the main set's calibration split (other people,
 another seed stream), the one any tuned threshold is fitted on; reported figures use ``test``.
 
 For every question its chunks are registered (KV computed once, behind the chat preamble), the
@@ -26,6 +29,7 @@ numeric floor on the same prompts (the full arm replayed on an fp32 server), per
     python -m benchmarks.fidelity                  # starts a server with configs/default.yaml
     python -m benchmarks.fidelity --url http://127.0.0.1:30000 --n 120
     python -m benchmarks.fidelity --quick          # 3 questions, for a smoke run
+    python -m benchmarks.fidelity --set long --n 24 --policies edges:8 exact --floor
     python -m benchmarks.fidelity --policies none sink:4 hkvd:0.15 sink+hkvd:4:0.1 all --n 60
 """
 
@@ -48,7 +52,7 @@ from tqdm.auto import tqdm
 
 from amem_sgl.chunks.client import ChunkClient
 from benchmarks.fidelity_arms import Arm, guard_sweep, parse_arm
-from benchmarks.fidelity_data import make_lookups, make_questions
+from benchmarks.fidelity_data import make_long_answers, make_lookups, make_questions
 from benchmarks.fidelity_metrics import (answer_of, first_token_id_logprobs, first_token_kl, first_top_logprobs,
                                          logprob_request, summarize_rows, target_gaps)
 
@@ -90,6 +94,7 @@ class Row:
     reuse_margin: float | None = None  # p1 - p2 of the first token on reused KV (blend and guarded arms)
     escalated: bool | None = None  # guarded arms: the guard sent the question to exact
     spliced_tokens: int = 0  # chunk tokens the compared request spliced (0: computed, or a prefix hit)
+    text_f1: float = 0.0  # token F1 of the reuse answer's text against the full prefill's
 
 
 def _words(text: str) -> list[str]:
@@ -108,14 +113,19 @@ def token_f1(answer: str, gold: str) -> float:
 
 def load_items(dataset: str, n: int, seed: int, split: str = "test") -> list:
     """The harness's items: ``main`` (single-fact lookups, the product's yardstick) or ``twohop``
-    (the earlier 200-question set: one- and two-hop city questions; test split only)."""
+    (the earlier 200-question set: one- and two-hop city questions; test split only) or ``long``
+    (free-form answers over the cost curve's memory; test split only)."""
     if dataset == "main":
         return make_lookups(n, seed=seed, split=split)
     if dataset == "twohop":
         if split != "test":
             raise ValueError("the two-hop set has no calibration split")
         return make_questions(n, seed=seed)
-    raise ValueError(f"unknown set {dataset!r} (main, twohop)")
+    if dataset == "long":
+        if split != "test":
+            raise ValueError("the long-answer set has no calibration split")
+        return make_long_answers(n, seed=seed)
+    raise ValueError(f"unknown set {dataset!r} (main, twohop, long)")
 
 
 def evaluate(client: ChunkClient, items: list, namespace: str, max_new_tokens: int,
@@ -146,7 +156,7 @@ def evaluate(client: ChunkClient, items: list, namespace: str, max_new_tokens: i
                 first_token_kl(full_top, first_token_id_logprobs(reuse.meta_info)), res.recomputed, res.cost_tokens,
                 res.ttft_s, full.ttft_s, token_f1(reuse.text, gold), token_f1(full.text, gold), res.gap_tokens,
                 full.output_ids, reuse_margin=res.margin, escalated=res.escalated,
-                spliced_tokens=int(reuse.amem.get("spliced_tokens", 0))))
+                spliced_tokens=int(reuse.amem.get("spliced_tokens", 0)), text_f1=token_f1(reuse.text, full.text)))
     return rows
 
 
@@ -219,7 +229,8 @@ def device_name() -> str:
 
 COLUMNS = ["n", "identical_answers", "numeric_floor", "answer_agreement", "reuse_accuracy", "full_accuracy",
            "accuracy_delta", "first_token_agreement", "first_token_kl", "recomputed_fraction", "mean_chunk_tokens",
-           "prefill_ratio_full_over_reuse", "ttft_ratio_full_over_reuse", "escalation_rate", "spliced_fraction"]
+           "prefill_ratio_full_over_reuse", "ttft_ratio_full_over_reuse", "escalation_rate", "spliced_fraction",
+           "text_f1_vs_full"]
 
 
 def _cell(value) -> str:
@@ -259,7 +270,8 @@ def write_report(summary: dict, rows: list[Row], meta: dict, out_dir: Path, tag:
               "KL(full || reuse) over the full arm's top-20 first tokens + the rest (a lower bound); "
               "recomputed_fraction: recomputed chunk tokens + probe layers, of a full prefill of the chunks; "
               "spliced_fraction: chunk tokens the compared request spliced (a blend arm far below 1 measured "
-              "computed chunks, not reuse: e.g. its chunk nodes were evicted first)."]
+              "computed chunks, not reuse: e.g. its chunk nodes were evicted first); text_f1_vs_full: token F1 of "
+              "the reuse answer's text against the full prefill's (the long-answer set's closeness measure)."]
     md_path.write_text("\n".join(lines) + "\n")
     return json_path, md_path
 
@@ -292,15 +304,16 @@ def run(url: str, dataset: str, n: int, seed: int, split: str, arms: list[str], 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running amem server (default: start one)")
-    parser.add_argument("--set", dest="dataset", default="main", choices=["main", "twohop"],
-                        help="main: single-fact lookups (default); twohop: the earlier one/two-hop city set")
+    parser.add_argument("--set", dest="dataset", default="main", choices=["main", "twohop", "long"],
+                        help="main: single-fact lookups (default); twohop: the earlier one/two-hop city set; "
+                             "long: free-form answers over the cost curve's memory (64 new tokens)")
     parser.add_argument("--split", default="test", choices=["test", "calibration"],
                         help="main set only: calibration is for tuning thresholds, never for reported figures")
     parser.add_argument("--n", type=int, default=120, help="questions (spread over the length bands)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run for CI: 3 questions (one per band), 8 new tokens")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 16 (long set: 64)")
     parser.add_argument("--policies", nargs="+", default=["none"],
                         help="arms to compare (each against the same full prefill): blend policies (none, all, "
                              "sink:K, tail:K, edges:K, hkvd:R[@L], ... -- the registry's), exact, and "
@@ -311,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     n, max_new_tokens = (3, 8) if args.quick else (args.n, args.max_new_tokens)
+    if max_new_tokens is None:
+        max_new_tokens = 64 if args.dataset == "long" else 16
     command = "python -m benchmarks.fidelity " + " ".join(argv if argv is not None else sys.argv[1:])
     server = None
     if args.url is None:

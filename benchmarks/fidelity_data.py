@@ -9,6 +9,9 @@ distractors about other people. Two kinds:
 
 Length bands set how much text surrounds each fact: ``short`` (the bare fact, ~10-20 tokens),
 ``medium`` (~100 tokens of narrative around it) and ``long`` (~300 tokens).
+
+The main set (:func:`make_lookups`) is below; the long-answer set (:func:`make_long_answers`) asks the
+cost curve's questions over the cost curve's memory chunks for free-form answers of ~64 tokens.
 """
 
 from __future__ import annotations
@@ -209,3 +212,61 @@ def extract_answer(text: str) -> str:
             return w
     first = text.strip().splitlines()[0] if text.strip() else ""
     return " ".join(re.findall(r"[a-z0-9]+", first.lower()))
+
+
+# ---------------------------------------------------------------------------- long free-form answers
+#
+# The cost curve's memory (benchmarks.cost_curve_data: packed fact chunks of ~250 tokens and document
+# passages of ~150-300 tokens) and its questions ("In my travel notes, which city is X connected
+# to?"), asked for a free-form answer of a few sentences: the harness compares the whole generated
+# text (``--set long``, 64 new tokens by default), where most divergence shows up after the first token.
+
+
+@dataclasses.dataclass(frozen=True)
+class LongAnswer:
+    """A long-answer item: same fields the harness reads from a :class:`Question`. ``band`` says what
+    holds the answer: a packed ``facts`` chunk or a document ``passage``."""
+
+    qid: str
+    band: str
+    kind: str
+    question: str
+    gold: str
+    chunks: tuple[str, ...]
+    hops: int = 1
+
+    @property
+    def prompt(self) -> str:
+        return f"Using the notes above, answer the question in a few sentences. {self.question}"
+
+
+def make_long_answers(n: int, *, seed: int = 0, chunks_per_item: int = 4, memory_chunks: int = 48) -> list[LongAnswer]:
+    """``n`` items over one cost-curve memory of ``memory_chunks`` chunks: each asks about one person
+    whose city the memory names once, with the chunk holding the fact and ``chunks_per_item - 1``
+    other chunks of the same topic (so the question's topic does not pick the chunk out), shuffled.
+    Round-robin over topics; within a topic over its chunks (passages and fact chunks alternate)."""
+    from benchmarks.cost_curve_data import TOPICS, make_memory
+
+    texts, questions, gold = make_memory(memory_chunks, seed=seed)
+    rng = random.Random(seed + 7_000_003)
+    head, tail = "which city is ", " connected to?"
+    items = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        own = [c for c in range(len(texts)) if c % len(TOPICS) == TOPICS.index(topic)]
+        target = own[(i // len(TOPICS)) % len(own)]
+        asked = [q for q in questions[topic] if len(gold[q]) == 1
+                 and _names_in(texts[target], q[q.index(head) + len(head): -len(tail)])]
+        question = rng.choice(asked)
+        others = rng.sample([c for c in own if c != target], chunks_per_item - 1)
+        order = [target, *others]
+        rng.shuffle(order)
+        band = "passage" if target % 3 == 0 else "facts"
+        items.append(LongAnswer(f"l{i:04d}", band, "city", question, next(iter(gold[question])),
+                                tuple(texts[c] + "\n" for c in order)))
+    return items
+
+
+def _names_in(text: str, name: str) -> bool:
+    """``text`` states ``name``'s city (a fact or a passage heading), not just mentions the name."""
+    return f"{name} is connected to " in text or f": {name} from " in text

@@ -102,6 +102,7 @@ def summarize_rows(group: list[dict]) -> dict:
         "escalation_rate": _mean(float(r["escalated"]) for r in group if r.get("escalated") is not None),
         "first_token_margin": _mean(r.get("reuse_margin") for r in group),
         "spliced_fraction": sum(r.get("spliced_tokens", 0) for r in group) / chunk,
+        "text_f1_vs_full": _mean(r.get("text_f1") for r in group),
     }
 
 

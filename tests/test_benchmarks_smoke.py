@@ -74,6 +74,25 @@ def test_main_set_is_balanced_shuffled_and_disjoint_from_calibration():
     assert make_lookups(60) == test  # deterministic
 
 
+def test_long_answer_set_asks_the_cost_curve_questions_over_its_chunks():
+    from benchmarks.fidelity import load_items
+    from benchmarks.fidelity_data import make_long_answers
+
+    items = load_items("long", 24, 0)
+    assert items == make_long_answers(24) and len({q.qid for q in items}) == 24
+    assert {q.band for q in items} == {"facts", "passage"} and all(len(q.chunks) == 4 for q in items)
+    for q in items:
+        name = q.question.split("which city is ")[1][: -len(" connected to?")]
+        stating = [c for c in q.chunks if f"{name} is connected to {q.gold}" in c or f": {name} from {q.gold}" in c]
+        assert len(stating) == 1, q  # one chunk states the asked fact...
+        topic = q.question.split("my ")[1].split(" notes")[0]
+        assert all(topic in c.split(":")[0] for c in q.chunks)  # ...among chunks of the question's topic
+    # The answer's chunk is not always in the same place.
+    assert len({next(i for i, c in enumerate(q.chunks) if q.gold in c) for q in items}) >= 3
+    with pytest.raises(ValueError, match="calibration"):
+        load_items("long", 3, 0, "calibration")
+
+
 def test_first_token_kl_is_zero_for_equal_and_positive_for_different_distributions():
     import math
 
