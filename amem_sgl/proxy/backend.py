@@ -30,10 +30,33 @@ class BackendError(RuntimeError):
         self.status = status
 
 
+def check_text(text, what: str = "text") -> None:
+    """A ValueError (400) unless ``text`` is a non-empty string that is valid unicode (no lone surrogate)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"every {what} must be a non-empty string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{what} is not valid unicode ({err.reason} at character {err.start})") from None
+
+
+def recallable(query: str) -> str:
+    """A turn's text as a recall query: a lone surrogate (not valid unicode; a client can send one as a
+    JSON escape) becomes U+FFFD, so the rest of the turn is still recalled on."""
+    try:
+        query.encode("utf-8")
+        return query
+    except UnicodeEncodeError:
+        return query.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 class LocalBackend:
-    def __init__(self, root, chunk_tokens: int = 128) -> None:
+    """The server's own limits apply (amem_sgl.memory.layer.MemoryLayer.remember): every text a
+    non-empty valid-unicode string, at most ``max_chunks`` chunks in one request (413)."""
+
+    def __init__(self, root, chunk_tokens: int = 128, max_chunks: int = 1024) -> None:
         self.store = MemoryStore(root)
-        self.config = types.SimpleNamespace(chunk_tokens=chunk_tokens)  # the splitter's chunk size
+        self.config = types.SimpleNamespace(chunk_tokens=chunk_tokens, max_chunks=max_chunks)
 
     @property
     def tokenizer(self):
@@ -55,18 +78,24 @@ class LocalBackend:
         return self.composer.split_text(text, self.config.chunk_tokens)
 
     def remember(self, namespace: str, docs: list[tuple[str, dict]]) -> list[dict]:
-        items = []
-        for text, meta in docs:
-            for piece in self.split(text):
-                ids = self.encode(piece)
-                items.append((chunk_id(namespace, TEXT_MODEL_ID, list(piece.encode("utf-8"))), piece, ids, meta))
+        for text, _ in docs:
+            check_text(text)
+        pieces = [(piece, meta) for text, meta in docs for piece in self.split(text)]
+        if len(pieces) > self.config.max_chunks:
+            raise BackendError(413, f"{len(pieces)} chunks in one request; the limit is {self.config.max_chunks}")
+        items = [(chunk_id(namespace, TEXT_MODEL_ID, list(piece.encode("utf-8"))), piece, self.encode(piece), meta)
+                 for piece, meta in pieces]
         new = set(self.store.add(namespace, items))
         return [{"id": cid, "tokens": len(ids), "new": cid in new, "text": text} for cid, text, ids, _ in items]
+
+    def search(self, namespace: str, query: str, k: int):
+        check_text(query, "query")
+        return self.store.search(namespace, query, k)
 
     async def recall(self, namespace: str, query: str, k: int, headers: dict | None = None) -> list[dict]:
         if not self.store.has_namespace(namespace):
             return []
-        hits = await asyncio.to_thread(self.store.search, namespace, query, k)
+        hits = await asyncio.to_thread(self.store.search, namespace, recallable(query), k)
         return [{**c.to_json(), "score": s} for c, s in hits]
 
     async def inventory(self, namespace: str, headers: dict | None = None) -> dict[str, int]:
@@ -102,7 +131,7 @@ class RemoteBackend:
         return reply.json()
 
     async def recall(self, namespace: str, query: str, k: int, headers: dict | None = None) -> list[dict]:
-        data = await self._call("POST", "/amem/v1/search", json={"namespace": namespace, "query": query, "k": k},
+        data = await self._call("POST", "/amem/v1/search", json={"namespace": namespace, "query": recallable(query), "k": k},
                                 headers=headers)
         return list((data or {}).get("results", []))
 

@@ -19,6 +19,7 @@ caller's amem key, passed on, so a memory server with auth on checks every calle
 
 from __future__ import annotations
 
+import json
 import re
 
 from fastapi import Request
@@ -52,6 +53,47 @@ def error_response(api: str, status: int, message: str, kind: str = "invalid_req
         return memory_error(status, message)
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
                         status_code=status)
+
+
+def in_shape(api: str, data) -> bool:
+    """Whether a decoded error body is already in ``api``'s shape, with a message."""
+    error = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str) or not error["message"].strip():
+        return False
+    return data.get("type") == "error" if api == "anthropic" else isinstance(error.get("type"), str)
+
+
+def message_of(data) -> str | None:
+    """The message of an error body in another shape: SGLang's top-level ``message``, FastAPI's
+    ``detail`` (a string, or validation errors), a nested ``error.message``."""
+    if not isinstance(data, dict):
+        return None
+    nested = data.get("error") if isinstance(data.get("error"), dict) else {}
+    detail = data.get("detail")
+    if isinstance(detail, list):
+        detail = "; ".join(f"{'.'.join(str(p) for p in d.get('loc', ())[1:])}: {d.get('msg')}"
+                           for d in detail if isinstance(d, dict)) or None
+    for found in (data.get("message"), nested.get("message"), detail, data.get("error")):
+        if isinstance(found, str) and found.strip():
+            return found
+    return None
+
+
+def reshaped(api: str, status: int, content: bytes) -> JSONResponse | None:
+    """An upstream's (or the memory server's) error body in ``api``'s shape, status kept; None when
+    it already is. An OpenAI client of the proxy gets OpenAI's error object from an upstream that
+    answers in another (SGLang: ``{"object": "error", "message": ...}``), and so on."""
+    try:
+        data = json.loads(content)
+    except ValueError:
+        data = None
+    if in_shape(api, data):
+        return None
+    message = message_of(data) or content.decode("utf-8", "replace").strip()[:2000] or f"upstream answered {status}"
+    kind = data.get("type") if isinstance(data, dict) and isinstance(data.get("type"), str) else None
+    if kind in (None, "error"):
+        kind = _KINDS.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return error_response(api, status, message, kind)
 
 
 def api_of(path: str) -> str:

@@ -9,6 +9,10 @@ With auth on (a keys file), every route checks the caller's key against the name
 holds only the namespaces the key covers. Forwarded routes whose namespace the proxy cannot tell
 (anything but the chunk, remember, search and session routes) are for admin keys only; a session is
 ended only by a key that covers the namespace it was started in through this proxy.
+
+Errors are in the memory API's shape (``{"error": {"message", "type", "code"}}``), the memory
+server's included; a path or method no route here serves is a 404 / 405 of the proxy's own (the
+local store serves no sessions: they need ``--memory``), never passed on to the chat upstream.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from fastapi.responses import Response
 from amem_sgl.memory.api import RememberRequest, SearchRequest, error
 from amem_sgl.memory.store import UnknownChunk, UnknownNamespace
 from amem_sgl.proxy import guard
-from amem_sgl.proxy.backend import LocalBackend, RemoteBackend
+from amem_sgl.proxy.backend import BackendError, LocalBackend, RemoteBackend
 
 # Request headers not sent to the memory server: hop-by-hop, the caller's keys (replaced by
 # guard.memory_headers), and what httpx sets itself.
@@ -34,19 +38,46 @@ _NOT_RETURNED = {"connection", "keep-alive", "transfer-encoding", "content-lengt
 _SESSIONS_KEPT = 10_000
 
 
+_METHODS = ["GET", "POST", "DELETE"]  # what the memory API serves; any other is a 405 here
+
+
 def memory_router(backend, sessions, memory_key: str | None = None) -> APIRouter:
     router = APIRouter(prefix=guard.MEMORY_PREFIX)
     if isinstance(backend, RemoteBackend):
         _remote_routes(router, backend, sessions, memory_key)
     else:
         _local_routes(router, backend, sessions)
+
+    @router.api_route("", methods=_ALL)
+    @router.api_route("/{path:path}", methods=_ALL)
+    async def unserved(request: Request, path: str = ""):  # last: only what no route above serves
+        if request.method not in _METHODS or (path and _served_path(router, request)):
+            return error(405, f"{request.method} is not served on {request.url.path}")
+        note = " (sessions need the proxy's --memory server)" if path.startswith("sessions") else ""
+        return error(404, f"{request.method} {request.url.path} is not a memory route of this proxy{note}")
     return router
+
+
+_ALL = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
+
+
+def _served_path(router: APIRouter, request: Request) -> bool:
+    """Whether a route above serves this path with another method (a 405, not a 404)."""
+    from starlette.routing import Match
+
+    scope = {"type": "http", "path": request.url.path, "method": "GET"}
+    for method in _METHODS:
+        scope["method"] = method
+        for route in router.routes[:-2]:
+            if route.matches(scope)[0] == Match.FULL:
+                return True
+    return False
 
 
 def _remote_routes(router: APIRouter, backend: RemoteBackend, sessions, memory_key: str | None) -> None:
     started: OrderedDict[str, str] = OrderedDict()  # session id -> namespace, for sessions started here
 
-    @router.api_route("/{path:path}", methods=["GET", "POST", "DELETE"])
+    @router.api_route("/{path:path}", methods=_METHODS)
     async def remote(request: Request, path: str):
         raw = await request.body()
         scope, namespace = "open", None
@@ -73,15 +104,21 @@ def _remote_routes(router: APIRouter, backend: RemoteBackend, sessions, memory_k
             elif not _admin(request):
                 raise guard.ProxyError(403, f"{request.method} {request.url.path} needs an admin amem key "
                                             "through the proxy")
-        headers = {k: v for k, v in request.headers.items() if k not in _NOT_FORWARDED}
-        headers.update(guard.memory_headers(request, memory_key))
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()
+                   if k not in _NOT_FORWARDED]  # the bytes that came (a value need not be ASCII)
+        headers += [(k.encode(), v.encode("latin-1")) for k, v in guard.memory_headers(request, memory_key).items()]
         reply = await backend.send(request.method, request.url.path, params=request.url.query or None,
                                    content=raw, headers=headers)
         content = reply.content
+        back = {k: v for k, v in reply.headers.items() if k not in _NOT_RETURNED}
+        if reply.status_code >= 400:
+            shaped = guard.reshaped("memory", reply.status_code, content)  # the memory server's error, in its API's shape
+            if shaped is not None:
+                shaped.headers.update({k: v for k, v in back.items() if k != "content-type"})
+                return shaped
         if reply.status_code < 300:
             content = _after(request, path, scope, content, sessions, started)
-        return Response(content, status_code=reply.status_code,
-                        headers={k: v for k, v in reply.headers.items() if k not in _NOT_RETURNED})
+        return Response(content, status_code=reply.status_code, headers=back)
 
 
 def _admin(request: Request) -> bool:
@@ -123,6 +160,8 @@ def _local_routes(router: APIRouter, backend: LocalBackend, sessions) -> None:
                 return error(404, f"unknown chunk id {err.args[0]!r} in this namespace")
             except ValueError as err:
                 return error(400, str(err))
+            except BackendError as err:
+                return error(err.status, str(err))
         return run
 
     @router.post("/remember")
@@ -144,7 +183,7 @@ def _local_routes(router: APIRouter, backend: LocalBackend, sessions) -> None:
         guard.authorize(request, body.namespace)
 
         def run():
-            hits = store.search(body.namespace, body.query, body.k)
+            hits = backend.search(body.namespace, body.query, body.k)
             return {"namespace": body.namespace, "results": [{**c.to_json(), "score": s} for c, s in hits]}
         return await guarded(run)()
 

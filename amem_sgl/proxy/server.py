@@ -4,7 +4,9 @@ the memory API on the server's paths, and everything else passed through to the 
 A chat request names its namespace with ``X-Amem-Namespace``, OpenAI's ``user`` or Anthropic's
 ``metadata.user_id``; one that names none is forwarded untouched (body bytes and headers, streamed
 back as they come). Bad input gets the API's own error shape with a 4xx; upstream errors are passed
-on as they came, an unreachable upstream is 502 and a timeout 504: the proxy never answers 500.
+on with their status and message, in the API's shape on the OpenAI/Anthropic paths (``/v1/...``:
+an SGLang upstream answers in its own), as they came elsewhere; an unreachable upstream is 502 and
+a timeout 504: the proxy never answers 500.
 :func:`authorize` (amem_sgl.proxy.guard) is the one place a namespace is checked against the caller:
 with a keys file (``ProxyConfig.keys_file``, held in ``app.state.amem_keys``) the caller's amem key,
 sent in ``X-Amem-Api-Key`` (never forwarded upstream), must cover the namespace; without one it is a
@@ -22,11 +24,12 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from amem_sgl.chunks.identity import validate_namespace
 from amem_sgl.proxy import guard, layout, pricing
 from amem_sgl.proxy.backend import BackendError, LocalBackend, RemoteBackend
-from amem_sgl.proxy.guard import ProxyError, api_of, authorize, error_response  # noqa: F401 (re-exported)
+from amem_sgl.proxy.guard import ProxyError, api_of, authorize, error_response, reshaped  # noqa: F401 (re-exported)
 from amem_sgl.proxy.memory_routes import memory_router
 from amem_sgl.proxy.sessions import SessionStore, digest, session_key
 from amem_sgl.proxy.usage import Report, stream_with_usage
@@ -56,8 +59,10 @@ class ProxyConfig:
     memory_api_key: str | None = None  # the key shown to the --memory server (None: the caller's own)
 
 
-def _headers_out(request: Request, drop: set[str] = frozenset()) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in request.headers.items() if k not in HOP and k not in drop]
+def _headers_out(request: Request, drop: set[str] = frozenset()) -> list[tuple[bytes, bytes]]:
+    """The request's headers to send on, as the bytes that came (a value need not be ASCII)."""
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()
+            if k not in HOP and k not in drop]
 
 
 def _headers_back(reply: httpx.Response, drop: set[str] = frozenset()) -> dict:
@@ -100,6 +105,8 @@ def create_app(config: ProxyConfig) -> FastAPI:
                            _headers_out(request))
         if isinstance(reply, Response):
             return reply
+        if reply.status_code >= 400 and request.url.path.startswith("/v1/"):  # in the API's shape
+            return await _error_back(api, reply)
         return StreamingResponse(reply.aiter_raw(), status_code=reply.status_code, headers=_headers_back(reply),
                                  background=_closer(reply))
 
@@ -115,6 +122,10 @@ def create_app(config: ProxyConfig) -> FastAPI:
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error_response(api_of(request.url.path), 422, f"{where}: {first.get('msg', 'invalid request')}")
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):  # 404, 405, an unparsable body
+        return error_response(api_of(request.url.path), exc.status_code, str(exc.detail))
+
     @app.exception_handler(ProxyError)
     async def _refused(request: Request, exc: ProxyError):
         return error_response(api_of(request.url.path), exc.status, str(exc), exc.kind)
@@ -124,10 +135,7 @@ def create_app(config: ProxyConfig) -> FastAPI:
         kind = {401: "authentication_error", 403: "permission_error"}.get(exc.status, "api_error")
         return error_response(api_of(request.url.path), exc.status, str(exc), kind)
 
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception):  # never a 500: a proxy failure is a bad gateway
-        logger.exception("proxy failure on %s", request.url.path)
-        return error_response(api_of(request.url.path), 502, f"amem proxy failed: {exc!r}", "api_error")
+    app.add_middleware(_BadGateway)
 
     async def chat(request: Request) -> Response:
         api = API_OF_PATH[request.url.path]
@@ -137,7 +145,7 @@ def create_app(config: ProxyConfig) -> FastAPI:
             body = json.loads(raw) if raw else None
         except ValueError:
             body = None
-        if header_ns is None and not _named(api, body):
+        if header_ns is None and _named(api, body) is None:
             return await passthrough(request, api, body=raw)  # no namespace: forwarded as it came
         if not isinstance(body, dict):
             raise ProxyError(400, "the request body must be a JSON object")
@@ -145,10 +153,8 @@ def create_app(config: ProxyConfig) -> FastAPI:
         try:
             validate_namespace(namespace)
         except ValueError as err:
-            raise ProxyError(400, str(err)) from None
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise ProxyError(400, "messages: a non-empty list of message objects is required")
+            raise ProxyError(400, f"{_NAMED_BY[api] if header_ns is None else 'X-Amem-Namespace'}: {err}") from None
+        _check_fields(api, body)
         authorize(request, namespace)  # before any memory is read or anything is sent upstream
         forwarded, report = await _compose(api, request, body, namespace)
         headers = _headers_out(request, {"content-length", "accept-encoding", NAMESPACE_HEADER, SESSION_HEADER})
@@ -158,10 +164,8 @@ def create_app(config: ProxyConfig) -> FastAPI:
         marks = {"x-amem-namespace": namespace, "x-amem-session": report.session,
                  "x-amem-chunks": ",".join(report.turn.chunk_ids)}
         back = _headers_back(reply, {"content-length", "content-encoding"})
-        if reply.status_code >= 400:  # the upstream's own error, as it came
-            content = await reply.aread()
-            await reply.aclose()
-            return Response(content, status_code=reply.status_code, headers=back)
+        if reply.status_code >= 400:  # the upstream's own error, in the API's shape
+            return await _error_back(api, reply)
         if forwarded.get("stream"):
             return StreamingResponse(stream_with_usage(reply.aiter_bytes(), report), status_code=reply.status_code,
                                      headers={**back, **marks}, background=_closer(reply))
@@ -219,13 +223,79 @@ def create_app(config: ProxyConfig) -> FastAPI:
     return app
 
 
-def _named(api: str, body) -> str | None:
+_NAMED_BY = {"openai": "user", "anthropic": "metadata.user_id"}
+
+
+def _named(api: str, body):
+    """The namespace the body names (``user`` / ``metadata.user_id``), whatever its type; None: none."""
     if not isinstance(body, dict):
         return None
     if api == "openai":
-        return body.get("user") if isinstance(body.get("user"), str) else None
+        return body.get("user")
     meta = body.get("metadata")
-    return meta.get("user_id") if isinstance(meta, dict) and isinstance(meta.get("user_id"), str) else None
+    return meta.get("user_id") if isinstance(meta, dict) else None
+
+
+def _check_fields(api: str, body: dict) -> None:
+    """The fields the memory layout reads, checked before it reads them (ProxyError 400); the rest is
+    the upstream's to check."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise ProxyError(400, "messages: a non-empty list of message objects is required")
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise ProxyError(400, "model: must be a string")
+    tools = body.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ProxyError(400, "tools: must be a list of tool objects")
+    if api != "anthropic":
+        return
+    system = body.get("system")
+    if system is not None and not isinstance(system, str) and not (
+            isinstance(system, list) and all(isinstance(b, dict) for b in system)):
+        raise ProxyError(400, "system: must be a string or a list of content blocks")
+    for i, m in enumerate(messages):
+        if not isinstance(m.get("content"), (str, list)):
+            raise ProxyError(400, f"messages.{i}.content: must be a string or a list of content blocks")
+
+
+async def _error_back(api: str, reply: httpx.Response) -> Response:
+    """The upstream's error: its status and message, in ``api``'s shape (as it came when it already is)."""
+    content = await reply.aread()
+    await reply.aclose()
+    shaped = reshaped(api, reply.status_code, content)
+    headers = _headers_back(reply, {"content-length", "content-encoding"} | ({"content-type"} if shaped else set()))
+    if shaped is None:
+        return Response(content, status_code=reply.status_code, headers=headers)
+    shaped.headers.update(headers)
+    return shaped
+
+
+class _BadGateway:
+    """Never a 500: a proxy failure is answered 502 in the API's shape. A plain ASGI middleware (not an
+    ``exception_handler(Exception)``, after which Starlette re-raises and the server drops the client's
+    keep-alive connection, so its next request on it is reset)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def sending(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            logger.exception("proxy failure on %s", scope.get("path"))
+            if started:  # mid-stream: the response cannot be replaced
+                raise
+            await error_response(api_of(scope.get("path", "")), 502, f"amem proxy failed: {exc!r}", "api_error")(
+                scope, receive, send)
 
 
 def _closer(reply: httpx.Response):

@@ -27,7 +27,8 @@ def canonical(value) -> str:
 
 
 def digest(*parts) -> str:
-    return hashlib.sha256("\x00".join(canonical(p) for p in parts).encode("utf-8")).hexdigest()
+    # surrogatepass: a lone surrogate (a JSON escape a client may send) hashes too; valid text is unchanged
+    return hashlib.sha256("\x00".join(canonical(p) for p in parts).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def session_key(api: str, namespace: str, header: str | None, system, first_user) -> str:
