@@ -30,13 +30,15 @@ def stack(tmp_path_factory):
     work = tmp_path_factory.mktemp("proxy")
     port = free_port()
     proxy = start_server(f"{sys.executable} -m amem_sgl.proxy --upstream {relay.url} --port {port} "
-                         f"--store {work}/memory --state-dir {work}/state -k 6 --block-k 12",
+                         f"--store {work}/memory --state-dir {work}/state -k 6 --block-k 12 --exit-with-parent",
                          port=port, log_path=work / "proxy.log", timeout_s=180)
-    facts, asks = make_memory(30, 4, unique=True)  # 120 chunks, one fact each, no name or value shared
-    done = Amem(proxy.url).remember(NS, facts)  # the SDK against the proxy's memory API
-    assert len(done.ids) == 120 and done.new == 120
-    yield {"proxy": proxy, "relay": relay, "asks": asks, "upstream": upstream}
-    proxy.stop()
+    try:  # stopped however the module ends (set-up failures included); --exit-with-parent: even if pytest is killed
+        facts, asks = make_memory(30, 4, unique=True)  # 120 chunks, one fact each, no name or value shared
+        done = Amem(proxy.url).remember(NS, facts)  # the SDK against the proxy's memory API
+        assert len(done.ids) == 120 and done.new == 120
+        yield {"proxy": proxy, "relay": relay, "asks": asks, "upstream": upstream}
+    finally:
+        proxy.stop()
 
 
 def _session(asks):
@@ -195,7 +197,7 @@ def test_memory_api_via_the_sdk_and_a_forgotten_chunk_is_never_sent_again(stack)
 def test_memory_from_an_amem_server_with_memory_url(stack, amem_server, tmp_path):
     port = free_port()
     proxy = start_server(f"{sys.executable} -m amem_sgl.proxy --upstream {stack['upstream'].url} --port {port} "
-                         f"--memory {amem_server.url} --state-dir {tmp_path}/state", port=port,
+                         f"--memory {amem_server.url} --state-dir {tmp_path}/state --exit-with-parent", port=port,
                          log_path=tmp_path / "proxy.log", timeout_s=180)
     try:
         amem = Amem(proxy.url)  # remember and search are the amem server's own, through the proxy

@@ -48,7 +48,8 @@ def posts(relay: RecordingRelay) -> list[tuple[str, dict, bytes]]:
 def start_proxy(work, upstream: str, *flags: str):
     port = free_port()
     return start_server(f"{sys.executable} -m amem_sgl.proxy --upstream {upstream} --port {port} "
-                        f"--state-dir {work}/state {' '.join(flags)}", port=port, log_path=work / "proxy.log",
+                        f"--state-dir {work}/state --exit-with-parent {' '.join(flags)}", port=port,
+                        log_path=work / "proxy.log",
                         timeout_s=180)
 
 
@@ -83,13 +84,15 @@ def local(tmp_path_factory):
     upstream = plain_upstream()
     relay = RecordingRelay(("127.0.0.1", int(upstream.url.rsplit(":", 1)[1])))
     proxy = start_proxy(work, relay.url, f"--store {work}/memory --keys-file {keys_file}")
-    ids = {"alice": Amem(proxy.url, api_key=keys["alice"]).remember("alice", ALICE).ids}  # Bearer, as the SDK sends
-    reply = requests.post(proxy.url + "/amem/v1/remember", json={"namespace": "bob", "texts": BOB},
-                          headers=amem_key(keys["bob"]), timeout=300)
-    assert reply.status_code == 200, reply.text
-    ids["bob"] = reply.json()["ids"]
-    yield {"proxy": proxy, "relay": relay, "keys": keys, "keys_file": keys_file, "ids": ids}
-    proxy.stop()
+    try:  # stopped however the module ends, set-up failures included
+        ids = {"alice": Amem(proxy.url, api_key=keys["alice"]).remember("alice", ALICE).ids}  # Bearer, as the SDK sends
+        reply = requests.post(proxy.url + "/amem/v1/remember", json={"namespace": "bob", "texts": BOB},
+                              headers=amem_key(keys["bob"]), timeout=300)
+        assert reply.status_code == 200, reply.text
+        ids["bob"] = reply.json()["ids"]
+        yield {"proxy": proxy, "relay": relay, "keys": keys, "keys_file": keys_file, "ids": ids}
+    finally:
+        proxy.stop()
 
 
 def test_chat_turns_need_a_key_covering_the_namespace_and_the_upstream_never_sees_a_refusal(local):

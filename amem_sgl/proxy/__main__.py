@@ -40,6 +40,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-api-key", default=os.environ.get("AMEM_API_KEY") or None,
                    help="the amem key the proxy shows the --memory server (default $AMEM_API_KEY; none: each "
                         "caller's own amem key is passed on)")
+    p.add_argument("--exit-with-parent", action="store_true",
+                   help="stop when the process that started this one ends, however it ends (Linux: a parent-death "
+                        "signal; for tests and supervisors, so no proxy outlives them)")
     p.add_argument("--allow-open", action="store_true",
                    help="serve on a non-loopback --host without --keys-file (anyone who reaches it reads every "
                         "namespace)")
@@ -55,8 +58,22 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def exit_with_parent() -> None:
+    """SIGTERM to this process when its parent ends (prctl PR_SET_PDEATHSIG); if the parent is already
+    gone, stop now."""
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:  # it ended before the signal was armed
+        sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.exit_with_parent:
+        exit_with_parent()
     import uvicorn
 
     from amem_sgl.proxy.server import ProxyConfig, create_app

@@ -59,10 +59,14 @@ class ProxyConfig:
     memory_api_key: str | None = None  # the key shown to the --memory server (None: the caller's own)
 
 
-def _headers_out(request: Request, drop: set[str] = frozenset()) -> list[tuple[bytes, bytes]]:
-    """The request's headers to send on, as the bytes that came (a value need not be ASCII)."""
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()
-            if k not in HOP and k not in drop]
+def _headers_out(request: Request, drop: set[str] = frozenset()) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in request.headers.items() if k not in HOP and k not in drop]
+
+
+def as_sent(headers) -> list[tuple[bytes, bytes]]:
+    """Headers as the bytes that came (Starlette decodes them as latin-1; a value need not be ASCII,
+    which httpx refuses as text)."""
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
 
 def _headers_back(reply: httpx.Response, drop: set[str] = frozenset()) -> dict:
@@ -93,7 +97,7 @@ def create_app(config: ProxyConfig) -> FastAPI:
     async def send(api: str, request: Request, base: str, body: bytes, headers) -> httpx.Response | JSONResponse:
         url = base + request.url.path + (f"?{request.url.query}" if request.url.query else "")
         try:
-            return await client.send(client.build_request(request.method, url, content=body, headers=headers),
+            return await client.send(client.build_request(request.method, url, content=body, headers=as_sent(headers)),
                                      stream=True)
         except httpx.TimeoutException as err:
             return error_response(api, 504, f"upstream {base} timed out: {err}", "timeout_error")

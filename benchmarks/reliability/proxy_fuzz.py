@@ -179,6 +179,8 @@ def generate(n: int, seed: int, targets: dict[str, fuzz.Target]) -> list[fuzz.Ca
             category = rng.choices(list(fuzz.CATEGORIES), weights=list(fuzz.CATEGORIES.values()))[0]
             if route == HEALTH and rng.random() < 0.5:
                 category = "wrong_method"
+            elif route == "POST /generate" and rng.random() < 0.35:
+                category = "bad_spans"  # as fuzz.generate: the chunk-span validation is /generate's own
             case = _one(rng, targets[mode], route, category)
             if case is not None:
                 cases.append(_as_proxy_call(rng, mode, case))

@@ -11,6 +11,7 @@ whether any of their processes is left.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -36,7 +37,7 @@ def start_proxy(workdir: Path, upstream: str, mode: str, keys_file: Path) -> Loc
     port = free_port()
     where = f"--memory {upstream}" if mode == "remote" else f"--store {workdir / 'store'}"
     return start_server(f"{sys.executable} -m amem_sgl.proxy --upstream {upstream} --port {port} {where} "
-                        f"--state-dir {workdir / 'state'} --keys-file {keys_file}", port=port,
+                        f"--state-dir {workdir / 'state'} --keys-file {keys_file} --exit-with-parent", port=port,
                         log_path=workdir / "proxy.log", cwd=ROOT, timeout_s=300,
                         env={"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"})
 
@@ -87,7 +88,13 @@ class ProxyHarness:
         return {"Authorization": f"Bearer {self.keys[who]}"}
 
     def stop(self) -> dict:
-        """Stop the proxies; the pids of any of their processes still alive afterwards."""
+        """Forget the namespaces made here on the upstream (it may be shared), stop the proxies; the
+        pids of any of their processes still alive afterwards."""
+        remote = self.proxies.get("remote")
+        if remote is not None and remote.proc.poll() is None:
+            for ns in (self.namespace, self.other):
+                with contextlib.suppress(requests.RequestException):
+                    requests.delete(f"{remote.url}/amem/v1/namespaces/{ns}", headers=self.bearer("admin"), timeout=300)
         for proxy in self.proxies.values():
             proxy.stop()
         return {mode: left_running(p) for mode, p in self.proxies.items()}
