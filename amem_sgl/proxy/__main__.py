@@ -40,6 +40,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-api-key", default=os.environ.get("AMEM_API_KEY") or None,
                    help="the amem key the proxy shows the --memory server (default $AMEM_API_KEY; none: each "
                         "caller's own amem key is passed on)")
+    p.add_argument("--max-request-bytes", type=int, default=32 * 1024 * 1024,
+                   help="a larger request body is refused with a 413 (default 32 MiB)")
     p.add_argument("--exit-with-parent", action="store_true",
                    help="stop when the process that started this one ends, however it ends (Linux: a parent-death "
                         "signal; for tests and supervisors, so no proxy outlives them)")
@@ -49,6 +51,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.k < 1 or args.block_k < args.k or not 0 <= args.drift <= 1:
         p.error("need 1 <= -k <= --block-k and 0 <= --drift <= 1")
+    if args.max_request_bytes < 1:
+        p.error("--max-request-bytes must be positive")
     if not args.memory:
         args.memory_api_key = None  # only a --memory server is shown a key
     if not args.keys_file and not args.allow_open and not is_loopback(args.host):
@@ -86,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     config = ProxyConfig(upstream=args.upstream, memory_url=args.memory, store_dir=args.store,
                          state_dir=args.state_dir, k=args.k, block_k=args.block_k, drift=args.drift,
                          focus=args.focus, ttl=args.ttl, timeout_s=args.timeout, prices=prices,
-                         keys_file=args.keys_file, memory_api_key=args.memory_api_key)
+                         keys_file=args.keys_file, memory_api_key=args.memory_api_key,
+                         max_request_bytes=args.max_request_bytes)
     try:
         app = create_app(config)
     except ValueError as err:  # the keys file cannot be read or parsed

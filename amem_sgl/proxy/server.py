@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 
 import httpx
 from fastapi import FastAPI, Request
@@ -29,13 +28,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from amem_sgl.chunks.identity import validate_namespace
 from amem_sgl.proxy import guard, layout, pricing
 from amem_sgl.proxy.backend import BackendError, LocalBackend, RemoteBackend
+from amem_sgl.proxy.edge import DEFAULT_MAX_BYTES, Edge
 from amem_sgl.proxy.guard import ProxyError, api_of, authorize, error_response, reshaped  # noqa: F401 (re-exported)
 from amem_sgl.proxy.memory_routes import memory_router
 from amem_sgl.proxy.sessions import SessionStore, digest, session_key
 from amem_sgl.proxy.usage import Report, stream_with_usage
 from amem_sgl.server.auth import PROXY_KEY_HEADER, KeyStore
 
-logger = logging.getLogger(__name__)
 HOP = {"host", "connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate",
        "te", "trailer", "transfer-encoding", "upgrade", PROXY_KEY_HEADER}  # the amem key stays here
 NAMESPACE_HEADER, SESSION_HEADER = "x-amem-namespace", "x-amem-session"
@@ -57,6 +56,7 @@ class ProxyConfig:
     prices: dict = dataclasses.field(default_factory=lambda: pricing.PRICES)
     keys_file: str | None = None  # amem keys (amem keys add): auth is on when set
     memory_api_key: str | None = None  # the key shown to the --memory server (None: the caller's own)
+    max_request_bytes: int = DEFAULT_MAX_BYTES  # a larger request body is a 413
 
 
 def _headers_out(request: Request, drop: set[str] = frozenset()) -> list[tuple[str, str]]:
@@ -139,7 +139,7 @@ def create_app(config: ProxyConfig) -> FastAPI:
         kind = {401: "authentication_error", 403: "permission_error"}.get(exc.status, "api_error")
         return error_response(api_of(request.url.path), exc.status, str(exc), kind)
 
-    app.add_middleware(_BadGateway)
+    app.add_middleware(Edge, max_bytes=config.max_request_bytes)  # 413 over the limit; 502, never 500
 
     async def chat(request: Request) -> Response:
         api = API_OF_PATH[request.url.path]
@@ -272,34 +272,6 @@ async def _error_back(api: str, reply: httpx.Response) -> Response:
         return Response(content, status_code=reply.status_code, headers=headers)
     shaped.headers.update(headers)
     return shaped
-
-
-class _BadGateway:
-    """Never a 500: a proxy failure is answered 502 in the API's shape. A plain ASGI middleware (not an
-    ``exception_handler(Exception)``, after which Starlette re-raises and the server drops the client's
-    keep-alive connection, so its next request on it is reset)."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = False
-
-        async def sending(message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sending)
-        except Exception as exc:
-            logger.exception("proxy failure on %s", scope.get("path"))
-            if started:  # mid-stream: the response cannot be replaced
-                raise
-            await error_response(api_of(scope.get("path", "")), 502, f"amem proxy failed: {exc!r}", "api_error")(
-                scope, receive, send)
 
 
 def _closer(reply: httpx.Response):

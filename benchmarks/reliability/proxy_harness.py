@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SECRET, QUESTION = "The vault code of the fuzz target is 4417.", "Tell me the vault code, please."
 OTHER_SECRET = "The locker code of the other tenant is 9052."
 FILLER = "The fuzz target waters the garden on Tuesdays."
+MAX_REQUEST_BYTES = 4 * 1024 * 1024  # the amem server's own limit (amem.server.max_request_bytes)
 
 
 def start_proxy(workdir: Path, upstream: str, mode: str, keys_file: Path) -> LocalServer:
@@ -37,7 +38,8 @@ def start_proxy(workdir: Path, upstream: str, mode: str, keys_file: Path) -> Loc
     port = free_port()
     where = f"--memory {upstream}" if mode == "remote" else f"--store {workdir / 'store'}"
     return start_server(f"{sys.executable} -m amem_sgl.proxy --upstream {upstream} --port {port} {where} "
-                        f"--state-dir {workdir / 'state'} --keys-file {keys_file} --exit-with-parent", port=port,
+                        f"--state-dir {workdir / 'state'} --keys-file {keys_file} "
+                        f"--max-request-bytes {MAX_REQUEST_BYTES} --exit-with-parent", port=port,
                         log_path=workdir / "proxy.log", cwd=ROOT, timeout_s=300,
                         env={"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"})
 
