@@ -124,6 +124,19 @@ def test_forget_one_chunk_then_the_namespace_removes_text_index_and_kv(amem_serv
     assert err.value.status == 404
 
 
+def test_forgetting_a_sessions_chunk_drops_it_from_the_session_which_goes_on(amem_server, amem):
+    ids = amem.remember("erin", ["Erin's gate code is 5820.", "Erin's bike is green."]).ids
+    session = amem.start_session("erin", chunk_ids=ids, fidelity="fast")
+    assert set(session.chunk_ids) == set(ids)
+    amem.forget("erin", ids[0])
+    answer = amem.ask("erin", "What colour is Erin's bike?", session=session, max_tokens=8)
+    assert answer.chunk_ids == [ids[1]]  # the session still answers, without the forgotten chunk
+    amem.forget("erin")  # the whole namespace: its sessions end
+    with pytest.raises(AmemError) as err:
+        amem.ask(None, "What colour is Erin's bike?", session=session, max_tokens=8)
+    assert err.value.status == 404 and "unknown or expired session" in err.value.message
+
+
 @pytest.mark.parametrize("method, path, body, status, words", [
     ("GET", "/amem/v1/namespaces/nobody/chunks", None, 404, "unknown namespace"),
     ("POST", "/amem/v1/search", {"namespace": "nobody", "query": "x"}, 404, "unknown namespace"),

@@ -4,13 +4,11 @@ OpenAI integration: ``user`` (or the ``X-Amem-Namespace`` header) names the memo
 Routes (JSON):
 * ``POST   /amem/v1/remember``                    {namespace, texts? | documents?, metadata?}
 * ``GET    /amem/v1/namespaces``                  the namespaces with memory
-* ``GET    /amem/v1/namespaces/{ns}/chunks``      list
-* ``GET    /amem/v1/namespaces/{ns}/chunks/{id}`` get
+* ``GET    /amem/v1/namespaces/{ns}/chunks[/{id}]`` list, or get one
 * ``DELETE /amem/v1/namespaces/{ns}/chunks/{id}`` forget one chunk
 * ``DELETE /amem/v1/namespaces/{ns}``             forget the namespace
 * ``POST   /amem/v1/search``                      {namespace, query, k?} -> chunks with scores
-* ``POST   /amem/v1/sessions``                    {namespace, query? | chunk_ids?, k?}
-* ``DELETE /amem/v1/sessions/{id}``
+* ``POST   /amem/v1/sessions``                    {namespace, query? | chunk_ids?, k?, fidelity?}; ``DELETE /amem/v1/sessions/{id}``
 
 Errors are ``{"error": {"message", "type", "code"}}`` with a 4xx status (unknown namespace or chunk
 404, bad values 400, wrong types 422, too large 413; with API keys, 401 without a valid key and 403
@@ -100,7 +98,6 @@ def session_namespace(session_id: str) -> str | None:
     layer = memory.ACTIVE
     session = layer.sessions.get(session_id) if layer is not None else None
     return session.namespace if session is not None else None
-
 
 
 def _layer() -> memory.MemoryLayer:
@@ -272,6 +269,9 @@ class OpenAIMemoryMiddleware:
                     parse_margin(headers[MARGIN_HEADER])
             except ValueError as err:
                 return await _send_json(send, 400, error_body(str(err), 400, "BadRequestError"))
+        if SESSION_HEADER in headers and memory.ACTIVE is not None and session_namespace(headers[SESSION_HEADER]) is None:
+            message = f"unknown or expired session {headers[SESSION_HEADER]!r}"  # 404 as on the session routes
+            return await _send_json(send, 404, error_body(message, 404, "NotFoundError"))
         if isinstance(data, dict) and (data.get("user") or NAMESPACE_HEADER in headers or SESSION_HEADER in headers):
             rid = data.get("rid") if isinstance(data.get("rid"), str) else None
             if rid is None:

@@ -194,10 +194,14 @@ class MemoryLayer:
         if self.residency is not None:
             fields = {"namespace": namespace} if chunk_ids is None else {"chunk_ids": list(gone)}
             await asyncio.to_thread(self.residency.request, "delete", **fields)
+        # A forgotten chunk leaves every session's working set (no later turn may use it); the
+        # sessions themselves go on. Forgetting the whole namespace ends its sessions.
         with self._lock:
             for sid in [s for s, sess in self.sessions.items() if sess.namespace == namespace]:
-                if chunk_ids is None or set(self.sessions[sid].chunk_ids) & set(gone):
+                if chunk_ids is None:
                     del self.sessions[sid]
+                else:
+                    self.sessions[sid].chunk_ids = [c for c in self.sessions[sid].chunk_ids if c not in set(gone)]
         return gone
 
     async def _device_forget(self, body: dict, attempts: int = 1) -> bool:
