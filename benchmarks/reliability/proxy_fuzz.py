@@ -25,6 +25,7 @@ import contextlib
 import datetime as dt
 import json
 import random
+import signal
 import sys
 import tempfile
 import threading
@@ -308,7 +309,8 @@ def markdown(meta: dict, r: dict) -> str:
     for row in ten["rows"]:
         cells = [f"{row[w]}{'' if row[w + '_ok'] else ' ✗'}" if w in row else "-" for w in ("none", "invalid", "other", "target")]
         lines.append(f"| {row['mode']} | `{row['route']}` | " + " | ".join(cells) + " |")
-    lines += ["", f"Proxy processes left after stop: {r['left_running']}."]
+    lines += ["", "Processes left running after the stop (pids, per server's process group): "
+              + ", ".join(f"{k} {v or 'none'}" for k, v in r["left_running"].items()) + "."]
     if fz["failures"]:
         lines += ["", "## Failures (first 40)", ""] + [f"* {f['route']} {f['category']} -> {f['status']} "
                                                        f"(shape ok {f['shape_ok']}): {f['message'][:120]!r}; "
@@ -318,13 +320,15 @@ def markdown(meta: dict, r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.fidelity import device_name
-    from benchmarks.reliability.proxy_harness import ProxyHarness
+    from benchmarks.reliability.proxy_harness import ProxyHarness, left_running
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fuzz", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results")
     args = parser.parse_args(argv)
+    # SIGTERM (a timeout, a kill) ends the run through its finally: the servers are stopped, not orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work, t0, results = Path(tempfile.mkdtemp(prefix="amem-proxy-fuzz-")), time.monotonic(), {}
     upstream = servers.start(work / "upstream", name="upstream")
     results["upstream_start_s"] = round(upstream.startup_s, 1)
@@ -339,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         results["left_running"] = harness.stop() if harness else {}
         upstream.stop()
+        results["left_running"]["upstream"] = left_running(upstream)
     meta = {"device": device_name(), "model": "SmolLM2-135M-Instruct (bf16)", "seconds": round(time.monotonic() - t0),
             "date": dt.datetime.now().isoformat(timespec="seconds"),
             "command": "python -m benchmarks.reliability.proxy_fuzz " + " ".join(argv if argv is not None else sys.argv[1:]),
