@@ -60,9 +60,10 @@ def cache(worker):
 _rid = iter(range(10**6))
 
 
-def extend(worker, cache, prompt, hints=None, *, blend: str | None = "default"):
+def extend(worker, cache, prompt, hints=None, *, blend: str | None = "default", fold: bool = False):
     """One request through SGLang's admission (match, ScheduleBatch.prepare_for_extend), then the
-    blend runner (kernel ``blend``; None: no blend pass), then the worker's own forward."""
+    blend runner (kernel ``blend``; None: no blend pass), then the worker's own forward (``fold``:
+    the blend pass folded into it, as the serving hook runs it)."""
     from sglang.srt.managers.overlap_utils import resolve_forward_inputs
     from sglang.srt.managers.schedule_batch import ScheduleBatch
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
@@ -81,7 +82,13 @@ def extend(worker, cache, prompt, hints=None, *, blend: str | None = "default"):
     blender = amem_backend_of(runner).blender
     if blend is not None:
         blender.kernel = None if blend == "default" else blend
-        blender.run(worker, batch)
+        folded = blender.run(worker, batch, fold=fold)
+        assert (folded is not None) == fold  # folding happens only where asked for (and allowed)
+        if folded is not None:
+            original = type(worker).forward_batch_generation
+            out = folded.forward(original, worker, (batch,), {})
+            assert folded.ctx.fold.positions_set and folded.ctx.layers_attended == list(range(LAYERS))
+            return req, out.logits_output.next_token_logits[0].clone()
     else:
         cache.take_blend_plans(batch.reqs)
     out = worker.forward_batch_generation(batch)
@@ -101,7 +108,7 @@ def row_kv(worker, req, n):
     return [(pool.get_key_buffer(i)[slots].clone(), pool.get_value_buffer(i)[slots].clone()) for i in range(LAYERS)]
 
 
-def spliced(worker, cache, policy: BlendPolicy, blend="default"):
+def spliced(worker, cache, policy: BlendPolicy, blend="default", fold=False):
     """Register A and B behind PRE, then splice PRE+A+B+Q (B, A order swapped: re-rotation matters)."""
     for chunk in (A, B):
         req, _ = extend(worker, cache, PRE + chunk, build_kv_hints("alice", [(len(PRE), len(PRE) + len(chunk))],
@@ -109,7 +116,7 @@ def spliced(worker, cache, policy: BlendPolicy, blend="default"):
         release(cache, req)
     prompt = PRE + B + A + Q
     spans = [(len(PRE), len(PRE) + len(B)), (len(PRE) + len(B), len(PRE) + len(B) + len(A))]
-    req, logits = extend(worker, cache, prompt, build_kv_hints("alice", spans, blend=policy), blend=blend)
+    req, logits = extend(worker, cache, prompt, build_kv_hints("alice", spans, blend=policy), blend=blend, fold=fold)
     return req, logits, prompt
 
 
@@ -143,6 +150,31 @@ def test_policy_all_through_the_seam_equals_a_full_prefill(worker, cache):
     assert max_diff(row_kv(worker, req2, n), full) > 1e-3
     assert (logits2 - logits_full).abs().max() > 1e-3
     release(cache, req2)
+
+
+@pytest.mark.parametrize("policy", ["edges:2", "all", "edges+query:1:0.2"])
+def test_a_blend_pass_folded_into_the_extend_writes_the_same_kv_and_logits(worker, cache, policy):
+    """The folded forward (recomputed tokens in front of the extend tokens, one forward) against the
+    separate blend pass then the extend: the same KV and next-token logits. Within fp32 rounding here:
+    an fp32 GEMM's rows may round differently with the row count (the served bf16 one did not on the
+    benchmark machine, where the same-answer check compares served answers token for token); a wrong
+    position, key range or slot moves them by ~1e-2."""
+    req_s, logits_s, prompt = spliced(worker, cache, BlendPolicy.parse(policy))
+    separate = row_kv(worker, req_s, len(prompt))
+    passes, recomputed = cache.stats.blend_passes, cache.stats.recomputed_tokens
+    release(cache, req_s)
+    cache.evict(sgl.EvictParams(num_tokens=10_000))  # the folded run splices afresh
+    req_f, logits_f, _ = spliced(worker, cache, BlendPolicy.parse(policy), fold=True)
+    assert cache.stats.blend_passes == 2 * passes and cache.stats.recomputed_tokens == 2 * recomputed
+    assert max_diff(row_kv(worker, req_f, len(prompt)), separate) < 1e-6
+    torch.testing.assert_close(logits_f, logits_s, rtol=1e-6, atol=1e-6)
+    release(cache, req_f)
+    # The comparison can fail: without the blend pass the KV and logits differ.
+    cache.evict(sgl.EvictParams(num_tokens=10_000))
+    req_n, logits_n, _ = spliced(worker, cache, BlendPolicy("none"))
+    assert max_diff(row_kv(worker, req_n, len(prompt)), separate) > 1e-3
+    assert (logits_n - logits_s).abs().max() > 1e-3
+    release(cache, req_n)
 
 
 @pytest.mark.parametrize("policy", ["edges:2", "all"])

@@ -114,8 +114,8 @@ def test_a_served_memory_turn_reports_its_phases_streamed_and_not(amem_server):
     assert all(v >= 0 for v in t.values()) and 0 < t["total_s"] < wall
     inside = [k for k in t if k not in ("total_s", "match_s", "ingress_s", "output_s")]  # what total_s spans
     assert sum(t[k] for k in inside) == pytest.approx(t["total_s"], abs=5e-3)
-    if amem["recomputed_tokens"]:
-        assert t["blend_s"] > 0
+    if amem["recomputed_tokens"]:  # a blend pass: its own forward, or folded into the extend (CPU)
+        assert t.get("blend_s", 0) > 0 or t["blend_fold_s"] > 0
     # Streamed: the usage chunk carries the same report.
     stream = {**body("b"), "stream": True, "stream_options": {"include_usage": True}}
     usage = None

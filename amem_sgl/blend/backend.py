@@ -44,6 +44,10 @@ logger = logging.getLogger(__name__)
 WRAPPED_BACKENDS = ("torch_native", "triton", "flashinfer", "fa3")
 
 
+class FoldError(RuntimeError):
+    """A folded blend pass could not run as planned; raised before it stored anything."""
+
+
 class AmemAttnBackend:
     """A stock attention backend plus amem's blend/probe passes; see the module docstring."""
 
@@ -83,8 +87,20 @@ class AmemAttnBackend:
             self.active = None
 
     def init_forward_metadata(self, forward_batch) -> None:
-        if self.active is None:  # a blend pass needs none: the seam serves every layer
+        ctx = self.active
+        if ctx is None:
             self.inner.init_forward_metadata(forward_batch)
+            return
+        # A blend pass needs no metadata: the seam serves every layer. A folded one needs its rows'
+        # true positions (SGLang computed contiguous extend positions); the model reads them next.
+        fold = ctx.fold
+        if fold is not None and forward_batch.positions is not None:
+            if fold.positions.shape != forward_batch.positions.shape:
+                raise FoldError(f"amem: folded blend pass of {fold.positions.shape[0]} rows, batch of "
+                                   f"{forward_batch.positions.shape[0]}")
+            forward_batch.positions = fold.positions.to(forward_batch.positions.device,
+                                                        forward_batch.positions.dtype)
+            fold.positions_set = True
 
     def forward(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
         ctx = self.active
@@ -100,6 +116,9 @@ class AmemAttnBackend:
 
     def blend_forward(self, ctx: BlendContext, q, k, v, layer, forward_batch, save_kv_cache: bool = True):
         """One layer of a blend or probe pass (see BlendContext)."""
+        if ctx.fold is not None and not ctx.fold.positions_set:  # before anything is stored
+            raise FoldError("amem: folded blend pass reached attention without its positions "
+                            "(init_forward_metadata was skipped)")
         pool = self.inner.token_to_kv_pool
         layer_id = layer.layer_id
         heads, head_dim = layer.tp_q_head_num, layer.v_head_dim
@@ -131,9 +150,12 @@ class AmemAttnBackend:
                                   forward_batch.extend_seq_lens, slots, forward_batch.seq_lens,
                                   scale=layer.scaling, backend="triton")
             return out.reshape(q.shape[0], heads * head_dim)
+        fold = ctx.fold  # folded: each request's recomputed tokens and its extend are separate sequences
+        rows = ((fold.req_pool_indices, fold.seq_lens, fold.prefix_lens, fold.extend_lens) if fold is not None else
+                (forward_batch.req_pool_indices, forward_batch.seq_lens, forward_batch.extend_prefix_lens,
+                 forward_batch.extend_seq_lens))
         extend_attention(query, out_rows.view(-1, heads, head_dim), k_buffer, v_buffer,
-                         self.inner.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
-                         forward_batch.seq_lens, forward_batch.extend_prefix_lens, forward_batch.extend_seq_lens,
+                         self.inner.req_to_token_pool.req_to_token, *rows,
                          scaling=layer.scaling, enable_gqa=heads != layer.tp_k_head_num,
                          positions=forward_batch.positions)
         return out_rows

@@ -83,6 +83,7 @@ class BlendContext:
     query_layers: int | None = None  # query probe: layers run (the model's range cut there)
     score_from: list[int] | None = None  # query probe: per sequence, the first position of its question
     attention_mass: list[torch.Tensor] | None = None  # query probe: per sequence, mass per key position
+    fold: "FoldRows | None" = None  # folded blend pass: the batch's own extend also recomputes the plan tokens
 
     def layers_run(self) -> int | None:
         """How many decoder layers this forward runs (None: all)."""
@@ -96,6 +97,29 @@ class BlendContext:
             self.kv_slots = torch.cat([req_to_token[int(r), :n] for r, n in zip(req_pool_indices.tolist(), lens)]
                                       ).to(torch.int64)
         return self.kv_slots
+
+
+@dataclasses.dataclass
+class FoldRows:
+    """A blend pass folded into the batch's own extend forward (amem_sgl.blend.runner.fold_batch).
+
+    Every request's rows are its recomputed tokens (at their true positions, over the first ``end``
+    slots of its row, as a separate blend pass computes them), then its own extend tokens (over its
+    whole row, as the stock extend computes them). The attention seam serves each part as its own
+    sequence -- the same query rows over the same keys as the two forwards it replaces -- so the
+    recomputed KV and the extend's logits are those of a blend pass followed by the extend.
+
+    * ``positions`` [tokens]: every row's position, set on the forward batch before the model runs
+      (the attention seam's ``init_forward_metadata``: SGLang computes contiguous extend positions);
+    * ``req_pool_indices`` / ``seq_lens`` / ``prefix_lens`` / ``extend_lens``: one entry per part
+      (a request without a plan has one part), in row order, on the CPU."""
+
+    positions: torch.Tensor
+    req_pool_indices: torch.Tensor
+    seq_lens: torch.Tensor
+    prefix_lens: torch.Tensor
+    extend_lens: torch.Tensor
+    positions_set: bool = False  # the seam's init_forward_metadata put ``positions`` on the batch
 
 
 def key_deviation(k_new: torch.Tensor, k_cached: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,10 @@ seam records each token's key deviation in the context and stores nothing. No ex
 the model's code. The top-deviation tokens then join the plan's fixed positions in the blend pass.
 Staged value-deviation (``cacheblend``) and query-driven (``query``) probes: amem_sgl.blend.probes.
 
+On CPU (torch attention path, amem's linear extend) the blend pass is folded into the batch's own
+extend forward instead of running as an extra one (amem_sgl.blend.fold): the recomputed tokens go in
+front of each request's extend tokens, and the seam serves both parts as the two forwards would.
+
 Extra forwards run eagerly: the prefill CUDA-graph runner is set aside for them (decode and the
 scheduler's own batches keep SGLang's graphs and the stock attention backend).
 """
@@ -30,8 +34,9 @@ import logging
 import torch
 
 from amem_sgl import sglang_compat as sgl
-from amem_sgl.blend.backend import amem_backend_of, default_kernel
+from amem_sgl.blend.backend import FoldError, amem_backend_of, default_kernel
 from amem_sgl.blend.context import BlendContext, BlendPlan
+from amem_sgl.blend.fold import can_fold, fold_batch
 from amem_sgl.blend.probes import run_probes
 from amem_sgl.cache.usage import add_timing, clock, stamp, usage_of
 
@@ -45,12 +50,15 @@ class BlendRunner:
         self.cache = cache
         self.kernel = kernel  # None: default_kernel(the model runner's device)
 
-    def run(self, worker, batch) -> None:
+    def run(self, worker, batch, *, fold: bool = False, capture_hidden_mode=None) -> Fold | None:
+        """The probe and blend passes of ``batch``'s plans, before its own forward. With ``fold``,
+        where :func:`~amem_sgl.blend.fold.can_fold` allows, the blend pass is not run but returned:
+        the caller runs the batch's forward as :meth:`Fold.forward` (one forward for both)."""
         if batch is None or not batch.forward_mode.is_extend() or batch.forward_mode.is_target_verify():
-            return
+            return None
         picked = self.cache.take_blend_plans(batch.reqs)
         if not picked:
-            return
+            return None
         runner = worker.model_runner
         probe_reqs, started = [batch.reqs[i] for i, plan in picked if plan.budget > 0], clock()
         picked = run_probes(self, runner, batch, picked)  # amem_sgl.blend.probes: key, value (staged), query
@@ -59,13 +67,20 @@ class BlendRunner:
             add_timing(req, "blend_probe_s", probed - started)
         picked = [(i, plan) for i, plan in picked if plan.positions]
         if not picked:
-            return
-        self._forward(runner, batch, [(i, plan.end, plan.positions) for i, plan in picked], self._context(runner))
-        for i, _ in picked:
-            add_timing(batch.reqs[i], "blend_s", clock() - probed)
+            return None
+        rows, ctx = [(i, plan.end, plan.positions) for i, plan in picked], self._context(runner)
         self.cache.stats.recomputed_tokens += sum(len(set(plan.positions) - set(plan.gaps)) for _, plan in picked)
         self.cache.stats.gap_tokens += sum(len(plan.gaps) for _, plan in picked)
         self.cache.stats.blend_passes += 1
+        if fold and can_fold(amem_backend_of(runner), ctx.kernel, batch, capture_hidden_mode):
+            folded, ctx.fold = fold_batch(batch, runner, rows)
+            for i, _ in picked:
+                add_timing(batch.reqs[i], "blend_fold_s", clock() - probed)
+            return Fold(self, runner, batch, rows, folded, ctx)
+        self._forward(runner, batch, rows, ctx)
+        for i, _ in picked:
+            add_timing(batch.reqs[i], "blend_s", clock() - probed)
+        return None
 
     def _context(self, runner, probe_layer: int | None = None) -> BlendContext:
         return BlendContext(kernel=self.kernel or default_kernel(runner.device), probe_layer=probe_layer)
@@ -78,6 +93,35 @@ class BlendRunner:
         fb.positions = torch.tensor(positions, dtype=fb.positions.dtype, device=fb.positions.device)
         with amem_backend_of(runner).serving(ctx), _eager(runner), _layer_range(runner.model, ctx.layers_run()):
             runner.forward(fb)
+
+
+class Fold:
+    """A batch's blend pass folded into its own extend (amem_sgl.blend.fold): ``forward`` runs the
+    batch's forward on the folded copy, its attention served by the seam."""
+
+    def __init__(self, blender: BlendRunner, runner, batch, rows, folded, ctx: BlendContext) -> None:
+        self.blender, self.runner, self.batch, self.rows, self.folded, self.ctx = blender, runner, batch, rows, folded, ctx
+
+    def forward(self, original, worker, args, kwargs):
+        """``original`` (the worker's forward) on the folded batch. Should the seam find the fold
+        unusable before it stores anything (FoldError), the blend pass runs on its own and then
+        the batch's forward, as without folding."""
+        args, kwargs = _with_batch(args, kwargs, self.folded)
+        try:
+            with amem_backend_of(self.runner).serving(self.ctx):
+                return original(worker, *args, **kwargs)
+        except FoldError:
+            logger.exception("amem: folded blend pass unusable; running it as a separate pass")
+            self.blender.cache.stats.blend_failures += 1
+        self.blender._forward(self.runner, self.batch, self.rows, self.blender._context(self.runner))
+        args, kwargs = _with_batch(args, kwargs, self.batch)
+        return original(worker, *args, **kwargs)
+
+
+def _with_batch(args, kwargs, batch):
+    if "batch" in kwargs:
+        return args, {**kwargs, "batch": batch}
+    return (batch, *args[1:]), kwargs
 
 
 @contextlib.contextmanager
@@ -163,8 +207,9 @@ def around_forward(original, worker, *args, **kwargs):
     if blender is None:
         return original(worker, *args, **kwargs)
     batch = kwargs["batch"] if "batch" in kwargs else (args[0] if args else None)
+    fold = None
     try:
-        blender.run(worker, batch)
+        fold = blender.run(worker, batch, fold=True, capture_hidden_mode=kwargs.get("capture_hidden_mode"))
     except Exception:  # noqa: BLE001 -- serving goes on; the failure is visible in stats and log
         blender.cache.stats.blend_failures += 1
         logger.exception("amem: blend pass failed; serving these requests on their spliced KV")
@@ -173,7 +218,7 @@ def around_forward(original, worker, *args, **kwargs):
         blender.cache.timing_record(req)  # chunk requests admitted without a splice: their phases
     timed = [req for req in getattr(batch, "reqs", None) or () if usage_of(req) is not None] if extend else []
     started = clock() if timed else 0.0
-    result = original(worker, *args, **kwargs)
+    result = fold.forward(original, worker, args, kwargs) if fold is not None else original(worker, *args, **kwargs)
     if timed:
         done = clock()
         for req in timed:

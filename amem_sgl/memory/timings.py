@@ -17,7 +17,9 @@ the path ``recomputed_tokens`` takes; no other channel):
   that wait, is inside it); ``splice_s`` -- allocation, restore, KV copy and re-rotation at
   admission; ``schedule_s`` -- admission to the batch's forward (the rest of the scheduling round);
   ``blend_probe_s`` / ``blend_s`` -- the blend pass's probe and recompute forwards; ``extend_s`` --
-  the batch's own forward (the first token is sampled in it).
+  the batch's own forward (the first token is sampled in it). Where the blend pass is folded into
+  that forward (CPU: amem_sgl.blend.fold) there is no ``blend_s``: ``blend_fold_s`` is building
+  the folded batch, and ``extend_s`` covers both passes.
 * ``total_s`` -- conversion start to the end of the first token's forward;
 * ``output_s`` (streamed turns) -- that forward's end to the first output reaching this process's
   tokenizer manager (output processing, detokenizer, ZMQ); what a client measures beyond
@@ -43,10 +45,10 @@ from amem_sgl.metrics import merge_usage
 USAGE_KEY = "amem"
 DIGITS = 4
 HTTP_PHASES = ("convert_s", "recall_s", "compose_s", "guard_s")
-SCHEDULER_PHASES = ("queue_s", "match_s", "splice_s", "blend_probe_s", "blend_s", "extend_s")
+SCHEDULER_PHASES = ("queue_s", "match_s", "splice_s", "blend_probe_s", "blend_s", "blend_fold_s", "extend_s")
 # The order phases are listed in (a breakdown table's columns); match_s is inside queue_s.
 PHASES = ("ingress_s", "convert_s", "recall_s", "compose_s", "guard_s", "plan_s", "dispatch_s", "queue_s", "match_s", "splice_s",
-          "schedule_s", "blend_probe_s", "blend_s", "extend_s", "total_s", "output_s")
+          "schedule_s", "blend_probe_s", "blend_s", "blend_fold_s", "extend_s", "total_s", "output_s")
 
 CURRENT_RID: contextvars.ContextVar[str | None] = contextvars.ContextVar("amem_rid", default=None)
 _records: collections.OrderedDict[str, list] = collections.OrderedDict()
@@ -74,7 +76,7 @@ def merge(http: dict, records) -> dict:
             out["dispatch_s"] = max(recv - http["sent_at"], 0.0)
         if recv is not None and done is not None:
             admitted = recv + sched.get("queue_s", 0.0) + sched.get("splice_s", 0.0)
-            forwards = sum(sched.get(k, 0.0) for k in ("blend_probe_s", "blend_s", "extend_s"))
+            forwards = sum(sched.get(k, 0.0) for k in ("blend_probe_s", "blend_s", "blend_fold_s", "extend_s"))
             out["schedule_s"] = max(done - forwards - admitted, 0.0)
         if done is not None and "started_at" in http:
             out["total_s"] = done - http["started_at"]
