@@ -94,3 +94,44 @@ def test_scattered_query_positions_attend_causally_by_position():
         scores = torch.einsum("hd,khd->hk", q[i].double(), k[: p + 1]) * DIM ** -0.5
         want = torch.einsum("hk,khd->hd", scores.softmax(-1), v[: p + 1])
         torch.testing.assert_close(out[i].double(), want, rtol=1e-5, atol=1e-5, msg=f"position {p}")
+
+
+def _one_call_per_sequence(query, k_cache, v_cache, req_to_token, rows, kv_lens, positions, scale):
+    """The plain form: every sequence's rows in one masked SDPA call over all its keys."""
+    out, start = [], 0
+    for row, kv_len, q_pos in zip(rows, kv_lens, positions):
+        slots = req_to_token[row, :kv_len].long()
+        k, v = k_cache[slots].movedim(0, -2), v_cache[slots].movedim(0, -2)
+        q = query[start: start + len(q_pos)].movedim(0, -2)
+        mask = torch.arange(kv_len)[None, :] <= q_pos[:, None]
+        o = torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
+                                                             scale=scale, enable_gqa=True)
+        out.append(o[0].movedim(-2, 0))
+        start += len(q_pos)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("seed", range(6))
+def test_sequences_sharing_a_row_give_the_rows_of_one_call_per_sequence_bit_for_bit(dtype, seed):
+    """extend_attention gathers a row's keys once for the sequences sharing it (a folded blend pass:
+    recomputed tokens over the first ``end`` keys, then the extend over all): the output is that of
+    one masked SDPA call per sequence over its own gathered keys, exactly."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    slots = 4096
+    k_cache = (torch.randn(slots, KV_HEADS, DIM, generator=gen) * 2).to(dtype)
+    v_cache = torch.randn(slots, KV_HEADS, DIM, generator=gen).to(dtype)
+    req_to_token = torch.randperm(slots, generator=gen)[: 2 * 2000].reshape(2, 2000).int()
+    kv = int(torch.randint(600, 2000, (1,), generator=gen))
+    end = int(torch.randint(300, kv - 20, (1,), generator=gen))
+    picked = torch.randperm(end, generator=gen)[:40].sort().values  # recomputed tokens over the first `end`
+    tail = torch.arange(kv - 20, kv)  # the extend over the whole row
+    other = torch.arange(700, 900)  # another request's extend: 200 rows over 900 keys
+    rows, kv_lens, positions = [0, 0, 1], [end, kv, 900], [picked, tail, other]
+    query = (torch.randn(sum(len(p) for p in positions), HEADS, DIM, generator=gen) * 2).to(dtype)
+    want = _one_call_per_sequence(query, k_cache, v_cache, req_to_token, rows, kv_lens, positions, 0.125)
+    got = extend_attention(query, torch.full_like(query, float("nan")), k_cache, v_cache, req_to_token,
+                           torch.tensor(rows), torch.tensor(kv_lens),
+                           torch.tensor([end - 40, kv - 20, 700]), torch.tensor([40, 20, 200]),
+                           scaling=0.125, enable_gqa=True, positions=torch.cat(positions))
+    assert torch.equal(got, want)

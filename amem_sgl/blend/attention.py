@@ -30,30 +30,43 @@ def extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_ind
     ``seq_lens[i]`` tokens. A query at position p sees keys at positions <= p. ``positions`` gives
     every query row's position; without it sequence i's queries sit at the end of its row
     (``extend_prefix_lens[i] + arange(extend_seq_lens[i])``), as in an ordinary extend.
+
+    Sequences of one row (a folded blend pass: its recomputed tokens, then its extend) share one
+    gather of that row's keys. (Cutting a sequence's keys short for rows that see only the first
+    ones, even at the CPU flash kernel's 512-key blocks, changes the last bits of some rows: not done.)
     """
     query = query.movedim(0, -2)  # [heads, tokens, head_dim]
+    rows, kv_lens = req_pool_indices.tolist(), seq_lens.tolist()
+    q_lens, prefixes = extend_seq_lens.tolist(), extend_prefix_lens.tolist()
+    longest: dict[int, int] = {}
+    for row, kv_len in zip(rows, kv_lens):
+        longest[row] = max(longest.get(row, 0), kv_len)
+    gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     start = 0
-    for i in range(seq_lens.shape[0]):
-        q_len, prefix, kv_len = int(extend_seq_lens[i]), int(extend_prefix_lens[i]), int(seq_lens[i])
+    for i, row in enumerate(rows):
+        q_len, prefix, kv_len = q_lens[i], prefixes[i], kv_lens[i]
+        if row not in gathered:
+            slots = req_to_token[row, :longest[row]]
+            k, v = k_cache[slots].movedim(0, -2), v_cache[slots].movedim(0, -2)
+            if k.dtype != query.dtype:
+                k, v = k.to(query.dtype), v.to(query.dtype)
+            gathered[row] = k, v
+        k, v = (t[:, :kv_len] for t in gathered[row])
         q = query[:, start: start + q_len]
-        slots = req_to_token[req_pool_indices[i], :kv_len]
-        k = k_cache[slots].movedim(0, -2)
-        v = v_cache[slots].movedim(0, -2)
-        if k.dtype != q.dtype:
-            k, v = k.to(q.dtype), v.to(q.dtype)
         q_pos = positions[start: start + q_len].to(torch.int64) if positions is not None else None
         contiguous = q_pos is None or (q_len > 0 and int(q_pos[0]) == prefix and int(q_pos[-1]) == kv_len - 1
                                        and bool((q_pos[1:] - q_pos[:-1] == 1).all()))
         if prefix == 0 and contiguous:
             out = scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                                is_causal=True, scale=scaling, enable_gqa=enable_gqa)
+            output[start: start + q_len] = out.squeeze(0).movedim(-2, 0)
         else:
             if q_pos is None:
                 q_pos = torch.arange(prefix, prefix + q_len, device=q.device)
             mask = torch.arange(kv_len, device=q.device)[None, :] <= q_pos[:, None]
             out = scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                                attn_mask=mask, scale=scaling, enable_gqa=enable_gqa)
-        output[start: start + q_len] = out.squeeze(0).movedim(-2, 0)
+            output[start: start + q_len] = out.squeeze(0).movedim(-2, 0)
         start += q_len
     return output
 
