@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import sys
+import time
 from pathlib import Path
 
 import requests
@@ -44,17 +45,24 @@ def start_proxy(workdir: Path, upstream: str, mode: str, keys_file: Path) -> Loc
                         env={"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"})
 
 
-def left_running(server: LocalServer) -> list[int]:
-    """Processes of a stopped server's process group still alive (its own group: start_server's)."""
-    alive = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
+def left_running(server: LocalServer, wait_s: float = 30.0) -> list[str]:
+    """Processes of a stopped server's process group (start_server gives it its own) still alive
+    ``wait_s`` after the stop returned (its children may take a moment after their parent): pid and
+    command line of each."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 if os.getpgid(int(pid)) == server.proc.pid:
-                    alive.append(int(pid))
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        command = f.read().replace(b"\0", b" ").decode(errors="replace")
+                    alive.append(f"{pid} {command[:120]}")
             except OSError:
                 continue
-    return alive
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
 
 
 class ProxyHarness:
@@ -144,7 +152,9 @@ class ProxyHarness:
         rows = []
         for mode in MODES:
             for method, path, body, extra, own in self._tenancy_requests(mode):
-                row = {"mode": mode, "route": f"{method} {path.replace(self.namespace, '{ns}')}"}
+                named = " (X-Amem-Namespace)" if extra else " (user)" if "user" in (body or {}) else \
+                    " (metadata.user_id)" if "metadata" in (body or {}) else ""
+                row = {"mode": mode, "route": f"{method} {path.replace(self.namespace, '{ns}')}{named}"}
                 for who, want in (("none", 401), ("invalid", 401), ("other", 403), ("target", 200)):
                     if who == "target" and not own:
                         continue

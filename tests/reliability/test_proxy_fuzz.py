@@ -61,8 +61,11 @@ def proxies(amem_server, tmp_path_factory):
     from benchmarks.reliability.proxy_harness import ProxyHarness
 
     harness = ProxyHarness(tmp_path_factory.mktemp("proxy-fuzz"), amem_server.url)
-    yield harness
-    harness.stop()
+    try:
+        yield harness
+    finally:
+        left = harness.stop()
+    assert not any(left.values()), left  # stopping the proxies leaves none of their processes
 
 
 @pytest.mark.slow
