@@ -154,7 +154,9 @@ class ProxyHarness:
             for method, path, body, extra, own in self._tenancy_requests(mode):
                 named = " (X-Amem-Namespace)" if extra else " (user)" if "user" in (body or {}) else \
                     " (metadata.user_id)" if "metadata" in (body or {}) else ""
-                row = {"mode": mode, "route": f"{method} {path.replace(self.namespace, '{ns}')}{named}"}
+                label = path.replace(self.namespace, "{ns}").replace(self.ids[mode][0], "{id}")
+                label = label.rsplit("/", 1)[0] + "/{sid}" if label.startswith("/amem/v1/sessions/") else label
+                row = {"mode": mode, "route": f"{method} {label}{named}"}
                 for who, want in (("none", 401), ("invalid", 401), ("other", 403), ("target", 200)):
                     if who == "target" and not own:
                         continue
