@@ -25,12 +25,11 @@ import uuid
 from typing import Any, Literal, Optional
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.routing import APIRoute
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from amem_sgl.memory import layer as memory
 from amem_sgl.memory import timings
+from amem_sgl.memory.errors import MemoryRoute, error  # noqa: F401 -- error: the memory API's shape, used by the proxy
 from amem_sgl.memory.store import UnknownChunk, UnknownNamespace
 from amem_sgl.server import auth
 from amem_sgl.config import AmemConfig
@@ -77,14 +76,6 @@ class SessionRequest(BaseModel):
     fidelity: Optional[StrictStr] = None
 
 
-_ERROR_TYPES = {401: "authentication_error", 403: "permission_error"}
-
-
-def error(status: int, message: str) -> JSONResponse:
-    kind = _ERROR_TYPES.get(status, "invalid_request_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
-
-
 def _authorize(namespace: str) -> str:
     """Refuse (401/403) unless the request's API key covers ``namespace``; returns it."""
     denied = auth.denial([namespace])
@@ -112,24 +103,7 @@ def _check_ids(ids) -> None:
         raise memory.MemoryError_(400, f"invalid chunk id {bad[0][:80]!r}: expected 64 hex characters")
 
 
-class _MemoryRoute(APIRoute):
-    """Memory routes answer a ValueError (a bad namespace, text, id) with 400 and its message."""
-
-    def get_route_handler(self):
-        handler = super().get_route_handler()
-
-        async def guarded(request: Request):
-            try:
-                return await handler(request)
-            except (UnknownNamespace, UnknownChunk, memory.MemoryError_):
-                raise
-            except ValueError as err:
-                return error(400, str(err))
-
-        return guarded
-
-
-router = APIRouter(prefix="/amem/v1", tags=["amem memory"], route_class=_MemoryRoute)
+router = APIRouter(prefix="/amem/v1", tags=["amem memory"], route_class=MemoryRoute)
 
 
 @router.post("/remember", summary="Remember texts or documents in a namespace")
