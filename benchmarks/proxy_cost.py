@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         servers.append(start_server(
             f"{sys.executable} -m amem_sgl.proxy --upstream {upstream} --port {port} --store {work}/memory "
-            f"--state-dir {work}/state -k {args.k} --block-k {2 * args.k}", port=port, log_path=work / "proxy.log",
+            f"--state-dir {work}/state -k {args.k} --block-k {2 * args.k} --exit-with-parent", port=port,
+            log_path=work / "proxy.log",
             timeout_s=180))
         proxy = servers[-1].url
         facts, asks = make_memory(args.people, args.attributes, args.unique_values)
