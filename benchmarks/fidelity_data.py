@@ -223,17 +223,9 @@ def extract_answer(text: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class LongAnswer:
-    """A long-answer item: same fields the harness reads from a :class:`Question`. ``band`` says what
-    holds the answer: a packed ``facts`` chunk or a document ``passage``."""
-
-    qid: str
-    band: str
-    kind: str
-    question: str
-    gold: str
-    chunks: tuple[str, ...]
-    hops: int = 1
+class LongAnswer(Lookup):
+    """A long-answer item: a :class:`Lookup` asked for a few sentences. ``band`` says what holds the
+    answer: a packed ``facts`` chunk or a document ``passage``."""
 
     @property
     def prompt(self) -> str:
