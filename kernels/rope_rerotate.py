@@ -236,30 +236,43 @@ def rope_rerotate(
     return k_dst
 
 
-def _rotated(keys: torch.Tensor, delta: torch.Tensor, cos_sin_cache: torch.Tensor, rotary_dim: int,
-             is_neox: bool) -> torch.Tensor:
-    """keys [n, heads, head_dim] rotated by delta [n]; computed in fp32, returned in keys.dtype.
+class Rotation:
+    """Keys [n, heads, head_dim] rotated by ``delta`` [n] positions, computed in fp32 and returned in
+    the keys' dtype; the cos/sin rows (the table normalised by its row 0) are gathered once, so one
+    Rotation serves every layer of a splice.
 
     Written as multiply + fused multiply-add into a preallocated output (4 passes over the keys
     instead of ~12 for the plain expression): 1.6x faster on CPU, where this is the serving path."""
-    half = rotary_dim // 2
-    scale = cos_sin_cache[0, :half]
-    rows = cos_sin_cache[delta.abs()]
-    cos = (rows[:, :half] / scale)[:, None, :]
-    sin = (rows[:, half:] / scale * torch.where(delta < 0, -1.0, 1.0)[:, None])[:, None, :]
-    x = keys.to(torch.float32)
-    out = x.clone() if rotary_dim < x.shape[-1] else torch.empty_like(x)  # pass-through dims kept
-    if is_neox:
-        x1, x2 = x[..., :half], x[..., half:rotary_dim]
-        o1, o2 = out[..., :half], out[..., half:rotary_dim]
-    else:
-        x1, x2 = x[..., 0:rotary_dim:2], x[..., 1:rotary_dim:2]
-        o1, o2 = out[..., 0:rotary_dim:2], out[..., 1:rotary_dim:2]
-    torch.mul(x1, cos, out=o1)
-    o1.addcmul_(x2, sin, value=-1.0)
-    torch.mul(x2, cos, out=o2)
-    o2.addcmul_(x1, sin)
-    return out.to(keys.dtype)
+
+    def __init__(self, delta: torch.Tensor, cos_sin_cache: torch.Tensor, rotary_dim: int, is_neox: bool) -> None:
+        half = rotary_dim // 2
+        scale = cos_sin_cache[0, :half]
+        rows = cos_sin_cache[delta.abs()]
+        self.cos = (rows[:, :half] / scale)[:, None, :]
+        self.sin = (rows[:, half:] / scale * torch.where(delta < 0, -1.0, 1.0)[:, None])[:, None, :]
+        self.half, self.rotary_dim, self.is_neox = half, rotary_dim, is_neox
+
+    def __call__(self, keys: torch.Tensor) -> torch.Tensor:
+        half, rotary_dim, cos, sin = self.half, self.rotary_dim, self.cos, self.sin
+        x = keys.to(torch.float32)
+        out = x.clone() if rotary_dim < x.shape[-1] else torch.empty_like(x)  # pass-through dims kept
+        if self.is_neox:
+            x1, x2 = x[..., :half], x[..., half:rotary_dim]
+            o1, o2 = out[..., :half], out[..., half:rotary_dim]
+        else:
+            x1, x2 = x[..., 0:rotary_dim:2], x[..., 1:rotary_dim:2]
+            o1, o2 = out[..., 0:rotary_dim:2], out[..., 1:rotary_dim:2]
+        torch.mul(x1, cos, out=o1)
+        o1.addcmul_(x2, sin, value=-1.0)
+        torch.mul(x2, cos, out=o2)
+        o2.addcmul_(x1, sin)
+        return out.to(keys.dtype)
+
+
+def _rotated(keys: torch.Tensor, delta: torch.Tensor, cos_sin_cache: torch.Tensor, rotary_dim: int,
+             is_neox: bool) -> torch.Tensor:
+    """keys [n, heads, head_dim] rotated by delta [n] (:class:`Rotation`)."""
+    return Rotation(delta, cos_sin_cache, rotary_dim, is_neox)(keys)
 
 
 def rope_rerotate_reference(k_src, src_slots, dst_slots, delta, cos_sin_cache, *, rotary_dim,

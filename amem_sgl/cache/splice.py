@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from kernels.rope_rerotate import check_rerotate_indices, rope_rerotate
+from kernels.rope_rerotate import Rotation, check_rerotate_indices, rope_rerotate
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def splice_kv(kv_pool, src_slots: torch.Tensor, dst_slots: torch.Tensor, delta: 
     k = kv_pool.get_key_buffer(layers[0])
     check_rerotate_indices(src_slots, dst_slots, delta, src_num_slots=k.shape[0],
                            table_positions=rope.table.shape[0], in_place=True)
-    rotation = Rotation(delta, rope) if k.device.type != "cuda" else None
+    rotation = Rotation(delta, rope.table, rope.rotary_dim, rope.is_neox) if k.device.type != "cuda" else None
     for layer in layers:
         k, v = kv_pool.get_key_buffer(layer), kv_pool.get_value_buffer(layer)
         if rotation is None:
@@ -116,33 +116,3 @@ def splice_kv(kv_pool, src_slots: torch.Tensor, dst_slots: torch.Tensor, delta: 
         else:
             k.index_copy_(0, dst_slots, rotation(k.index_select(0, src_slots)))
         v.index_copy_(0, dst_slots, v.index_select(0, src_slots))
-
-
-class Rotation:
-    """Keys [n, heads, head_dim] rotated by ``delta`` [n] positions: kernels.rope_rerotate's torch
-    path (fp32 multiply + fused multiply-add, the table normalised by its row 0) with the cos/sin
-    rows gathered once, for every layer of a splice."""
-
-    def __init__(self, delta: torch.Tensor, rope: RopeSpec) -> None:
-        half, table = rope.rotary_dim // 2, rope.table
-        scale = table[0, :half]
-        rows = table[delta.abs()]
-        self.cos = (rows[:, :half] / scale)[:, None, :]
-        self.sin = (rows[:, half:] / scale * torch.where(delta < 0, -1.0, 1.0)[:, None])[:, None, :]
-        self.half, self.rotary_dim, self.is_neox = half, rope.rotary_dim, rope.is_neox
-
-    def __call__(self, keys: torch.Tensor) -> torch.Tensor:
-        half, rotary_dim, cos, sin = self.half, self.rotary_dim, self.cos, self.sin
-        x = keys.to(torch.float32)
-        out = x.clone() if rotary_dim < x.shape[-1] else torch.empty_like(x)  # pass-through dims kept
-        if self.is_neox:
-            x1, x2 = x[..., :half], x[..., half:rotary_dim]
-            o1, o2 = out[..., :half], out[..., half:rotary_dim]
-        else:
-            x1, x2 = x[..., 0:rotary_dim:2], x[..., 1:rotary_dim:2]
-            o1, o2 = out[..., 0:rotary_dim:2], out[..., 1:rotary_dim:2]
-        torch.mul(x1, cos, out=o1)
-        o1.addcmul_(x2, sin, value=-1.0)
-        torch.mul(x2, cos, out=o2)
-        o2.addcmul_(x1, sin)
-        return out.to(keys.dtype)
