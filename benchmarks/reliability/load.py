@@ -100,10 +100,15 @@ class Load:
         self.errors: list[dict] = []
         self.violations: list[dict] = []
         self.unknown: list[tuple[str, str, str]] = []
+        self.deferred: list[tuple[str, str, int, list[str]]] = []  # spliced-token checks awaiting a note's size
         self.levels: collections.Counter = collections.Counter()  # memory turns per fidelity level
         self.stop_at: float | None = None  # monotonic time after which no client starts a request
 
     def resolve_unknown(self) -> None:
+        for name, kind, spliced, chunks in self.deferred:
+            held = sum(self.tokens.get(c, 0) for c in chunks)
+            if spliced > held:
+                self.violations.append({"kind": kind, "namespace": name, "spliced_over_own": [spliced, held, chunks]})
         for name, kind, cid in self.unknown:
             if self.owner.get(cid) != name:
                 self.violations.append({"kind": kind, "namespace": name, "foreign_chunks": [cid],
@@ -120,6 +125,10 @@ class Load:
         with self.lock:
             self.levels["turns_spliced"] += spliced > 0
             self.levels["turns_escalated"] += bool(usage.get("escalated"))
+        with self.lock:
+            if any(c not in self.tokens for c in chunks):  # a note remembered a moment ago: checked at the end
+                self.deferred.append((ns.name, kind, spliced, list(chunks)))
+                spliced = 0
         held = sum(self.tokens.get(c, 0) for c in chunks)
         problems = {}
         if foreign:
@@ -127,7 +136,7 @@ class Load:
         if others:
             problems["foreign_secrets"] = others
         if spliced > held:
-            problems["spliced_over_own"] = [spliced, held]
+            problems["spliced_over_own"] = [spliced, held, chunks]
         if problems:
             with self.lock:
                 self.violations.append({"kind": kind, "namespace": ns.name, "text": text[:200], **problems})
@@ -212,8 +221,9 @@ class Load:
             reply = s.post(f"{self.url}/amem/v1/remember", json={"namespace": ns.name, "texts": [note]}, timeout=TIMEOUT)
             _ok(reply)
             (cid,) = reply.json()["ids"]
-            with self.lock:
+            with self.lock:  # its tokens too: a concurrent memory turn may recall (and splice) it
                 self.owner[cid] = ns.name
+                self.tokens[cid] = reply.json()["chunks"][0]["tokens"]
             gone = s.delete(f"{self.url}/amem/v1/namespaces/{ns.name}/chunks/{cid}", timeout=TIMEOUT)
             _ok(gone)
             if gone.json()["forgotten"] != [cid]:
