@@ -59,14 +59,13 @@ def extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_ind
         if prefix == 0 and contiguous:
             out = scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                                is_causal=True, scale=scaling, enable_gqa=enable_gqa)
-            output[start: start + q_len] = out.squeeze(0).movedim(-2, 0)
         else:
             if q_pos is None:
                 q_pos = torch.arange(prefix, prefix + q_len, device=q.device)
             mask = torch.arange(kv_len, device=q.device)[None, :] <= q_pos[:, None]
             out = scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                                attn_mask=mask, scale=scaling, enable_gqa=enable_gqa)
-            output[start: start + q_len] = out.squeeze(0).movedim(-2, 0)
+        output[start: start + q_len] = out.squeeze(0).movedim(-2, 0)
         start += q_len
     return output
 

@@ -52,6 +52,18 @@ def validate_namespace(namespace: object) -> str:
     return namespace
 
 
+def check_text(text: object, what: str = "text") -> str:
+    """A ValueError unless ``text`` is a non-empty string that is valid unicode (no lone surrogate: a
+    client can send one as a JSON escape, and the tokenizer and embedder fail on it)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"every {what} must be a non-empty string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{what} is not valid unicode ({err.reason} at character {err.start})") from None
+    return text
+
+
 def chunk_id(namespace: str, model_id: str, token_ids: Sequence[int]) -> str:
     validate_namespace(namespace)
     secret = server_secret()

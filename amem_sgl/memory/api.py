@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from amem_sgl.memory import layer as memory
 from amem_sgl.memory import timings
-from amem_sgl.memory.errors import MemoryRoute, error  # noqa: F401 -- error: the memory API's shape, used by the proxy
+from amem_sgl.memory.errors import MemoryRoute, error
 from amem_sgl.memory.store import UnknownChunk, UnknownNamespace
 from amem_sgl.server import auth
 from amem_sgl.config import AmemConfig

@@ -38,7 +38,7 @@ import httpx
 from amem_sgl.chunks.client import amem_usage
 from amem_sgl.chunks.compose import Composer
 from amem_sgl.chunks.hints import build_kv_hints
-from amem_sgl.chunks.identity import chunk_id, validate_namespace
+from amem_sgl.chunks.identity import check_text, chunk_id, validate_namespace
 from amem_sgl.config import AmemConfig
 from amem_sgl.memory.exact import DEFAULT_MAX_TOKENS, exact_turn, validate_fidelity
 from amem_sgl.memory.store import Embedder, MemoryChunk, MemoryStore, UnknownNamespace
@@ -130,12 +130,10 @@ class MemoryLayer:
         validate_namespace(namespace)
         pieces: list[tuple[str, dict]] = []
         for text, metadata in documents:
-            if not isinstance(text, str) or not text.strip():
-                raise MemoryError_(400, "every text must be a non-empty string")
             try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as err:
-                raise MemoryError_(400, f"text is not valid unicode ({err.reason} at character {err.start})") from None
+                check_text(text)
+            except ValueError as err:
+                raise MemoryError_(400, str(err)) from None
             parts = self.split(text)
             for i, part in enumerate(parts):
                 meta = dict(metadata or {})
@@ -196,12 +194,13 @@ class MemoryLayer:
             await asyncio.to_thread(self.residency.request, "delete", **fields)
         # A forgotten chunk leaves every session's working set (no later turn may use it); the
         # sessions themselves go on. Forgetting the whole namespace ends its sessions.
+        forgotten = set(gone)
         with self._lock:
             for sid in [s for s, sess in self.sessions.items() if sess.namespace == namespace]:
                 if chunk_ids is None:
                     del self.sessions[sid]
                 else:
-                    self.sessions[sid].chunk_ids = [c for c in self.sessions[sid].chunk_ids if c not in set(gone)]
+                    self.sessions[sid].chunk_ids = [c for c in self.sessions[sid].chunk_ids if c not in forgotten]
         return gone
 
     async def _device_forget(self, body: dict, attempts: int = 1) -> bool:

@@ -16,7 +16,7 @@ import types
 import httpx
 
 from amem_sgl.chunks.compose import Composer
-from amem_sgl.chunks.identity import chunk_id
+from amem_sgl.chunks.identity import check_text, chunk_id
 from amem_sgl.memory.store import MemoryStore, UnknownNamespace
 
 TEXT_MODEL_ID = "amem-proxy-text"  # chunk ids of text memory: (namespace, this, the text's UTF-8 bytes)
@@ -28,16 +28,6 @@ class BackendError(RuntimeError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-def check_text(text, what: str = "text") -> None:
-    """A ValueError (400) unless ``text`` is a non-empty string that is valid unicode (no lone surrogate)."""
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"every {what} must be a non-empty string")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(f"{what} is not valid unicode ({err.reason} at character {err.start})") from None
 
 
 def recallable(query: str) -> str:

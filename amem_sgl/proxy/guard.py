@@ -26,7 +26,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from amem_sgl.chunks.identity import validate_namespace
-from amem_sgl.memory.api import error as memory_error
+from amem_sgl.memory.errors import error as memory_error
 from amem_sgl.server.auth import PROXY_KEY_HEADER, AuthUnavailable, KeyStore, Principal
 
 MEMORY_PREFIX = "/amem/v1"
@@ -53,6 +53,12 @@ def error_response(api: str, status: int, message: str, kind: str = "invalid_req
         return memory_error(status, message)
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
                         status_code=status)
+
+
+def as_sent(headers) -> list[tuple[bytes, bytes]]:
+    """(name, value) pairs as the bytes that came (Starlette decodes them as latin-1; a value need not
+    be ASCII, which httpx refuses as text)."""
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
 
 def in_shape(api: str, data) -> bool:

@@ -24,7 +24,8 @@ from collections import OrderedDict
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from amem_sgl.memory.api import RememberRequest, SearchRequest, error
+from amem_sgl.memory.api import RememberRequest, SearchRequest
+from amem_sgl.memory.errors import error
 from amem_sgl.memory.store import UnknownChunk, UnknownNamespace
 from amem_sgl.proxy import guard
 from amem_sgl.proxy.backend import BackendError, LocalBackend, RemoteBackend
@@ -104,9 +105,8 @@ def _remote_routes(router: APIRouter, backend: RemoteBackend, sessions, memory_k
             elif not _admin(request):
                 raise guard.ProxyError(403, f"{request.method} {request.url.path} needs an admin amem key "
                                             "through the proxy")
-        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()
-                   if k not in _NOT_FORWARDED]  # the bytes that came (a value need not be ASCII)
-        headers += [(k.encode(), v.encode("latin-1")) for k, v in guard.memory_headers(request, memory_key).items()]
+        headers = guard.as_sent([(k, v) for k, v in request.headers.items() if k not in _NOT_FORWARDED]
+                                + list(guard.memory_headers(request, memory_key).items()))
         reply = await backend.send(request.method, request.url.path, params=request.url.query or None,
                                    content=raw, headers=headers)
         content = reply.content

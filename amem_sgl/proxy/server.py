@@ -29,7 +29,7 @@ from amem_sgl.chunks.identity import validate_namespace
 from amem_sgl.proxy import guard, layout, pricing
 from amem_sgl.proxy.backend import BackendError, LocalBackend, RemoteBackend
 from amem_sgl.proxy.edge import DEFAULT_MAX_BYTES, Edge
-from amem_sgl.proxy.guard import ProxyError, api_of, authorize, error_response, reshaped  # noqa: F401 (re-exported)
+from amem_sgl.proxy.guard import ProxyError, api_of, as_sent, authorize, error_response, reshaped  # noqa: F401 (re-exported)
 from amem_sgl.proxy.memory_routes import memory_router
 from amem_sgl.proxy.sessions import SessionStore, digest, session_key
 from amem_sgl.proxy.usage import Report, stream_with_usage
@@ -61,12 +61,6 @@ class ProxyConfig:
 
 def _headers_out(request: Request, drop: set[str] = frozenset()) -> list[tuple[str, str]]:
     return [(k, v) for k, v in request.headers.items() if k not in HOP and k not in drop]
-
-
-def as_sent(headers) -> list[tuple[bytes, bytes]]:
-    """Headers as the bytes that came (Starlette decodes them as latin-1; a value need not be ASCII,
-    which httpx refuses as text)."""
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
 
 def _headers_back(reply: httpx.Response, drop: set[str] = frozenset()) -> dict:
