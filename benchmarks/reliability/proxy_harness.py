@@ -12,7 +12,6 @@ whether any of their processes is left.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import sys
@@ -24,7 +23,7 @@ import requests
 from amem_sgl.chunks.client import ChunkClient
 from amem_sgl.local_server import LocalServer, free_port, start_server
 from amem_sgl.server.auth import add_key
-from benchmarks.reliability import fuzz
+from benchmarks.reliability import fuzz, servers
 from benchmarks.reliability.proxy_fuzz import KEY, MODES, PROVIDER, api_of, in_shape
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,18 +110,14 @@ class ProxyHarness:
 
     def targets(self) -> dict[str, fuzz.Target]:
         client = ChunkClient(self.upstream)
-        info = client._get("/get_model_info")
-        vocab = json.loads((Path(info["model_path"]) / "config.json").read_text())["vocab_size"]
+        vocab = servers.model_vocab(client)
         tokens = client.layout.tokens(SECRET + "\n")
         return {mode: fuzz.Target(self.namespace, self.ids[mode], tokens, vocab, self.keys["target"], self.keys["other"])
                 for mode in MODES}
 
     def snapshot(self, mode: str) -> dict:
         """Every namespace's chunks (id -> text) as the admin key sees them through ``mode``'s proxy."""
-        url = self.proxies[mode].url + "/amem/v1/namespaces"
-        names = requests.get(url, headers=self.bearer("admin"), timeout=300).json()["namespaces"]
-        return {ns: {c["id"]: c["text"] for c in requests.get(f"{url}/{ns}/chunks", headers=self.bearer("admin"),
-                                                              timeout=300).json()["chunks"]} for ns in sorted(names)}
+        return servers.memory_snapshot(self.proxies[mode].url, self.bearer("admin"))
 
     def ask(self, mode: str, api: str) -> dict:
         """A memory turn for the target through ``mode``'s proxy: its answer and the chunks it used."""

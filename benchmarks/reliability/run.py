@@ -7,7 +7,6 @@ namespace), a disk tier of ``disk_budget`` bytes so the budget is hit throughout
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -51,10 +50,7 @@ class Harness:
 
     def snapshot(self) -> dict:
         """Every namespace's chunks (id -> text), read with the admin key."""
-        names = requests.get(f"{self.url}/amem/v1/namespaces", headers=self.admin, timeout=300).json()["namespaces"]
-        return {ns: {c["id"]: c["text"] for c in requests.get(f"{self.url}/amem/v1/namespaces/{ns}/chunks",
-                                                              headers=self.admin, timeout=300).json()["chunks"]}
-                for ns in names}
+        return servers.memory_snapshot(self.url, self.admin)
 
     def ask(self, ns: load.Namespace) -> tuple[str, list[str]]:
         reply = requests.post(f"{self.url}/v1/chat/completions", headers=ns.headers, timeout=900, json={
@@ -63,8 +59,7 @@ class Harness:
         return reply["choices"][0]["message"]["content"], reply["usage"]["amem"]["memory"]["chunks"]
 
     def target(self) -> fuzz.Target:
-        info = self.client._get("/get_model_info")
-        vocab = json.loads((Path(info["model_path"]) / "config.json").read_text())["vocab_size"]
+        vocab = servers.model_vocab(self.client)
         ns, other = self.namespaces[0], self.namespaces[1]
         return fuzz.Target(ns.name, ns.ids, ns.native[0], vocab, ns.key, other.key)
 

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import sys
@@ -74,6 +75,19 @@ def start(workdir: Path, *, serve_command: str = LAUNCHER, amem: dict | None = N
 # One torch thread per server (as benchmarks/fidelity.py): with a spinning thread per core, a loaded
 # 2-core machine made this load decode at ~3 tokens/s (16 running requests, 5 s per step).
 BENCH_THREADS = os.environ.get("OMP_NUM_THREADS", "1")
+
+
+def memory_snapshot(url: str, headers: dict) -> dict:
+    """Every namespace's chunks (id -> text) on the memory API at ``url``, as ``headers``' key sees them."""
+    names = requests.get(f"{url}/amem/v1/namespaces", headers=headers, timeout=300).json()["namespaces"]
+    return {ns: {c["id"]: c["text"] for c in requests.get(f"{url}/amem/v1/namespaces/{ns}/chunks", headers=headers,
+                                                          timeout=300).json()["chunks"]} for ns in sorted(names)}
+
+
+def model_vocab(client) -> int:
+    """The served model's vocabulary size (its config.json), for out-of-vocabulary cases."""
+    info = client._get("/get_model_info")
+    return json.loads((Path(info["model_path"]) / "config.json").read_text())["vocab_size"]
 
 
 def kill9(server: LocalServer) -> None:
