@@ -58,10 +58,6 @@ def residency_pids(server) -> list[int]:
     return pids
 
 
-def flush(url: str) -> None:
-    flush_cache(url)
-
-
 def run(url: str, server, n_chunks: int, repeats: int) -> dict:
     client = ChunkClient(url)
     namespace = f"residency-bench-{uuid.uuid4().hex[:8]}"
@@ -74,11 +70,11 @@ def run(url: str, server, n_chunks: int, repeats: int) -> dict:
     loaded: dict[str, list[int]] = {"cpu": [], "disk": []}
     for _ in range(repeats):
         arms["recompute"].append(client.generate(plain, max_new_tokens=1, isolated=True).latency_s)
-        flush(url)  # device arm: re-register (a plain prefill), then splice
+        flush_cache(url)  # device arm: re-register (a plain prefill), then splice
         chunks = [client.register(text, namespace).token_ids for text in texts]
         arms["device"].append(client.generate(prompt, namespace, max_new_tokens=1,
                                               cache_salt=uuid.uuid4().hex).latency_s)
-        flush(url)
+        flush_cache(url)
         got = client.generate(prompt, namespace, max_new_tokens=1, cache_salt=uuid.uuid4().hex)
         arms["cpu"].append(got.latency_s)
         loaded["cpu"].append(got.amem.get("loaded_tokens", 0))
@@ -95,7 +91,7 @@ def run(url: str, server, n_chunks: int, repeats: int) -> dict:
                 raise RuntimeError("residency service not restarted")
             time.sleep(0.1)
         time.sleep(1.0)
-        flush(url)
+        flush_cache(url)
         got = client.generate(prompt, namespace, max_new_tokens=1, cache_salt=uuid.uuid4().hex)
         arms["disk"].append(got.latency_s)
         loaded["disk"].append(got.amem.get("loaded_tokens", 0))

@@ -23,7 +23,7 @@ import requests
 
 from amem_sgl.chunks.client import ChunkClient, amem_usage
 from amem_sgl.chunks.hints import build_kv_hints
-from amem_sgl.local_server import LocalServer
+from amem_sgl.local_server import LocalServer, flush_cache
 from benchmarks.reliability import servers
 
 COURIERS = ["Anika", "Bruno", "Chiara", "Dmitri", "Elif", "Farid", "Greta", "Hugo", "Ilse", "Jonas"]
@@ -169,9 +169,9 @@ def kill_during_remember(workdir: Path, *, serve_command: str = servers.LAUNCHER
 def residency_kill_under_load(server: LocalServer, run_load, *, after_s: float = 5.0) -> dict:
     """Start ``run_load()`` (which returns load.run's report), flush the device tree first so turns
     need the residency tiers, kill -9 the residency service ``after_s`` into the load."""
-    from benchmarks.residency import flush, residency_pids
+    from benchmarks.residency import residency_pids
 
-    flush(server.url)
+    flush_cache(server.url)
     (old,) = residency_pids(server)
     with cf.ThreadPoolExecutor(1) as pool:
         future = pool.submit(run_load)
