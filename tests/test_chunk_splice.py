@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from amem_sgl import sglang_compat as sgl
+from amem_sgl.blend.policy import BlendPolicy
 from amem_sgl.cache import chunk_index
 from amem_sgl.cache.chunk_radix_cache import ChunkRadixCache, ChunkSupport
 from amem_sgl.cache.splice import find_rope
@@ -417,3 +418,45 @@ def test_with_blending_a_missing_chunk_is_computed_by_the_blend_pass_and_capture
     assert again.prefix_len == spans2[0][1]
     assert_chunk_kv_at(pools, again, X, spans2[0][0], canonical=spans[1][0])
     finish(cache, again)
+
+
+def test_a_chunk_back_in_its_canonical_place_is_never_recomputed():
+    """The first chunk after the preamble sits where and behind what its KV was computed: its KV is
+    the prefill's (no bit changed by the splice) and the blend plan recomputes none of it; the same
+    chunk later in the prompt, or at its canonical position behind other tokens, is blended."""
+    policy = BlendPolicy.parse("edges:2")
+    cache, pools = make(registered=(A, B), blend=True)
+    prompt, spans = compose([A, B])
+    req = start(cache, pools, prompt, build_kv_hints("alice", spans, blend=policy))
+    plan = cache.blend_plans[req.rid]
+    assert not set(range(*spans[0])) & set(plan.positions)  # A: in place
+    assert set(plan.positions) == set(policy.select([(spans[1][0], len(B))]))  # B: its edges
+    assert cache.stats.in_place_chunks == 1
+    slots = row_slots(pools, req, *spans[0])
+    for layer in range(pools.kv.layer_num):  # exactly the registered KV, bit for bit
+        assert torch.equal(pools.k_at(slots, layer), pools.expected_k(A, range(*spans[0])))
+        assert torch.equal(pools.v_at(slots, layer), kv_signature(A, range(*spans[0])))
+    usage = req.customized_info["amem"][0]
+    assert usage["in_place_tokens"] == len(A) and usage["recomputed_tokens"] == len(plan.positions)
+    finish(cache, req)
+
+    other = [7] * len(PRE)  # same length, other tokens before A: not the context A was computed behind
+    prompt2, spans2 = compose([A], pre=other)
+    req2 = start(cache, pools, prompt2, build_kv_hints("alice", spans2, blend=policy))
+    assert set(policy.select([(spans2[0][0], len(A))])) <= set(cache.blend_plans[req2.rid].positions)
+    assert cache.stats.in_place_chunks == 1
+    finish(cache, req2)
+
+
+def test_only_exact_captures_and_registrations_remember_their_context():
+    cache, pools = make(registered=(A,), blend=True)
+    cid_a = cache.index.id_of("alice", A)
+    assert cache.index.meta[cid_a].context == chunk_index.context_digest(PRE)
+    prompt, spans = compose([A, X])
+    req = start(cache, pools, prompt, build_kv_hints("alice", spans, capture=True))
+    pools.write_kv(row_slots(pools, req, *spans[1]), X, range(*spans[1]))
+    finish(cache, req)
+    assert cache.index.meta[cache.index.id_of("alice", X)].context == ""  # captured behind spliced KV
+    prompt2, spans2 = compose([C])
+    serve(cache, pools, prompt2, kv_hints=build_kv_hints("alice", spans2, capture=True, exact=True))
+    assert cache.index.meta[cache.index.id_of("alice", C)].context == chunk_index.context_digest(PRE)

@@ -10,6 +10,7 @@ import threading
 import time
 
 from amem_sgl import sglang_compat as sgl
+from amem_sgl.cache.chunk_index import context_digest
 from amem_sgl.chunks import build_kv_hints
 from tests.pools import admit, finish, make_req, match, start
 from tests.test_chunk_splice import A, assert_chunk_kv_at, compose, make, register
@@ -70,4 +71,7 @@ def test_a_slow_fetch_never_stalls_matching_and_the_chunk_is_restored_when_ready
     admit(cache, pools, again)
     assert again.prefix_len == spans[0][1] and cache.stats.chunks_restored == 1
     assert_chunk_kv_at(pools, again, A, spans[0][0])
+    # The restored chunk keeps its canonical context: back in its place it is not recomputed.
+    assert cache.index.meta[cache.index.id_of("alice", A)].context == context_digest(prompt[: spans[0][0]])
+    assert cache.stats.in_place_chunks == 1
     finish(cache, again)

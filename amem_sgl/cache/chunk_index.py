@@ -13,6 +13,7 @@ they insert serve only their namespace.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from array import array
 from typing import Any, Optional
@@ -51,6 +52,16 @@ class ChunkMeta:
     namespace: str
     num_tokens: int
     canonical_start: int  # position of the chunk's first token when its KV was computed
+    # context_digest of the tokens before it then (its canonical context); "" if unknown. A splice
+    # that puts the chunk back at canonical_start behind these same tokens serves the KV this
+    # server computes for that prompt (a register action's context is the preamble: a full
+    # prefill's KV): nothing of it needs recomputing (amem_sgl.cache.splicer.is_in_place).
+    context: str = ""
+
+
+def context_digest(tokens) -> str:
+    """A digest of the token ids a chunk's KV was computed behind (its canonical context)."""
+    return hashlib.sha256(array("q", tokens).tobytes()).hexdigest()[:32]
 
 
 # Appended to a namespace's salt for exact requests (kv_hints ``exact``): their prefixes never meet the
@@ -93,15 +104,16 @@ class ChunkIndex:
             node.last_access_time = time.monotonic()
         return node
 
-    def register(self, namespace: str, tokens, slots: torch.Tensor, canonical_start: int) -> bool:
-        """Make ``slots`` (KV of ``tokens`` computed at ``canonical_start``) a chunk node.
+    def register(self, namespace: str, tokens, slots: torch.Tensor, canonical_start: int, context: str = "") -> bool:
+        """Make ``slots`` (KV of ``tokens`` computed at ``canonical_start`` behind the tokens whose
+        :func:`context_digest` is ``context``) a chunk node.
 
         Returns False (and takes nothing) when the chunk is already resident."""
         cid = self.id_of(namespace, tokens)
         if self.find(cid, tokens) is not None:
             return False
         self.tree.insert(InsertParams(key=self.key(cid, tokens), value=slots.to(torch.int64)))
-        self.meta[cid] = ChunkMeta(cid, namespace, len(tokens), canonical_start)
+        self.meta[cid] = ChunkMeta(cid, namespace, len(tokens), canonical_start, context)
         self.tree.stats.chunks_registered += 1
         return True
 

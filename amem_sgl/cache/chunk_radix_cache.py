@@ -42,7 +42,8 @@ import torch
 from amem_sgl.blend.context import BlendPlan
 from amem_sgl.blend.policy import BlendPolicy
 from amem_sgl.cache.chunk_index import (  # noqa: F401 -- re-exported
-    CHUNK_KEY_PREFIX, NAMESPACE_KEY_PREFIX, ChunkIndex, ChunkMeta, ChunkSupport, salted_extra_key)
+    CHUNK_KEY_PREFIX, NAMESPACE_KEY_PREFIX, ChunkIndex, ChunkMeta, ChunkSupport, context_digest,
+    salted_extra_key)
 from amem_sgl.cache.residency_bridge import ResidencyBridge
 from amem_sgl.cache.splice import copy_kv
 from amem_sgl.cache.splicer import Splice, Splicer, blend_plan
@@ -317,14 +318,16 @@ class ChunkRadixCache(RadixCache):
         return self.index.resident()
 
     def _capture_chunk(self, req, namespace: str, span: ChunkSpan) -> None:
+        """A register action's chunk: kept with the digest of the context it was computed behind."""
         tokens = req.origin_input_ids[span.start: span.end]
         row = self.req_to_token_pool.req_to_token[req.kv.req_pool_idx, span.start: span.end]
         slots = row.to(torch.int64).clone()
-        if self.index.register(namespace, tokens, slots, span.start):
+        context = context_digest(req.origin_input_ids[: span.start])
+        if self.index.register(namespace, tokens, slots, span.start, context):
             # The node owns these slots now: the release that follows must not free them.
             req.kv.cache_protected_len = span.end
             self.stats.registered_tokens += len(tokens)
-            self._write_through(namespace, tokens, slots, span.start)
+            self._write_through(namespace, tokens, slots, span.start, context)
 
     def _capture_computed(self, req, request: ChunkRequest, up_to: int) -> None:
         """Register on first use: copy each span this request computed (up to ``up_to``) whose
@@ -344,15 +347,18 @@ class ChunkRadixCache(RadixCache):
                 todo.insert(0, span)  # no slots even after evicting: tried again at the next checkpoint
                 return
             copy_kv(self.chunks.kv_pool, src, slots)
-            self.index.register(request.namespace, tokens, slots, span.start)
+            # Only an exact request's earlier KV is surely a full prefill's: other captures never in place.
+            context = context_digest(req.origin_input_ids[: span.start]) if request.exact else ""
+            self.index.register(request.namespace, tokens, slots, span.start, context)
             self.stats.chunks_captured += 1
             self.stats.captured_tokens += len(span)
-            self._write_through(request.namespace, tokens, slots, span.start)
+            self._write_through(request.namespace, tokens, slots, span.start, context)
 
-    def _write_through(self, namespace: str, tokens, slots: torch.Tensor, canonical_start: int) -> None:
+    def _write_through(self, namespace: str, tokens, slots: torch.Tensor, canonical_start: int,
+                       context: str) -> None:
         if self.bridge is not None:
             self.bridge.write_through(self.index.id_of(namespace, tokens), namespace, tokens, slots,
-                                      canonical_start)
+                                      canonical_start, context)
 
     def _chunk_request(self, req) -> ChunkRequest | None:
         """The request's parsed, validated chunk action; parsed once per request (the scheduler asks

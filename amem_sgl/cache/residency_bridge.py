@@ -58,14 +58,15 @@ class ResidencyBridge:
 
     # ------------------------------------------------------------------ write-through
 
-    def write_through(self, cid: str, namespace: str, tokens, slots: torch.Tensor, canonical_start: int) -> None:
+    def write_through(self, cid: str, namespace: str, tokens, slots: torch.Tensor, canonical_start: int,
+                      context: str = "") -> None:
         pool = self.support.kv_pool
         layers = pool_layers(pool)
         k = torch.stack([pool.get_key_buffer(layer)[slots] for layer in layers]).cpu()
         v = torch.stack([pool.get_value_buffer(layer)[slots] for layer in layers]).cpu()
         self.client.store(cid, namespace, self.support.model_id,
                           {"k": k, "v": v, "tokens": torch.tensor(list(tokens), dtype=torch.int64)},
-                          {"canonical_start": canonical_start, **self.layout()}, **self._rank())
+                          {"canonical_start": canonical_start, "context": context, **self.layout()}, **self._rank())
         self.stats.chunks_stored += 1
 
     def hit(self, chunk_ids: list[str]) -> None:
@@ -143,7 +144,7 @@ class ResidencyBridge:
             k_buffer, v_buffer = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
             k_buffer[slots] = k[i].to(k_buffer.device)
             v_buffer[slots] = v[i].to(v_buffer.device)
-        index.register(namespace, tokens, slots, int(meta["canonical_start"]))
+        index.register(namespace, tokens, slots, int(meta["canonical_start"]), str(meta.get("context") or ""))
         self.stats.chunks_restored += 1
         self.stats.restored_tokens += len(tokens)
         return index.find(cid, tokens)

@@ -10,8 +10,11 @@
   matched path are locked), staged chunks restored, V copied and K re-rotated by
   ``start - canonical_start``. If it cannot deliver exactly what the match promised (a chunk gone,
   no slots) it returns None having freed everything, and SGLang computes those tokens instead.
-* :func:`blend_plan` -- which of the spliced tokens the blend pass recomputes (the policy's picks)
-  and the usage record.
+  A chunk it places *in place* -- at its canonical start, behind the very tokens its KV was
+  computed behind (the preamble, for the first chunk of a memory turn) -- holds the KV a prefill of
+  that prompt computes there (re-rotation by 0 changes no bit), so nothing of it is recomputed.
+* :func:`blend_plan` -- which of the spliced tokens the blend pass recomputes (the policy's picks,
+  never in an in-place chunk) and the usage record.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 
 from amem_sgl.blend.context import BlendPlan
 from amem_sgl.blend.policy import BlendPolicy
+from amem_sgl.cache.chunk_index import context_digest
 from amem_sgl.cache.residency_bridge import FIRST_FETCH_WAIT_S
 from amem_sgl.cache.splice import splice_kv
 from amem_sgl.cache.usage import splice_usage
@@ -58,6 +62,7 @@ class Splice:
     slots: torch.Tensor  # int64, one per position in [plan.base, plan.end)
     request: ChunkRequest
     loaded_tokens: int = 0  # restored from the residency tiers (not on the device before)
+    in_place: frozenset = frozenset()  # starts of segments placed in place (exact KV: never recomputed)
     timings: dict = dataclasses.field(default_factory=dict)  # scheduler phases so far (usage.py)
 
 
@@ -118,6 +123,7 @@ class Splicer:
             slots = tree.alloc(plan.end - base)
             if slots is None:
                 return None
+            in_place = frozenset(s.start for _, meta, s in nodes if is_in_place(meta, s.start, tokens))
             src = torch.cat([node.value for node, _, _ in nodes]).to(torch.int64)
             delta = torch.cat([torch.full((s.length,), s.start - meta.canonical_start, dtype=torch.int64)
                                for _, meta, s in nodes]).to(src.device)
@@ -129,15 +135,22 @@ class Splicer:
         if tree.bridge is not None:
             tree.bridge.hit([seg.cid for seg in plan.segments if not seg.staged])
         tree.stats.chunk_hits += len(plan.segments)
+        tree.stats.in_place_chunks += len(in_place)
         tree.stats.spliced_tokens += plan.end - base
         loaded = sum(s.length for s in plan.segments if s.cid in restored)
-        return Splice(plan, slots, request, loaded)
+        return Splice(plan, slots, request, loaded, in_place)
+
+
+def is_in_place(meta, start: int, tokens) -> bool:
+    """Whether a chunk spliced at ``start`` of ``tokens`` sits where and behind what its KV was
+    computed (same position, same preceding token ids): then its KV is a full prefill's."""
+    return bool(meta.context) and start == meta.canonical_start and context_digest(tokens[:start]) == meta.context
 
 
 def blend_plan(splice: Splice, policy: BlendPolicy, layers: int, extended: int) -> tuple[BlendPlan | None, dict]:
     """The blend pass's plan for an admitted splice (None: nothing to recompute) and its usage."""
     plan = splice.plan
-    segments = [(s.start, s.length) for s in plan.segments]
+    segments = [(s.start, s.length) for s in plan.segments if s.start not in splice.in_place]
     gaps = plan.gaps
     chunk_positions = policy.select(segments)
     budget = policy.deviation_budget(segments) if layers > 1 else 0
@@ -145,11 +158,12 @@ def blend_plan(splice: Splice, policy: BlendPolicy, layers: int, extended: int) 
     positions = sorted(set(chunk_positions) | set(gaps))
     blend = (BlendPlan(plan.end, tuple(positions), tuple(segments), budget, check_layer, tuple(gaps),
                        **policy.plan_fields(segments, layers))
-             if positions or budget else None)
+             if positions or budget or (policy.scales_attention and segments) else None)  # APE: no recompute
     spliced = plan.end - plan.base - len(gaps)
     probed, probe_layers = policy.probe_cost(segments, layers, extended) if budget else (0, 0)
     usage = splice_usage(namespace=splice.request.namespace, spliced=spliced,
                          recomputed=len(chunk_positions) + budget, probed=probed,
                          probe_layers=probe_layers, extended=extended, loaded=splice.loaded_tokens,
-                         gaps=len(gaps), policy_label=policy.label, timings=splice.timings)
+                         gaps=len(gaps), policy_label=policy.label, timings=splice.timings,
+                         in_place=sum(s.length for s in plan.segments if s.start in splice.in_place))
     return blend, usage

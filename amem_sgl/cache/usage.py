@@ -69,6 +69,7 @@ class CacheStats:
     evicted_tokens: int = 0
     chunks_registered: int = 0
     chunk_hits: int = 0  # admitted splices: chunks spliced (device or restored)
+    in_place_chunks: int = 0  # of those, spliced in place (canonical position and context): never recomputed
     chunk_misses: int = 0  # admitted splices: declared chunks neither resident nor restorable
     spliced_tokens: int = 0
     spliced_requests: int = 0
@@ -95,7 +96,8 @@ class CacheStats:
 
 
 def splice_usage(*, namespace: str, spliced: int, recomputed: int, probed: int, probe_layers: int,
-                 extended: int, loaded: int, gaps: int, policy_label: str, timings: dict | None = None) -> dict:
+                 extended: int, loaded: int, gaps: int, policy_label: str, timings: dict | None = None,
+                 in_place: int = 0) -> dict:
     """The usage record of one spliced request (``timings``: its scheduler phases so far)."""
     return {
         "namespace": namespace, "spliced_tokens": spliced,
@@ -104,6 +106,7 @@ def splice_usage(*, namespace: str, spliced: int, recomputed: int, probed: int, 
         "extended_tokens": extended,
         "loaded_tokens": loaded,
         "gap_tokens": gaps,
+        "in_place_tokens": in_place,  # spliced where their KV was computed: exact, never recomputed
         "blend_policy": policy_label if recomputed else "none",
         TIMINGS_KEY: dict(timings or {}),
     }
