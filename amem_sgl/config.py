@@ -65,6 +65,9 @@ class BlendConfig:
     sink_tokens: int = 8
     ratio: float = 0.15
     check_layer: int = 1
+    # APE policies (ape:T:S, edges+ape:K:T:S): temperature and scale of the extend's chunk attention.
+    temperature: float = 1.0
+    scale: float = 1.0
     # One knob for memory turns (per request: X-Amem-Fidelity or the body field amem_fidelity):
     # "fast" -- spliced chunks blended with the policy above; "guarded" -- the same, but a turn whose
     # first token is uncertain on reused KV (probability margin p1 - p2 < guard_margin) is escalated to
@@ -80,7 +83,8 @@ class BlendConfig:
     guard_margin: float = 0.2
 
     def to_policy(self) -> BlendPolicy:
-        return BlendPolicy(self.policy, self.sink_tokens, self.ratio, self.check_layer).validate()
+        return BlendPolicy(self.policy, self.sink_tokens, self.ratio, self.check_layer,
+                           temperature=self.temperature, scale=self.scale).validate()
 
 
 RESIDENCY_DIR_ENV = "AMEM_SGL_RESIDENCY_DIR"

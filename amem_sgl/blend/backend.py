@@ -19,6 +19,9 @@ except:
   zeros; a query probe also sums the question's attention per key position at every layer
   (amem_sgl.blend.attention.attention_mass: plain torch, the same on CPU and CUDA; the probe's
   attention output itself takes the device's path above);
+* a batch's own extend run inside ``serving(ctx)`` (folded with a blend pass, or on its own for an
+  APE policy): the same, and the rows of sequences with an APE setting (``ctx.ape``) then get APE's
+  correction for their spliced chunks added (amem_sgl.blend.ape);
 * on CPU, torch_native's extend attention is the linear-cost one (set on this backend instance, no
   class-wide hook): cached prefixes are not re-attended as a square.
 
@@ -35,6 +38,7 @@ import logging
 import torch
 
 from amem_sgl import sglang_compat as sgl
+from amem_sgl.blend.ape import apply_ape
 from amem_sgl.blend.attention import attention_mass, extend_attention, linear_sdpa_forward_extend
 from amem_sgl.blend.context import BlendContext, key_deviation
 
@@ -141,23 +145,26 @@ class AmemAttnBackend:
                 query, k_buffer, self.inner.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
                 forward_batch.seq_lens, forward_batch.extend_seq_lens, forward_batch.positions, ctx.score_from,
                 scaling=layer.scaling, into=ctx.attention_mass)
-        if ctx.kernel == "triton":
-            from kernels.blend_attention import blend_attention
-
-            slots = ctx.row_slots(self.inner.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
-                                  forward_batch.seq_lens)
-            out = blend_attention(query, k_buffer, v_buffer, forward_batch.positions.to(torch.int64),
-                                  forward_batch.extend_seq_lens, slots, forward_batch.seq_lens,
-                                  scale=layer.scaling, backend="triton")
-            return out.reshape(q.shape[0], heads * head_dim)
         fold = ctx.fold  # folded: each request's recomputed tokens and its extend are separate sequences
         rows = ((fold.req_pool_indices, fold.seq_lens, fold.prefix_lens, fold.extend_lens) if fold is not None else
                 (forward_batch.req_pool_indices, forward_batch.seq_lens, forward_batch.extend_prefix_lens,
                  forward_batch.extend_seq_lens))
-        extend_attention(query, out_rows.view(-1, heads, head_dim), k_buffer, v_buffer,
-                         self.inner.req_to_token_pool.req_to_token, *rows,
-                         scaling=layer.scaling, enable_gqa=heads != layer.tp_k_head_num,
-                         positions=forward_batch.positions)
+        req_to_token = self.inner.req_to_token_pool.req_to_token
+        if ctx.kernel == "triton":
+            from kernels.blend_attention import blend_attention
+
+            slots = ctx.row_slots(req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens)
+            out = blend_attention(query, k_buffer, v_buffer, forward_batch.positions.to(torch.int64),
+                                  forward_batch.extend_seq_lens, slots, forward_batch.seq_lens,
+                                  scale=layer.scaling, backend="triton")
+            out_rows = out.reshape(q.shape[0], heads * head_dim)
+        else:
+            extend_attention(query, out_rows.view(-1, heads, head_dim), k_buffer, v_buffer, req_to_token, *rows,
+                             scaling=layer.scaling, enable_gqa=heads != layer.tp_k_head_num,
+                             positions=forward_batch.positions)
+        if ctx.ape is not None:  # APE's rule for those sequences' rows (plain torch, CPU and CUDA)
+            apply_ape(query, out_rows.view(-1, heads, head_dim), k_buffer, v_buffer, req_to_token, *rows,
+                      forward_batch.positions, ctx.ape, scaling=layer.scaling, onto_plain=True)
         return out_rows
 
 

@@ -23,6 +23,11 @@ class BlendPlan:
     gaps: tuple[int, ...] = ()  # uncached non-chunk positions inside the region (always computed)
     signal: str = "key"  # what the probe ranks by: "key" | "value" (staged, CacheBlend) | "query"
     keeps: tuple[int, ...] = ()  # value: candidates kept after each check layer 1..L (the last is budget)
+    ape: tuple[float, float] | None = None  # APE policies: (temperature, scale) of the extend's chunk attention
+
+    def ape_rows(self):
+        """The APE setting of this request's extend rows (amem_sgl.blend.ape.ApeRows), or None."""
+        return (*self.ape, self.segments) if self.ape is not None else None
 
     def probe_positions(self) -> list[int]:
         """Every spliced chunk token and gap token, ascending: a probe computes the early layers of
@@ -70,7 +75,10 @@ class BlendContext:
     * query probe (``score_from`` set): a blend pass over ``query_layers`` layers whose rows at
       positions ``>= score_from[i]`` (sequence i's question) also add, at every layer, their
       softmax attention to each key position (summed over heads and question rows) into
-      ``attention_mass[i]`` ([seq_lens[i]], fp32).
+      ``attention_mass[i]`` ([seq_lens[i]], fp32);
+    * APE (``ape`` set): one entry per sequence the seam serves (a folded pass's parts, else the
+      forward batch's requests): None, or (temperature, scale, chunk spans) -- that sequence's rows
+      attend to its chunk spans by amem_sgl.blend.ape's rule (after the plain attention is computed).
     """
 
     kernel: str = "torch"  # "torch" (CPU: linear-cost SDPA by position) | "triton" (kernels.blend_attention)
@@ -84,6 +92,7 @@ class BlendContext:
     score_from: list[int] | None = None  # query probe: per sequence, the first position of its question
     attention_mass: list[torch.Tensor] | None = None  # query probe: per sequence, mass per key position
     fold: "FoldRows | None" = None  # folded blend pass: the batch's own extend also recomputes the plan tokens
+    ape: list | None = None  # APE: per sequence served, None or (temperature, scale, spans)
 
     def layers_run(self) -> int | None:
         """How many decoder layers this forward runs (None: all)."""
@@ -120,6 +129,7 @@ class FoldRows:
     prefix_lens: torch.Tensor
     extend_lens: torch.Tensor
     positions_set: bool = False  # the seam's init_forward_metadata put ``positions`` on the batch
+    ape: list | None = None  # per part: None or the request's APE setting (its extend part only)
 
 
 def key_deviation(k_new: torch.Tensor, k_cached: torch.Tensor) -> torch.Tensor:

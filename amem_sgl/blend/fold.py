@@ -42,17 +42,18 @@ def can_fold(backend, kernel: str, batch, capture_hidden_mode=None) -> bool:
             and not any(mm is not None for mm in (batch.multimodal_inputs or ())))
 
 
-def fold_batch(batch, runner, rows) -> tuple[object, FoldRows]:
+def fold_batch(batch, runner, rows, ape: dict | None = None) -> tuple[object, FoldRows]:
     """A copy of ``batch`` whose extend also computes, for each (index, end, positions) in ``rows``,
     the tokens at ``positions`` of that request over its first ``end`` slots; and the rows the
-    attention seam serves it by."""
+    attention seam serves it by. ``ape``: {index: APE setting} of requests whose extend part attends
+    by APE's rule (amem_sgl.blend.ape); a request may have a setting and no recomputed tokens."""
     device = runner.device
     req_to_token = runner.req_to_token_pool.req_to_token
     blend = {i: (end, list(positions)) for i, end, positions in rows}
     pool_rows = batch.req_pool_indices_cpu.tolist()
     seq_lens = batch.seq_lens_cpu.tolist()
     ids, locs, cpu_ids, positions = [], [], [], []
-    part_rows, part_seq, part_prefix, part_ext = [], [], [], []
+    part_rows, part_seq, part_prefix, part_ext, part_ape = [], [], [], [], []
     prefix_lens, extend_lens, off = [], [], 0
     for k, req in enumerate(batch.reqs):
         n, prefix = batch.extend_lens[k], batch.prefix_lens[k]
@@ -65,6 +66,7 @@ def fold_batch(batch, runner, rows) -> tuple[object, FoldRows]:
             positions.append(torch.tensor(picked, dtype=torch.int64))
             part_rows.append(pool_rows[k]), part_seq.append(end)
             part_prefix.append(end - len(picked)), part_ext.append(len(picked))
+            part_ape.append(None)
         ids.append(batch.input_ids[off: off + n])
         locs.append(batch.out_cache_loc[off: off + n].long())
         if batch.prefill_input_ids_cpu is not None:
@@ -72,6 +74,7 @@ def fold_batch(batch, runner, rows) -> tuple[object, FoldRows]:
         positions.append(torch.arange(prefix, prefix + n, dtype=torch.int64))
         part_rows.append(pool_rows[k]), part_seq.append(seq_lens[k])
         part_prefix.append(prefix), part_ext.append(n)
+        part_ape.append((ape or {}).get(k))
         prefix_lens.append(prefix - len(picked))
         extend_lens.append(n + len(picked))
         off += n
@@ -87,4 +90,5 @@ def fold_batch(batch, runner, rows) -> tuple[object, FoldRows]:
                                                                           extend_lens, batch.extend_lens)]
     as_tensor = lambda values: torch.tensor(values, dtype=torch.int64)  # noqa: E731
     return folded, FoldRows(torch.cat(positions), as_tensor(part_rows), as_tensor(part_seq),
-                            as_tensor(part_prefix), as_tensor(part_ext))
+                            as_tensor(part_prefix), as_tensor(part_ext),
+                            ape=part_ape if any(a is not None for a in part_ape) else None)

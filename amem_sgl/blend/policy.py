@@ -33,12 +33,16 @@ to everything before them) restores part of that cross-attention. Registered str
   ``L+1`` layers (the extend computes them again afterwards);
 * ``edges+cacheblend:K:R[@L]`` / ``edges+query:K:R[@L]`` -- the boundary tokens always, plus the
   top R by the selector;
+* ``ape:T:S`` -- APE (arXiv 2502.05431): nothing recomputed; the request's own extend (the question)
+  attends to the spliced chunks' keys with temperature ``T`` (logits divided by T inside the chunk
+  block) and scaling factor ``S`` on the chunk block's weight (amem_sgl.blend.ape); ``T = S = 1`` is
+  plain attention. ``edges+ape:K:T:S``: the boundary tokens recomputed, then the same rule;
 * ``all`` -- every spliced token: equal to a full prefill up to numerics (a correctness check of the
   blend pass, and the upper bound of the trade-off).
 
 A new policy is one class: subclass :class:`Strategy`, set ``name`` (and ``takes_tokens`` /
 ``uses_deviation``), implement :meth:`Strategy.fixed`, decorate it with :func:`register`. Its
-spelling (``name``, ``name:K``, ``name:R[@L]``, ``name:K:R[@L]``), its validation in config files
+spelling (``name``, ``name:K``, ``name:R[@L]``, ``name:K:R[@L]``, ``name[:K]:T:S``), its validation in config files
 (``amem.blend``) and per-request payloads (``amem.chunks`` ``blend``), its deviation budget and its
 reported cost then follow from the registry.
 
@@ -71,6 +75,7 @@ class Strategy:
     name: ClassVar[str] = ""
     takes_tokens: ClassVar[bool] = False  # spelled with ``:K`` (BlendPolicy.sink_tokens)
     uses_deviation: ClassVar[bool] = False  # spelled with ``:R[@L]`` (ratio, check_layer): a probe pass
+    scales_attention: ClassVar[bool] = False  # spelled with ``:T:S`` (temperature, scale): APE on the extend
     signal: ClassVar[str] = "key"  # what the probe ranks by: "key" | "value" (staged) | "query"
     default_layer: ClassVar[int] = 1  # check_layer when the spelling has no ``@L``
 
@@ -86,6 +91,8 @@ class Strategy:
             parts.append(str(policy.sink_tokens))
         if cls.uses_deviation:
             parts.append(f"{policy.ratio:g}")
+        if cls.scales_attention:
+            parts += [f"{policy.temperature:g}", f"{policy.scale:g}"]
         text = ":".join(parts)
         return text + (f"@{policy.check_layer}" if cls.uses_deviation and policy.check_layer != cls.default_layer
                        else "")
@@ -94,14 +101,16 @@ class Strategy:
     def parse_args(cls, args: list[str], layer: str) -> dict:
         """Keyword arguments of :class:`BlendPolicy` from the text after ``name:`` (split on ``:``)
         and after ``@``. Raises ValueError for a spelling this policy does not take."""
-        want = int(cls.takes_tokens) + int(cls.uses_deviation)
-        if len(args) > want or (layer and not cls.uses_deviation):
+        want = int(cls.takes_tokens) + int(cls.uses_deviation) + 2 * int(cls.scales_attention)
+        if len(args) > want or (layer and not cls.uses_deviation) or (cls.scales_attention and len(args) != want):
             raise ValueError(f"blend policy {cls.name!r} is spelled {cls.spelling()}")
         kwargs: dict = {}
         if args and cls.takes_tokens:
             kwargs["sink_tokens"] = int(args.pop(0))
         if args and cls.uses_deviation:
             kwargs["ratio"] = float(args.pop(0))
+        if cls.scales_attention:
+            kwargs["temperature"], kwargs["scale"] = float(args.pop(0)), float(args.pop(0))
         if layer:
             kwargs["check_layer"] = int(layer)
         elif cls.uses_deviation:
@@ -123,7 +132,8 @@ class Strategy:
 
     @classmethod
     def spelling(cls) -> str:
-        return cls.name + (":K" if cls.takes_tokens else "") + (":R[@L]" if cls.uses_deviation else "")
+        return (cls.name + (":K" if cls.takes_tokens else "") + (":R[@L]" if cls.uses_deviation else "")
+                + (":T:S" if cls.scales_attention else ""))
 
 
 @register
@@ -228,6 +238,17 @@ class EdgesQuery(_QueryDriven):
 
 
 @register
+class Ape(Strategy):
+    name, scales_attention = "ape", True
+
+
+@register
+class EdgesApe(Strategy):
+    name, takes_tokens, scales_attention = "edges+ape", True, True
+    fixed = Edges.fixed
+
+
+@register
 class All(Strategy):
     name = "all"
 
@@ -252,6 +273,8 @@ class BlendPolicy:
     sink_tokens: int = 4  # K of the boundary policies
     ratio: float = 0.15  # deviation policies: fraction of the request's spliced tokens picked by deviation
     check_layer: int = 1  # deviation policies: the (last) check layer of the probe (>= 1); see each strategy
+    temperature: float = 1.0  # APE policies: T, chunk-block logits divided by it (> 0)
+    scale: float = 1.0  # APE policies: S, the chunk block's weight multiplied by it (> 0)
 
     @property
     def strategy(self) -> type[Strategy]:
@@ -268,7 +291,16 @@ class BlendPolicy:
             raise ValueError(f"blend ratio must be a number in [0, 1], got {self.ratio!r}")
         if type(self.check_layer) is not int or not 1 <= self.check_layer <= 64:
             raise ValueError(f"blend check_layer must be an integer in [1, 64], got {self.check_layer!r}")
+        for field in ("temperature", "scale"):
+            value = getattr(self, field)
+            if type(value) not in (int, float) or not 0.0 < value <= 10.0:
+                raise ValueError(f"blend {field} must be a number in (0, 10], got {value!r}")
         return self
+
+    @property
+    def scales_attention(self) -> bool:
+        """APE: the request's extend attends to its spliced chunks with (temperature, scale)."""
+        return self.strategy.scales_attention
 
     @property
     def uses_deviation(self) -> bool:
@@ -282,18 +314,17 @@ class BlendPolicy:
     @classmethod
     def parse(cls, text: str) -> "BlendPolicy":
         """``none``, ``all``, ``sink:K``, ``tail:K``, ``edges:K``, ``hkvd:R[@L]``,
-        ``sink+hkvd:K:R[@L]``, ``edges+hkvd:K:R[@L]``, ``cacheblend:R[@L]``, ``query:R[@L]`` -- or any
-        registered strategy's spelling."""
+        ``sink+hkvd:K:R[@L]``, ``edges+hkvd:K:R[@L]``, ``cacheblend:R[@L]``, ``query:R[@L]``,
+        ``ape:T:S``, ``edges+ape:K:T:S`` -- or any registered strategy's spelling."""
         if not isinstance(text, str):
             raise ValueError(f"blend policy must be text like {spellings()}, got {text!r}")
         body, _, layer = text.strip().partition("@")
         name, *args = body.split(":")
         strategy = cls(name).strategy
         try:
-            kwargs = strategy.parse_args(args, layer)
+            return cls(name, **strategy.parse_args(args, layer)).validate()
         except ValueError as err:
             raise ValueError(f"bad blend policy {text!r}: {err}") from None
-        return cls(name, **kwargs).validate()
 
     def select(self, segments: list[tuple[int, int]]) -> list[int]:
         """Positions recomputed regardless of deviation, ascending; ``segments`` are the spliced
@@ -319,8 +350,11 @@ class BlendPolicy:
         """The probe's extra :class:`~amem_sgl.blend.context.BlendPlan` fields (signal, keeps)."""
         budget = self.deviation_budget(segments) if num_layers > 1 else 0
         free = sum(length for _, length in segments) - len(self.select(segments))
-        return {"signal": self.strategy.signal,
-                "keeps": self.strategy.keeps(budget, self.plan_check_layer(num_layers), free) if budget else ()}
+        fields = {"signal": self.strategy.signal,
+                  "keeps": self.strategy.keeps(budget, self.plan_check_layer(num_layers), free) if budget else ()}
+        if self.scales_attention:  # APE: the extend's (temperature, scale); amem_sgl.blend.ape
+            fields["ape"] = (float(self.temperature), float(self.scale))
+        return fields
 
     def probe_cost(self, segments: list[tuple[int, int]], num_layers: int, extended: int = 0) -> tuple[int, float]:
         """(tokens probed, layers each on average) of this policy's probe pass(es); ``extended``:

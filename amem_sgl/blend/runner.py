@@ -50,10 +50,12 @@ class BlendRunner:
         self.cache = cache
         self.kernel = kernel  # None: default_kernel(the model runner's device)
 
-    def run(self, worker, batch, *, fold: bool = False, capture_hidden_mode=None) -> Fold | None:
+    def run(self, worker, batch, *, fold: bool = False, capture_hidden_mode=None) -> "Fold | ApeServe | None":
         """The probe and blend passes of ``batch``'s plans, before its own forward. With ``fold``,
         where :func:`~amem_sgl.blend.fold.can_fold` allows, the blend pass is not run but returned:
-        the caller runs the batch's forward as :meth:`Fold.forward` (one forward for both)."""
+        the caller runs the batch's forward as :meth:`Fold.forward` (one forward for both). A batch
+        with APE plans (amem_sgl.blend.ape) that is not folded returns an :class:`ApeServe`: its own
+        forward runs through the seam too."""
         if batch is None or not batch.forward_mode.is_extend() or batch.forward_mode.is_target_verify():
             return None
         picked = self.cache.take_blend_plans(batch.reqs)
@@ -65,22 +67,40 @@ class BlendRunner:
         probed = clock()
         for req in probe_reqs:
             add_timing(req, "blend_probe_s", probed - started)
+        ape = {i: plan.ape_rows() for i, plan in picked if plan.ape is not None}  # amem_sgl.blend.ape
         picked = [(i, plan) for i, plan in picked if plan.positions]
-        if not picked:
+        if not picked and not ape:
             return None
         rows, ctx = [(i, plan.end, plan.positions) for i, plan in picked], self._context(runner)
         self.cache.stats.recomputed_tokens += sum(len(set(plan.positions) - set(plan.gaps)) for _, plan in picked)
         self.cache.stats.gap_tokens += sum(len(plan.gaps) for _, plan in picked)
-        self.cache.stats.blend_passes += 1
+        self.cache.stats.blend_passes += 1 if picked else 0
         if fold and can_fold(amem_backend_of(runner), ctx.kernel, batch, capture_hidden_mode):
-            folded, ctx.fold = fold_batch(batch, runner, rows)
+            folded, ctx.fold = fold_batch(batch, runner, rows, ape)
+            ctx.ape = ctx.fold.ape
             for i, _ in picked:
                 add_timing(batch.reqs[i], "blend_fold_s", clock() - probed)
-            return Fold(self, runner, batch, rows, folded, ctx)
-        self._forward(runner, batch, rows, ctx)
+            return Fold(self, runner, batch, rows, folded, ctx, ape)
+        if picked:
+            self._forward(runner, batch, rows, ctx)
         for i, _ in picked:
             add_timing(batch.reqs[i], "blend_s", clock() - probed)
-        return None
+        return self._ape_serve(runner, batch, ape)
+
+    def _ape_serve(self, runner, batch, ape: dict) -> "ApeServe | None":
+        """The batch's own extend served by the seam with APE's rule for ``ape``'s requests (a batch
+        the blend pass could not fold into: logprobs asked for, the CUDA kernel). Only a plain EXTEND
+        batch (no mixed decode rows, speculative or DP-attention batches); otherwise its requests
+        attend plainly, which the log says."""
+        if not ape:
+            return None
+        if (batch.forward_mode != sgl.ForwardMode.EXTEND or batch.spec_info is not None
+                or batch.global_num_tokens is not None):
+            logger.warning("amem: APE not applied to %d request(s) of a %s batch", len(ape), batch.forward_mode)
+            return None
+        ctx = self._context(runner)
+        ctx.ape = [ape.get(i) for i in range(len(batch.reqs))]
+        return ApeServe(runner, ctx)
 
     def _context(self, runner, probe_layer: int | None = None) -> BlendContext:
         return BlendContext(kernel=self.kernel or default_kernel(runner.device), probe_layer=probe_layer)
@@ -99,8 +119,9 @@ class Fold:
     """A batch's blend pass folded into its own extend (amem_sgl.blend.fold): ``forward`` runs the
     batch's forward on the folded copy, its attention served by the seam."""
 
-    def __init__(self, blender: BlendRunner, runner, batch, rows, folded, ctx: BlendContext) -> None:
+    def __init__(self, blender: BlendRunner, runner, batch, rows, folded, ctx: BlendContext, ape=None) -> None:
         self.blender, self.runner, self.batch, self.rows, self.folded, self.ctx = blender, runner, batch, rows, folded, ctx
+        self.ape = ape or {}  # {request index: APE setting} (amem_sgl.blend.ape)
 
     def forward(self, original, worker, args, kwargs):
         """``original`` (the worker's forward) on the folded batch. Should the seam find the fold
@@ -113,9 +134,24 @@ class Fold:
         except FoldError:
             logger.exception("amem: folded blend pass unusable; running it as a separate pass")
             self.blender.cache.stats.blend_failures += 1
-        self.blender._forward(self.runner, self.batch, self.rows, self.blender._context(self.runner))
+        if self.rows:
+            self.blender._forward(self.runner, self.batch, self.rows, self.blender._context(self.runner))
         args, kwargs = _with_batch(args, kwargs, self.batch)
-        return original(worker, *args, **kwargs)
+        serve = self.blender._ape_serve(self.runner, self.batch, self.ape)
+        return serve.forward(original, worker, args, kwargs) if serve else original(worker, *args, **kwargs)
+
+
+class ApeServe:
+    """A batch's own forward run inside the seam (``serving(ctx)``, eagerly) so that the requests in
+    ``ctx.ape`` attend to their spliced chunks by APE's rule; the seam stores the extend's KV and
+    attends by position as the stock extend does for the others."""
+
+    def __init__(self, runner, ctx: BlendContext) -> None:
+        self.runner, self.ctx = runner, ctx
+
+    def forward(self, original, worker, args, kwargs):
+        with amem_backend_of(self.runner).serving(self.ctx), _eager(self.runner):
+            return original(worker, *args, **kwargs)
 
 
 def _with_batch(args, kwargs, batch):
