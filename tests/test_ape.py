@@ -10,7 +10,10 @@
   APE plan with nothing to recompute (edges+ape: the boundary tokens);
 * on a real SGLang worker (random-init Llama, tests/tiny_worker): the request's extend goes through
   the seam with the spans (folded or on its own), T = S = 1 gives the logits of pure splicing,
-  another setting moves them, and folded and unfolded serve the same logits.
+  another setting moves them, folded and unfolded serve the same logits, and its decode steps
+  attend by the rule too (a step = extending the one-token-longer prompt);
+* the served path (SmolLM2-135M): T = S = 1 answers exactly like pure splicing, T = S = 0.5 moves
+  the first token's log-probabilities.
 """
 
 from __future__ import annotations
@@ -233,7 +236,24 @@ def _extend(worker, cache, prompt, hints, fold: bool):
         out = worker.forward_batch_generation(batch)
     else:
         out = served.forward(type(worker).forward_batch_generation, worker, (batch,), {})
-    return req, out.logits_output.next_token_logits[0].clone(), served
+    return req, out.logits_output.next_token_logits[0].clone(), served, batch
+
+
+def _decode(worker, batch, req, token: int):
+    """One decode step of ``batch`` (SGLang's prepare_for_decode) as the serving hook runs it:
+    (next-token logits, the runner's ApeDecode or None)."""
+    from amem_sgl.blend.backend import amem_backend_of
+
+    req.output_ids.append(token)
+    batch.output_ids = torch.tensor([token], dtype=torch.int64)
+    batch.prepare_for_decode()
+    batch.input_ids, batch.prefill_input_ids_cpu = batch.output_ids, None  # what the last run_batch leaves
+    served = amem_backend_of(worker.model_runner).blender.decode(worker, batch)
+    if served is None:
+        out = worker.forward_batch_generation(batch)
+    else:
+        out = served.forward(type(worker).forward_batch_generation, worker, (batch,), {})
+    return out.logits_output.next_token_logits[0].clone(), served
 
 
 _rid = iter(range(10**6))
@@ -243,25 +263,30 @@ _rid = iter(range(10**6))
 def test_the_extend_attends_by_ape_through_the_seam_on_a_real_worker(worker, cache):
     """A real SGLang worker (random-init Llama, 4 layers, GQA, fp32): ape:1:1 serves the logits of
     pure splicing (its extend went through the seam at every layer, nothing recomputed), ape:0.7:0.6
-    moves them, folded and unfolded APE give the same logits, and edges+ape:2:1:1 those of edges:2."""
+    moves them, folded and unfolded APE give the same logits, edges+ape:2:1:1 those of edges:2, and a
+    decode step with APE's rule the logits of the one-token-longer prompt extended with it."""
     from amem_sgl import sglang_compat as sgl
-    from amem_sgl.blend.runner import ApeServe, Fold
+    from amem_sgl.blend.runner import ApeDecode, ApeServe, Fold
     from tests import test_blend_seam as seam
     from tests.tiny_worker import LAYERS
 
-    def spliced(policy: str, fold: bool):
+    def spliced(policy: str, fold: bool, extra=(), decode_with=None):
         for chunk in (seam.A, seam.B):
             req, _ = seam.extend(worker, cache, seam.PRE + chunk, build_kv_hints(
                 "alice", [(len(seam.PRE), len(seam.PRE) + len(chunk))], register=True), blend=None)
             seam.release(cache, req)
         pre, a, b = len(seam.PRE), len(seam.A), len(seam.B)
         spans = [(pre, pre + b), (pre + b, pre + b + a)]
-        req, logits, served = _extend(worker, cache, seam.PRE + seam.B + seam.A + seam.Q,
-                                      build_kv_hints("alice", spans, blend=BlendPolicy.parse(policy)), fold)
+        req, logits, served, batch = _extend(worker, cache, seam.PRE + seam.B + seam.A + seam.Q + list(extra),
+                                             build_kv_hints("alice", spans, blend=BlendPolicy.parse(policy)), fold)
         assert req.prefix_len == pre + a + b
+        if decode_with is not None:  # one decode step: with the request's APE setting or (False) without
+            if decode_with is False and hasattr(req, "amem_ape"):
+                del req.amem_ape
+            logits, served = _decode(worker, batch, req, int(logits.argmax()))
         seam.release(cache, req)
         cache.evict(sgl.EvictParams(num_tokens=10_000))  # the next run splices afresh
-        if served is not None and served.ctx.ape is not None:
+        if served is not None and getattr(served, "ctx", None) is not None and served.ctx.ape is not None:
             assert served.ctx.layers_attended == list(range(LAYERS))
         return logits, served
 
@@ -282,6 +307,17 @@ def test_the_extend_attends_by_ape_through_the_seam_on_a_real_worker(worker, cac
         torch.testing.assert_close(edges_ape, edges, rtol=1e-5, atol=1e-5)
     assert cache.stats.recomputed_tokens == 3 * recomputed
     assert (edges - none).abs().max() > 1e-3  # the comparison can fail
+    # decode: a step with APE's rule gives the logits of the longer prompt extended with it
+    first = int(moved.argmax())
+    stepped, served = spliced("ape:0.7:0.6", False, decode_with=True)
+    assert isinstance(served, ApeDecode) and served.parts[0] is not None
+    longer, _ = spliced("ape:0.7:0.6", False, extra=[first])
+    torch.testing.assert_close(stepped, longer, rtol=1e-5, atol=1e-5)
+    stepped_folded, served = spliced("ape:0.7:0.6", True, decode_with=True)  # a folded extend marks it too
+    assert isinstance(served, ApeDecode)
+    torch.testing.assert_close(stepped_folded, longer, rtol=1e-5, atol=1e-5)
+    plain_step, served = spliced("ape:0.7:0.6", False, decode_with=False)
+    assert served is None and (plain_step - longer).abs().max() > 1e-3  # the check can fail
 
 
 FACTS = ["Maria, Alice's sister, lives in Denver and teaches chemistry at a high school.\n",

@@ -22,9 +22,8 @@ row is at position ``j``). The two-block mix equals one softmax over all visible
 document key's logit is ``l / T + c`` with ``c = (T - 1) * logsumexp_doc(l / T) + log S`` -- which
 is how :func:`ape_attention` computes it, in fp32, the same code on CPU and CUDA tensors.
 
-APE applies the rule to the query's prefill and to every generated token. amem applies it to the
-request's own extend (the question rows) in the prefill; decode steps attend plainly (see
-amem_sgl.blend.runner).
+APE applies the rule to the query's prefill and to every generated token; so does amem: the
+request's own extend (the question rows) and each of its decode steps (amem_sgl.blend.runner).
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ except:
 * a batch's own extend run inside ``serving(ctx)`` (folded with a blend pass, or on its own for an
   APE policy): the same, and the rows of sequences with an APE setting (``ctx.ape``) then get APE's
   correction for their spliced chunks added (amem_sgl.blend.ape);
+* a decode forward run inside ``decoding(parts)``: the stock decode attention, then APE's
+  correction for the requests that have an APE setting (their spliced chunks);
 * on CPU, torch_native's extend attention is the linear-cost one (set on this backend instance, no
   class-wide hook): cached prefixes are not re-attended as a square.
 
@@ -55,12 +57,13 @@ class FoldError(RuntimeError):
 class AmemAttnBackend:
     """A stock attention backend plus amem's blend/probe passes; see the module docstring."""
 
-    _OWN = ("inner", "blender", "linear_extend", "active")
+    _OWN = ("inner", "blender", "linear_extend", "active", "decode_ape")
 
     def __init__(self, inner, *, linear_extend: bool = True) -> None:
         object.__setattr__(self, "inner", inner)
         object.__setattr__(self, "blender", None)  # amem_sgl.blend.runner.BlendRunner, set by the cache
         object.__setattr__(self, "active", None)  # the BlendContext of the extra forward running now
+        object.__setattr__(self, "decode_ape", None)  # per request of the decode batch running now: APE or None
         linear = linear_extend and isinstance(inner, sgl.TorchNativeAttnBackend)
         object.__setattr__(self, "linear_extend", linear)
         if linear:
@@ -90,6 +93,31 @@ class AmemAttnBackend:
         finally:
             self.active = None
 
+    @contextlib.contextmanager
+    def decoding(self, parts: list):
+        """Serve the decode forward run inside this block with APE's rule for the requests whose
+        entry of ``parts`` (one per request of the batch) is set: the stock decode attention, then
+        APE's correction added (amem_sgl.blend.ape)."""
+        self.decode_ape = parts
+        try:
+            yield
+        finally:
+            self.decode_ape = None
+
+    def _decode(self, q, k, v, layer, forward_batch, save_kv_cache, kwargs):
+        out = self.inner.forward(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        parts = self.decode_ape
+        if forward_batch.positions is None or len(parts) != int(forward_batch.seq_lens.shape[0]):
+            return out
+        pool, heads = self.inner.token_to_kv_pool, layer.tp_q_head_num
+        seq_lens = forward_batch.seq_lens
+        apply_ape(q.reshape(-1, heads, layer.qk_head_dim), out.view(-1, heads, layer.v_head_dim),
+                  pool.get_key_buffer(layer.layer_id), pool.get_value_buffer(layer.layer_id),
+                  self.inner.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, seq_lens,
+                  seq_lens - 1, torch.ones_like(seq_lens), forward_batch.positions, parts,
+                  scaling=layer.scaling, onto_plain=True)
+        return out
+
     def init_forward_metadata(self, forward_batch) -> None:
         ctx = self.active
         if ctx is None:
@@ -109,6 +137,8 @@ class AmemAttnBackend:
     def forward(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
         ctx = self.active
         if ctx is None:
+            if self.decode_ape is not None and forward_batch.forward_mode.is_decode():
+                return self._decode(q, k, v, layer, forward_batch, save_kv_cache, kwargs)
             return self.inner.forward(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
         return self.blend_forward(ctx, q, k, v, layer, forward_batch, save_kv_cache)
 

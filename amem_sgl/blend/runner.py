@@ -17,12 +17,18 @@ seam records each token's key deviation in the context and stores nothing. No ex
 the model's code. The top-deviation tokens then join the plan's fixed positions in the blend pass.
 Staged value-deviation (``cacheblend``) and query-driven (``query``) probes: amem_sgl.blend.probes.
 
+APE policies (``ape:T:S``, amem_sgl.blend.ape) recompute nothing: the request's own extend is served
+by the seam with its chunk spans (folded, or as :class:`ApeServe`), and its decode steps too
+(:class:`ApeDecode`: the stock decode attention plus APE's correction), as APE's code does for
+every generated token.
+
 On CPU (torch attention path, amem's linear extend) the blend pass is folded into the batch's own
 extend forward instead of running as an extra one (amem_sgl.blend.fold): the recomputed tokens go in
 front of each request's extend tokens, and the seam serves both parts as the two forwards would.
 
 Extra forwards run eagerly: the prefill CUDA-graph runner is set aside for them (decode and the
-scheduler's own batches keep SGLang's graphs and the stock attention backend).
+scheduler's own batches keep SGLang's graphs and the stock attention backend, except a decode batch
+with APE requests, which runs eagerly).
 """
 
 from __future__ import annotations
@@ -80,12 +86,24 @@ class BlendRunner:
             ctx.ape = ctx.fold.ape
             for i, _ in picked:
                 add_timing(batch.reqs[i], "blend_fold_s", clock() - probed)
+            _mark_ape(batch, ape)
             return Fold(self, runner, batch, rows, folded, ctx, ape)
         if picked:
             self._forward(runner, batch, rows, ctx)
         for i, _ in picked:
             add_timing(batch.reqs[i], "blend_s", clock() - probed)
-        return self._ape_serve(runner, batch, ape)
+        serve = self._ape_serve(runner, batch, ape)
+        _mark_ape(batch, ape if serve is not None else {})
+        return serve
+
+    def decode(self, worker, batch) -> "ApeDecode | None":
+        """A decode batch with requests whose extend attended by APE (``Req.amem_ape``): its
+        forward served eagerly with the same rule (APE applies it to every generated token)."""
+        reqs = getattr(batch, "reqs", None) or ()
+        if batch is None or not batch.forward_mode.is_decode() or batch.spec_info is not None:
+            return None
+        parts = [getattr(req, APE_ATTR, None) for req in reqs]
+        return ApeDecode(worker.model_runner, parts) if any(p is not None for p in parts) else None
 
     def _ape_serve(self, runner, batch, ape: dict) -> "ApeServe | None":
         """The batch's own extend served by the seam with APE's rule for ``ape``'s requests (a batch
@@ -152,6 +170,33 @@ class ApeServe:
     def forward(self, original, worker, args, kwargs):
         with amem_backend_of(self.runner).serving(self.ctx), _eager(self.runner):
             return original(worker, *args, **kwargs)
+
+
+APE_ATTR = "amem_ape"  # on a Req whose extend attended by APE: its setting, for its decode steps
+
+
+def _mark_ape(batch, ape: dict) -> None:
+    for i, part in ape.items():
+        setattr(batch.reqs[i], APE_ATTR, part)
+
+
+class ApeDecode:
+    """A decode batch's forward with APE's rule for some requests (``AmemAttnBackend.decoding``),
+    eagerly: SGLang's decode graph (CUDA, or the CPU graph) is set aside for it."""
+
+    def __init__(self, runner, parts: list) -> None:
+        self.runner, self.parts = runner, parts
+
+    def forward(self, original, worker, args, kwargs):
+        graphs = getattr(self.runner, "decode_cuda_graph_runner", None)
+        if graphs is not None:
+            self.runner.decode_cuda_graph_runner = None
+        try:
+            with amem_backend_of(self.runner).decoding(self.parts):
+                return original(worker, *args, **kwargs)
+        finally:
+            if graphs is not None:
+                self.runner.decode_cuda_graph_runner = graphs
 
 
 def _with_batch(args, kwargs, batch):
@@ -254,6 +299,12 @@ def around_forward(original, worker, *args, **kwargs):
         blender.cache.timing_record(req)  # chunk requests admitted without a splice: their phases
     timed = [req for req in getattr(batch, "reqs", None) or () if usage_of(req) is not None] if extend else []
     started = clock() if timed else 0.0
+    if fold is None and not extend:
+        try:
+            fold = blender.decode(worker, batch)  # APE's rule on decode steps too
+        except Exception:  # noqa: BLE001 -- as a failing blend pass: served plainly, counted
+            blender.cache.stats.blend_failures += 1
+            logger.exception("amem: APE decode setup failed; decoding these requests plainly")
     result = fold.forward(original, worker, args, kwargs) if fold is not None else original(worker, *args, **kwargs)
     if timed:
         done = clock()
