@@ -1,6 +1,7 @@
 """The cacheblend and query policies on the real server (SmolLM2-135M, the session's amem server):
-each probes, recomputes exactly its budget, reports its probe's cost, never fails its blend pass,
-and with R = 1 (every spliced token recomputed) answers like a full prefill."""
+each probes, recomputes exactly its budget (of the chunks not spliced in place), reports its probe's
+cost, never fails its blend pass, and with R = 1 (every spliced token recomputed) answers like a full
+prefill."""
 
 from __future__ import annotations
 
@@ -33,8 +34,12 @@ def test_policy_probes_recomputes_its_budget_and_reports_its_cost(client, amem_s
     before = amem_server.amem_state()["stats"]
     got = client.generate(prompt, namespace, max_new_tokens=16, blend=policy)
     after = amem_server.amem_state()["stats"]
-    n = prompt.chunk_tokens
-    segments = [(s, e - s) for s, e in prompt.spans]
+    # The first chunk sits where and behind what it was registered: in place, never recomputed;
+    # the policy's budget is the other chunks'.
+    first, *rest = prompt.spans
+    assert got.amem["in_place_tokens"] == first[1] - first[0]
+    segments = [(s, e - s) for s, e in rest]
+    n = sum(length for _, length in segments)
     tail = len(prompt.input_ids) - prompt.spans[-1][1]
     assert got.amem["recomputed_tokens"] == policy.recomputed_tokens(segments)
     assert policy.recomputed_tokens(segments) == min(n, len(policy.select(segments)) + round(policy.ratio * n))

@@ -105,12 +105,15 @@ def test_blend_all_reproduces_the_full_prefill_and_sink_recomputes_k_per_chunk(c
         before = amem_server.amem_state()["stats"]
         results[policy.policy] = client.generate(prompt, namespace, max_new_tokens=24, blend=policy)
         after = amem_server.amem_state()["stats"]
-        expected = prompt.chunk_tokens if policy.policy == "all" else 4 * len(chunks)
+        # The first chunk sits where and behind what it was registered (in place): never recomputed.
+        in_place = prompt.spans[0][1] - prompt.spans[0][0]
+        expected = prompt.chunk_tokens - in_place if policy.policy == "all" else 4 * (len(chunks) - 1)
         assert after["recomputed_tokens"] - before["recomputed_tokens"] == expected
         assert results[policy.policy].amem == {
             "namespace": namespace, "spliced_tokens": prompt.chunk_tokens, "recomputed_tokens": expected,
             "probed_tokens": 0, "probe_layers": 0, "blend_policy": policy.label,
-            "extended_tokens": len(prompt.input_ids) - prompt.spans[-1][1], "loaded_tokens": 0, "gap_tokens": 0}
+            "extended_tokens": len(prompt.input_ids) - prompt.spans[-1][1], "loaded_tokens": 0, "gap_tokens": 0,
+            "in_place_tokens": in_place}
         assert after["blend_passes"] - before["blend_passes"] == 1
     full = client.generate(prompts["all"], max_new_tokens=24, isolated=True)
     assert results["all"].output_ids == full.output_ids
@@ -132,8 +135,8 @@ def test_hkvd_probes_every_spliced_token_then_recomputes_its_budget(client, amem
         before = amem_server.amem_state()["stats"]
         got = client.generate(prompt, namespace, max_new_tokens=16, blend=policy)
         after = amem_server.amem_state()["stats"]
-        n = prompt.chunk_tokens
-        expected = min(n, 2 * len(chunks) + round(policy.ratio * n)) if policy.policy == "sink+hkvd" else n
+        n = prompt.chunk_tokens - (prompt.spans[0][1] - prompt.spans[0][0])  # the first chunk is in place
+        expected = min(n, 2 * (len(chunks) - 1) + round(policy.ratio * n)) if policy.policy == "sink+hkvd" else n
         assert got.amem["recomputed_tokens"] == expected and got.amem["probed_tokens"] == n
         assert got.amem["probe_layers"] == policy.check_layer + 1
         assert after["recomputed_tokens"] - before["recomputed_tokens"] == expected
