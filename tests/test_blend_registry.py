@@ -54,6 +54,8 @@ def test_each_policy_picks_its_positions_and_budget_on_a_real_splice(name):
     prompt, spans = compose([C, A, B])
     req = start(cache, pools, prompt, build_kv_hints("alice", spans, blend=chosen))
     assert req.prefix_len == spans[-1][1]
+    assert req.customized_info["amem"][0]["in_place_tokens"] == spans[0][1] - spans[0][0]
+    spans = spans[1:]  # C sits where and behind what it was registered: in place, never recomputed
     total = sum(e - s for s, e in spans)
     want = [p for s, e in spans for p in SPEC[name](s, e)]
     budget = min(round(RATIO * total), total - len(want)) if name in DEVIATION else 0
