@@ -94,6 +94,7 @@ class Row:
     reuse_margin: float | None = None  # p1 - p2 of the first token on reused KV (blend and guarded arms)
     escalated: bool | None = None  # guarded arms: the guard sent the question to exact
     spliced_tokens: int = 0  # chunk tokens the compared request spliced (0: computed, or a prefix hit)
+    in_place_tokens: int = 0  # of those, spliced in place (exact KV: never recomputed, amem_sgl.cache.splicer)
     text_f1: float = 0.0  # token F1 of the reuse answer's text against the full prefill's
 
 
@@ -156,7 +157,8 @@ def evaluate(client: ChunkClient, items: list, namespace: str, max_new_tokens: i
                 first_token_kl(full_top, first_token_id_logprobs(reuse.meta_info)), res.recomputed, res.cost_tokens,
                 res.ttft_s, full.ttft_s, token_f1(reuse.text, gold), token_f1(full.text, gold), res.gap_tokens,
                 full.output_ids, reuse_margin=res.margin, escalated=res.escalated,
-                spliced_tokens=int(reuse.amem.get("spliced_tokens", 0)), text_f1=token_f1(reuse.text, full.text)))
+                spliced_tokens=int(reuse.amem.get("spliced_tokens", 0)),
+                in_place_tokens=int(reuse.amem.get("in_place_tokens", 0)), text_f1=token_f1(reuse.text, full.text)))
     return rows
 
 
