@@ -146,6 +146,12 @@ class MemoryConfig:
     # memory system prompt; "first_use" -- in the first turn that recalls it, which is then an
     # ordinary prefill (its KV, computed behind that turn's context, becomes the chunk's node).
     prefill: str = "remember"
+    # With a residency service, remember answers once each new chunk's KV (written through from the
+    # scheduler in the background) is on the disk tier, or the disk tier refused it (full), so an
+    # acknowledged chunk's KV survives a crash of the server; past this many seconds it answers
+    # anyway (the text is stored; KV that never reached the disk is computed again by the first turn
+    # that recalls the chunk). 0: do not wait.
+    kv_durable_wait_s: float = 10.0
     # Exact mode (amem.blend.fidelity: exact): a working set grows in a stable order up to this many
     # chunk tokens, then starts over from the turn's chunks (amem_sgl.memory.exact).
     exact_working_set_tokens: int = 4096
@@ -198,6 +204,9 @@ class AmemConfig:
         if config.residency.policy not in ("value", "lru"):
             raise ValueError(f"config key 'amem.residency.policy' must be 'value' or 'lru', "
                              f"got {config.residency.policy!r}")
+        if config.memory.kv_durable_wait_s < 0:
+            raise ValueError(f"config key 'amem.memory.kv_durable_wait_s' must be >= 0, "
+                             f"got {config.memory.kv_durable_wait_s!r}")
         if config.memory.prefill not in ("remember", "first_use"):
             raise ValueError(f"config key 'amem.memory.prefill' must be 'remember' or 'first_use', "
                              f"got {config.memory.prefill!r}")

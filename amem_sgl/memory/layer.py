@@ -151,10 +151,33 @@ class MemoryLayer:
         todo = [(cid, t) for cid, t in dict(zip(ids, token_ids)).items() if cid not in known]
         if (prefill or self.config.prefill) == "remember":
             await self._register(namespace, todo)
+            await asyncio.to_thread(self._await_durable, [cid for cid, _ in todo])
         new = set(await asyncio.to_thread(self.store.add, namespace,
                                           [(cid, text, t, meta) for cid, (text, meta), t in zip(ids, pieces, token_ids)]))
         return [{"id": cid, "tokens": len(t), "new": cid in new, "text": text}
                 for cid, (text, _), t in zip(ids, pieces, token_ids)]
+
+    def _await_durable(self, chunk_ids: list[str]) -> bool:
+        """Wait (up to ``memory.kv_durable_wait_s``) until these chunks' KV is on the residency disk
+        tier (or the disk tier refused it: full): the scheduler writes it through in the background
+        after the register request returned, and a crash in between would lose it. True when all
+        are settled (or nothing is to be waited for)."""
+        wait_s = self.config.kv_durable_wait_s
+        if self.residency is None or not chunk_ids or wait_s <= 0:
+            return True
+        deadline, missing = time.monotonic() + wait_s, list(chunk_ids)
+        while True:
+            settled = self.residency.durable(missing, self.model_id)
+            if settled is not None:
+                missing = [cid for cid in missing if cid not in settled]
+            if not missing:
+                return True
+            if time.monotonic() >= deadline:
+                logger.warning("amem memory: %d of %d new chunks' KV not on the residency disk tier after %.1f s "
+                               "(answered anyway; the first turn that recalls one computes it)",
+                               len(missing), len(chunk_ids), wait_s)
+                return False
+            time.sleep(0.02)
 
     async def _register(self, namespace: str, todo: list[tuple[str, list[int]]]) -> None:
         """Compute each new chunk's KV once (this server's /generate, register action)."""

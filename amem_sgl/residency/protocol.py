@@ -13,7 +13,9 @@ ops (request fields -> reply fields):
 * ``put`` chunk_id, namespace, model_id, path, relevance? -> ``cpu``, ``disk`` (which tiers took it;
   ``disk`` true means the file is durable: the acknowledgement a crash cannot take back), ``key``
 * ``get`` chunk_id, namespace, model_id, [rank] -> ``found``, ``tier`` ("cpu"|"disk"), ``path``, ``key``
-* ``contains`` chunk_ids, model_id, [rank] -> ``tiers`` {chunk_id: "cpu"|"disk"|null}
+* ``contains`` chunk_ids, model_id, [rank] -> ``tiers`` {chunk_id: "cpu"|"disk"|null} (the first tier
+  holding it), ``on_disk`` [ids the disk tier holds: durable], ``disk_refused`` [ids not on disk whose
+  last put the disk tier refused: they will not get there]
 * ``hit`` chunk_ids, relevance? [score per id] -> (counts device hits toward reuse; records scores)
 * ``relevance`` scores {chunk_id: score 0..1} -> ``updated`` (stored keys reached; kept for later puts)
 * ``prefetch`` chunk_ids, namespace, model_id, [rank] -> ``loaded`` (disk -> CPU), ``missing``

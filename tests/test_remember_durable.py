@@ -1,0 +1,70 @@
+"""remember answers once new chunks' KV is durable: MemoryLayer._await_durable against a real
+residency service process (Supervisor, ZeroMQ, disk tier), the chunks written through from another
+thread the way the scheduler's write-through lands after the register request returned."""
+
+from __future__ import annotations
+
+import threading
+import time
+import types
+
+import torch
+
+from amem_sgl.config import AmemConfig, MemoryConfig
+from amem_sgl.memory.layer import MemoryLayer
+from tests.test_residency_service import MODEL, chunk, gen, make_service, nbytes  # noqa: F401 -- fixtures
+
+
+def waiter(client, wait_s: float):
+    """The state _await_durable reads (config, residency client, model id), nothing else."""
+    return types.SimpleNamespace(config=MemoryConfig(kv_durable_wait_s=wait_s), residency=client, model_id=MODEL)
+
+
+def test_remember_waits_for_write_through_to_reach_the_disk_tier(make_service, gen):
+    _sup, client = make_service()
+    tensors = {cid: chunk(gen) for cid in ("a", "b", "c")}
+    client.store("a", "ns", MODEL, tensors["a"], {"canonical_start": 3}).result(30)
+
+    def late_write_through():  # lands while remember waits
+        time.sleep(0.5)
+        for cid in ("b", "c"):
+            client.store(cid, "ns", MODEL, tensors[cid], {"canonical_start": 3}).result(30)
+
+    writer = threading.Thread(target=late_write_through)
+    started = time.monotonic()
+    writer.start()
+    assert MemoryLayer._await_durable(waiter(client, 20.0), ["a", "b", "c"]) is True
+    waited = time.monotonic() - started
+    writer.join()
+    assert 0.5 <= waited < 10.0, waited  # it did wait for b and c, and stopped once they landed
+    assert client.durable(["a", "b", "c", "never"], MODEL) == {"a", "b", "c"}
+
+
+def test_a_chunk_that_never_arrives_is_answered_after_the_bound(make_service, gen):
+    _sup, client = make_service()
+    started = time.monotonic()
+    assert MemoryLayer._await_durable(waiter(client, 0.6), ["never-stored"]) is False
+    assert 0.6 <= time.monotonic() - started < 5.0
+    # 0 turns the wait off; no residency service, nothing to wait for.
+    assert MemoryLayer._await_durable(waiter(client, 0.0), ["never-stored"]) is True
+    assert MemoryLayer._await_durable(waiter(None, 5.0), ["never-stored"]) is True
+
+
+def test_a_full_disk_tier_settles_the_wait_at_once(make_service, gen):
+    size = nbytes(chunk(torch.Generator()))
+    _sup, client = make_service(disk_chunks=1, cpu_chunks=10, size=size)
+    # y is twice the disk tier's whole budget: the disk refuses it, the CPU tier takes it.
+    replies = [client.store(cid, "ns", MODEL, chunk(gen, tokens=n), {"canonical_start": 3}).result(30)
+               for cid, n in (("x", 32), ("y", 64))]
+    assert [r["disk"] for r in replies] == [True, False], replies
+    started = time.monotonic()
+    assert MemoryLayer._await_durable(waiter(client, 20.0), ["x", "y"]) is True
+    assert time.monotonic() - started < 2.0  # refused by the disk: not waited for
+    assert client.contains(["y"], MODEL) == {"y": "cpu"}
+
+
+def test_the_bound_is_validated_in_config():
+    import pytest
+
+    with pytest.raises(ValueError, match="kv_durable_wait_s"):
+        AmemConfig.from_dict({"memory": {"kv_durable_wait_s": -1}})
