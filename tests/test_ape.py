@@ -197,12 +197,18 @@ def test_a_real_splice_hands_an_ape_plan_with_nothing_recomputed():
         # the spliced chunks that are not placed in place (an in-place chunk's KV is a full prefill's)
         assert plan.ape_rows() == (0.9, 0.8, plan.segments) and plan.segments
         assert set(plan.segments) <= {(s, e - s) for s, e in spans}
-        assert req.customized_info["amem"][0]["recomputed_tokens"] == len(plan.positions)
+        usage = req.customized_info["amem"][0]
+        assert usage["recomputed_tokens"] == len(plan.positions)
+        assert usage["blend_policy"] == BlendPolicy.parse(text).label  # APE shaped it, even with nothing recomputed
         finish(cache, req)
     cache, pools = make(registered=(A, B, C), blend=True)  # the check can fail: edges hands no APE setting
     prompt, spans = compose([C, A, B])
     req = start(cache, pools, prompt, build_kv_hints("alice", spans, blend=BlendPolicy.parse("edges:2")))
     assert cache.blend_plans[req.rid].ape is None
+    finish(cache, req)
+    cache, pools = make(registered=(A, B, C), blend=True)  # and pure splicing is labelled "none"
+    req = start(cache, pools, prompt, build_kv_hints("alice", spans, blend=BlendPolicy.parse("none")))
+    assert req.customized_info["amem"][0]["blend_policy"] == "none" and req.rid not in cache.blend_plans
     finish(cache, req)
 
 

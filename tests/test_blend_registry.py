@@ -69,7 +69,8 @@ def test_each_policy_picks_its_positions_and_budget_on_a_real_splice(name):
     assert usage["recomputed_tokens"] == len(want) + budget
     probed = len(prompt) - spans[-1][1] if name in QUERY else total
     assert usage["probed_tokens"] == (probed if budget else 0)
-    assert usage["blend_policy"] == (chosen.label if want or budget else "none")
+    # labelled by the policy when it shaped the request: recomputed tokens, or APE's rule on the extend
+    assert usage["blend_policy"] == (chosen.label if want or budget or name in APE else "none")
     finish(cache, req)
 
 

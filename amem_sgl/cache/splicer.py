@@ -161,9 +161,13 @@ def blend_plan(splice: Splice, policy: BlendPolicy, layers: int, extended: int) 
              if positions or budget or (policy.scales_attention and segments) else None)  # APE: no recompute
     spliced = plan.end - plan.base - len(gaps)
     probed, probe_layers = policy.probe_cost(segments, layers, extended) if budget else (0, 0)
+    recomputed = len(chunk_positions) + budget
+    # The policy that shaped this request: it recomputed chunk tokens, or (APE) its extend attends
+    # to spliced chunks by the policy's rule; else the chunks were served as spliced ("none").
+    applied = recomputed > 0 or (policy.scales_attention and bool(segments))
     usage = splice_usage(namespace=splice.request.namespace, spliced=spliced,
-                         recomputed=len(chunk_positions) + budget, probed=probed,
+                         recomputed=recomputed, probed=probed,
                          probe_layers=probe_layers, extended=extended, loaded=splice.loaded_tokens,
-                         gaps=len(gaps), policy_label=policy.label, timings=splice.timings,
+                         gaps=len(gaps), policy_label=policy.label if applied else "none", timings=splice.timings,
                          in_place=sum(s.length for s in plan.segments if s.start in splice.in_place))
     return blend, usage

@@ -107,7 +107,7 @@ def splice_usage(*, namespace: str, spliced: int, recomputed: int, probed: int, 
         "loaded_tokens": loaded,
         "gap_tokens": gaps,
         "in_place_tokens": in_place,  # spliced where their KV was computed: exact, never recomputed
-        "blend_policy": policy_label if recomputed else "none",
+        "blend_policy": policy_label,  # the caller's: "none" when no policy shaped the request
         TIMINGS_KEY: dict(timings or {}),
     }
 
