@@ -135,3 +135,32 @@ def test_sequences_sharing_a_row_give_the_rows_of_one_call_per_sequence_bit_for_
                            torch.tensor([end - 40, kv - 20, 700]), torch.tensor([40, 20, 200]),
                            scaling=0.125, enable_gqa=True, positions=torch.cat(positions))
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_plan_made_once_serves_every_layer_bit_for_bit(seed):
+    """The seam makes extend_attention's plan (masks, row slots) at a pass's first layer and reuses
+    it: for layers with their own KV (fresh random caches), the planned call writes exactly what
+    the unplanned call does, and the plan holds no layer's tensors."""
+    from amem_sgl.blend.attention import plan_extend
+
+    gen = torch.Generator().manual_seed(2000 + seed)
+    slots = 4096
+    req_to_token = torch.randperm(slots, generator=gen)[: 2 * 2000].reshape(2, 2000).int()
+    kv = int(torch.randint(600, 2000, (1,), generator=gen))
+    end = int(torch.randint(300, kv - 20, (1,), generator=gen))
+    picked = torch.randperm(end, generator=gen)[:40].sort().values
+    positions = torch.cat([picked, torch.arange(kv - 20, kv), torch.arange(0, 64)])  # + a fresh prefill
+    args = (req_to_token, torch.tensor([0, 0, 1]), torch.tensor([end, kv, 64]), torch.tensor([end - 40, kv - 20, 0]),
+            torch.tensor([40, 20, 64]))
+    plan = plan_extend(*args, positions, torch.device("cpu"))
+    assert [m is None for *_, m in plan.seqs] == [False, False, True]  # the fresh prefill: causal SDPA
+    for _layer in range(3):
+        k_cache = (torch.randn(slots, KV_HEADS, DIM, generator=gen) * 2).bfloat16()
+        v_cache = torch.randn(slots, KV_HEADS, DIM, generator=gen).bfloat16()
+        query = (torch.randn(len(positions), HEADS, DIM, generator=gen) * 2).bfloat16()
+        want = extend_attention(query, torch.full_like(query, float("nan")), k_cache, v_cache, *args,
+                                scaling=0.125, enable_gqa=True, positions=positions)
+        got = extend_attention(query, torch.full_like(query, float("nan")), k_cache, v_cache, *args,
+                               scaling=0.125, enable_gqa=True, positions=positions, plan=plan)
+        assert torch.equal(got, want) and not torch.isnan(got).any()

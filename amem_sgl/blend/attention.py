@@ -16,57 +16,84 @@ the whole spliced sequence.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
 
+@dataclasses.dataclass(frozen=True)
+class ExtendPlan:
+    """What :func:`extend_attention` computes from a batch's rows and positions before attending:
+    the same for every layer of a forward, so a blend pass builds it once (:func:`plan_extend`).
+
+    ``seqs``: per sequence (row, first query row, query rows, keys, mask or None: causal from key 0);
+    ``slots``: per row, the slots of its longest sequence's keys."""
+
+    seqs: tuple[tuple[int, int, int, int, torch.Tensor | None], ...]
+    slots: dict[int, torch.Tensor]
+
+
+def plan_extend(req_to_token, req_pool_indices, seq_lens, extend_prefix_lens, extend_seq_lens,
+                positions: torch.Tensor | None, device) -> ExtendPlan:
+    """The plan of one :func:`extend_attention` call (arguments as there; ``device``: the query's)."""
+    rows, kv_lens = req_pool_indices.tolist(), seq_lens.tolist()
+    q_lens, prefixes = extend_seq_lens.tolist(), extend_prefix_lens.tolist()
+    longest: dict[int, int] = {}
+    for row, kv_len in zip(rows, kv_lens):
+        longest[row] = max(longest.get(row, 0), kv_len)
+    seqs, start = [], 0
+    for row, q_len, prefix, kv_len in zip(rows, q_lens, prefixes, kv_lens):
+        q_pos = positions[start: start + q_len].to(torch.int64) if positions is not None else None
+        contiguous = q_pos is None or (q_len > 0 and int(q_pos[0]) == prefix and int(q_pos[-1]) == kv_len - 1
+                                       and bool((q_pos[1:] - q_pos[:-1] == 1).all()))
+        mask = None
+        if not (prefix == 0 and contiguous):
+            if q_pos is None:
+                q_pos = torch.arange(prefix, prefix + q_len, device=device)
+            mask = torch.arange(kv_len, device=device)[None, :] <= q_pos.to(device)[:, None]
+        seqs.append((row, start, q_len, kv_len, mask))
+        start += q_len
+    return ExtendPlan(tuple(seqs), {row: req_to_token[row, :n] for row, n in longest.items()})
+
+
 def extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                      extend_prefix_lens, extend_seq_lens, *, scaling=None, enable_gqa=False,
-                     positions: torch.Tensor | None = None) -> torch.Tensor:
+                     positions: torch.Tensor | None = None, plan: ExtendPlan | None = None) -> torch.Tensor:
     """Causal-by-position extend attention for a batch (SGLang's torch_native argument contract).
 
     query/output: [num_extend_tokens, heads, head_dim]; k_cache/v_cache: [slots, kv_heads, head_dim];
     row ``req_pool_indices[i]`` of ``req_to_token`` holds the slots of sequence i's
     ``seq_lens[i]`` tokens. A query at position p sees keys at positions <= p. ``positions`` gives
     every query row's position; without it sequence i's queries sit at the end of its row
-    (``extend_prefix_lens[i] + arange(extend_seq_lens[i])``), as in an ordinary extend.
+    (``extend_prefix_lens[i] + arange(extend_seq_lens[i])``), as in an ordinary extend. ``plan``:
+    :func:`plan_extend` of these arguments, made once for all layers of a forward (None: made here).
 
     Sequences of one row (a folded blend pass: its recomputed tokens, then its extend) share one
     gather of that row's keys. (Cutting a sequence's keys short for rows that see only the first
     ones, even at the CPU flash kernel's 512-key blocks, changes the last bits of some rows: not done.)
     """
+    if plan is None:
+        plan = plan_extend(req_to_token, req_pool_indices, seq_lens, extend_prefix_lens, extend_seq_lens,
+                           positions, query.device)
     query = query.movedim(0, -2)  # [heads, tokens, head_dim]
-    rows, kv_lens = req_pool_indices.tolist(), seq_lens.tolist()
-    q_lens, prefixes = extend_seq_lens.tolist(), extend_prefix_lens.tolist()
-    longest: dict[int, int] = {}
-    for row, kv_len in zip(rows, kv_lens):
-        longest[row] = max(longest.get(row, 0), kv_len)
     gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    start = 0
-    for i, row in enumerate(rows):
-        q_len, prefix, kv_len = q_lens[i], prefixes[i], kv_lens[i]
+    for row, start, q_len, kv_len, mask in plan.seqs:
         if row not in gathered:
-            slots = req_to_token[row, :longest[row]]
+            slots = plan.slots[row]
             k, v = k_cache[slots].movedim(0, -2), v_cache[slots].movedim(0, -2)
             if k.dtype != query.dtype:
                 k, v = k.to(query.dtype), v.to(query.dtype)
             gathered[row] = k, v
         k, v = (t[:, :kv_len] for t in gathered[row])
         q = query[:, start: start + q_len]
-        q_pos = positions[start: start + q_len].to(torch.int64) if positions is not None else None
-        contiguous = q_pos is None or (q_len > 0 and int(q_pos[0]) == prefix and int(q_pos[-1]) == kv_len - 1
-                                       and bool((q_pos[1:] - q_pos[:-1] == 1).all()))
-        if prefix == 0 and contiguous:
+        if mask is None:
             out = scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                                is_causal=True, scale=scaling, enable_gqa=enable_gqa)
         else:
-            if q_pos is None:
-                q_pos = torch.arange(prefix, prefix + q_len, device=q.device)
-            mask = torch.arange(kv_len, device=q.device)[None, :] <= q_pos[:, None]
             out = scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                                attn_mask=mask, scale=scaling, enable_gqa=enable_gqa)
         output[start: start + q_len] = out.squeeze(0).movedim(-2, 0)
-        start += q_len
     return output
 
 

@@ -41,7 +41,8 @@ import torch
 
 from amem_sgl import sglang_compat as sgl
 from amem_sgl.blend.ape import apply_ape
-from amem_sgl.blend.attention import attention_mass, extend_attention, linear_sdpa_forward_extend
+from amem_sgl.blend.attention import (ExtendPlan, attention_mass, extend_attention, linear_sdpa_forward_extend,
+                                      plan_extend)
 from amem_sgl.blend.context import BlendContext, key_deviation
 
 logger = logging.getLogger(__name__)
@@ -191,11 +192,21 @@ class AmemAttnBackend:
         else:
             extend_attention(query, out_rows.view(-1, heads, head_dim), k_buffer, v_buffer, req_to_token, *rows,
                              scaling=layer.scaling, enable_gqa=heads != layer.tp_k_head_num,
-                             positions=forward_batch.positions)
+                             positions=forward_batch.positions,
+                             plan=self._extend_plan(ctx, forward_batch, req_to_token, rows, query))
         if ctx.ape is not None:  # APE's rule for those sequences' rows (plain torch, CPU and CUDA)
             apply_ape(query, out_rows.view(-1, heads, head_dim), k_buffer, v_buffer, req_to_token, *rows,
                       forward_batch.positions, ctx.ape, scaling=layer.scaling, onto_plain=True)
         return out_rows
+
+    @staticmethod
+    def _extend_plan(ctx: BlendContext, forward_batch, req_to_token, rows, query) -> ExtendPlan:
+        """The pass's attention plan (masks, row slots): the same at every layer, so made once."""
+        positions = forward_batch.positions
+        key = (id(forward_batch), None if positions is None else positions.data_ptr())
+        if ctx.extend_plan is None or ctx.extend_plan[0] != key:
+            ctx.extend_plan = key, plan_extend(req_to_token, *rows, positions, query.device)
+        return ctx.extend_plan[1]
 
 
 def default_kernel(device) -> str:

@@ -93,6 +93,7 @@ class BlendContext:
     attention_mass: list[torch.Tensor] | None = None  # query probe: per sequence, mass per key position
     fold: "FoldRows | None" = None  # folded blend pass: the batch's own extend also recomputes the plan tokens
     ape: list | None = None  # APE: per sequence served, None or (temperature, scale, spans)
+    extend_plan: tuple | None = None  # (forward batch key, attention.ExtendPlan): made at the first layer
 
     def layers_run(self) -> int | None:
         """How many decoder layers this forward runs (None: all)."""
