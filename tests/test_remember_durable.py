@@ -63,6 +63,19 @@ def test_a_full_disk_tier_settles_the_wait_at_once(make_service, gen):
     assert client.contains(["y"], MODEL) == {"y": "cpu"}
 
 
+def test_a_chunk_evicted_from_a_full_disk_by_a_later_one_settles_the_wait(make_service, gen):
+    """One chunk's room on disk: the second put evicts the first (the value policy's choice). The
+    first's write-through was over when its put was answered: remember does not wait for it."""
+    size = nbytes(chunk(torch.Generator()))
+    _sup, client = make_service(disk_chunks=1, cpu_chunks=0, size=size)
+    replies = [client.store(cid, "ns", MODEL, chunk(gen), {"canonical_start": 3}).result(30) for cid in ("p", "q")]
+    assert [r["disk"] for r in replies] == [True, True], replies
+    assert client.contains(["p", "q"], MODEL) == {"p": None, "q": "disk"}  # p was evicted for q
+    started = time.monotonic()
+    assert MemoryLayer._await_durable(waiter(client, 20.0), ["p", "q"]) is True
+    assert time.monotonic() - started < 2.0
+
+
 def test_the_bound_is_validated_in_config():
     import pytest
 

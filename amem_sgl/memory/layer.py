@@ -158,10 +158,11 @@ class MemoryLayer:
                 for cid, (text, _), t in zip(ids, pieces, token_ids)]
 
     def _await_durable(self, chunk_ids: list[str]) -> bool:
-        """Wait (up to ``memory.kv_durable_wait_s``) until these chunks' KV is on the residency disk
-        tier (or the disk tier refused it: full): the scheduler writes it through in the background
-        after the register request returned, and a crash in between would lose it. True when all
-        are settled (or nothing is to be waited for)."""
+        """Wait (up to ``memory.kv_durable_wait_s``) until these chunks' write-through is over: their
+        KV on the residency disk tier, or their put answered (a full disk tier may refuse it, or
+        evict it again for a newer chunk). The scheduler writes it through in the background after
+        the register request returned, and a crash in between would lose it. True when all are
+        settled (or nothing is to be waited for)."""
         wait_s = self.config.kv_durable_wait_s
         if self.residency is None or not chunk_ids or wait_s <= 0:
             return True

@@ -135,12 +135,12 @@ class ResidencyClient:
         return None if reply is None else reply["tiers"]
 
     def durable(self, chunk_ids: list[str], model_id: str, *, tp_rank: int = 0, tp_size: int = 1) -> set[str] | None:
-        """Of ``chunk_ids``, those settled on this rank: on the disk tier (a crash cannot take them
-        back), or refused by it at their last put (they will not get there); None if the service did
-        not answer in time."""
+        """Of ``chunk_ids``, those whose write-through is over on this rank: on the disk tier (a
+        crash cannot take them back), or their put answered (stored then, or refused by a full disk
+        tier: they will not get there); None if the service did not answer in time."""
         reply = self.request("contains", chunk_ids=list(chunk_ids), model_id=model_id,
                              **_rank(tp_rank, tp_size, None))
-        return None if reply is None else set(reply.get("on_disk", ())) | set(reply.get("disk_refused", ()))
+        return None if reply is None else set(reply.get("on_disk", ())) | set(reply.get("put_answered", ()))
 
     def hit(self, chunk_ids: list[str], relevance: list[float] | None = None) -> None:
         """Report device hits (fire and forget, in the background thread); ``relevance``, one

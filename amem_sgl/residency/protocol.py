@@ -14,8 +14,8 @@ ops (request fields -> reply fields):
   ``disk`` true means the file is durable: the acknowledgement a crash cannot take back), ``key``
 * ``get`` chunk_id, namespace, model_id, [rank] -> ``found``, ``tier`` ("cpu"|"disk"), ``path``, ``key``
 * ``contains`` chunk_ids, model_id, [rank] -> ``tiers`` {chunk_id: "cpu"|"disk"|null} (the first tier
-  holding it), ``on_disk`` [ids the disk tier holds: durable], ``disk_refused`` [ids not on disk whose
-  last put the disk tier refused: they will not get there]
+  holding it), ``on_disk`` [ids the disk tier holds: durable], ``put_answered`` [ids whose put this
+  service answered since it started: on disk then, or refused by the disk tier]
 * ``hit`` chunk_ids, relevance? [score per id] -> (counts device hits toward reuse; records scores)
 * ``relevance`` scores {chunk_id: score 0..1} -> ``updated`` (stored keys reached; kept for later puts)
 * ``prefetch`` chunk_ids, namespace, model_id, [rank] -> ``loaded`` (disk -> CPU), ``missing``

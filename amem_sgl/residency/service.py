@@ -48,7 +48,7 @@ from amem_sgl.residency.tiers import CpuTier, DiskTier, Entry, PutItem, TierChai
 logger = logging.getLogger("amem_sgl.residency")
 
 MANIFEST = "manifest.json"
-DISK_REFUSED_KEPT = 100_000  # chunk ids remembered as refused by the disk tier (answers ``contains``)
+PUT_ANSWERED_KEPT = 100_000  # chunk ids whose put was answered, kept to answer ``contains``
 MAX_PENDING_RELEVANCE = 100_000  # scores reported for chunks not stored yet, kept for their put
 
 
@@ -74,7 +74,7 @@ class ResidencyService:
         self.shm_dir.mkdir(parents=True, exist_ok=True)
         self.stats: dict[str, ChunkStats] = {}  # by stored key name (StoreKey.name)
         self.relevance: dict[str, float] = {}  # by chunk id: the memory layer's last recall score
-        self.disk_refused: dict[str, None] = {}  # chunk ids whose last put the disk tier refused (bounded)
+        self.put_answered: dict[str, None] = {}  # chunk ids whose put was answered since start (bounded)
         self.counters = {k: 0 for k in ("puts", "gets", "cpu_hits", "disk_hits", "misses", "device_hits",
                                         "cpu_evictions", "cpu_refused", "disk_refused", "prefetched",
                                         "relevance_reports")}
@@ -118,11 +118,12 @@ class ResidencyService:
         (on_disk,) = self.disk.put([item])
         if not on_disk:
             self.counters["disk_refused"] += 1
-            self.disk_refused[chunk_id] = None
-            while len(self.disk_refused) > DISK_REFUSED_KEPT:
-                self.disk_refused.pop(next(iter(self.disk_refused)))
-        else:
-            self.disk_refused.pop(chunk_id, None)
+        # Answered: on disk (written, fsynced, renamed) or refused by the disk tier; either way the
+        # write-through is over (a later eviction is the policy's choice, not a loss).
+        self.put_answered.pop(chunk_id, None)
+        self.put_answered[chunk_id] = None
+        while len(self.put_answered) > PUT_ANSWERED_KEPT:
+            self.put_answered.pop(next(iter(self.put_answered)))
         in_cpu = self._admit_cpu(item)
         if not on_disk and not in_cpu:
             self.stats.pop(key.name, None)
@@ -158,16 +159,16 @@ class ResidencyService:
 
     def op_contains(self, message: dict) -> dict:
         chunk_ids, model_id = protocol.require(message, chunk_ids=list, model_id=str)
-        tiers, on_disk, refused = {}, [], []
+        tiers, on_disk, answered = {}, [], []
         for cid in chunk_ids:
             keys = self._matching(message, str(cid), model_id)
             located = self.chain.locate(keys)
             tiers[cid] = "cpu" if "cpu" in located else next((t for t in located if t), None)
             if keys and any(self.disk.contains(keys)):
                 on_disk.append(cid)
-            elif cid in self.disk_refused:
-                refused.append(cid)
-        return {"tiers": tiers, "on_disk": on_disk, "disk_refused": refused}
+            if cid in self.put_answered:
+                answered.append(cid)
+        return {"tiers": tiers, "on_disk": on_disk, "put_answered": answered}
 
     def op_hit(self, message: dict) -> dict:
         (chunk_ids,) = protocol.require(message, chunk_ids=list)
