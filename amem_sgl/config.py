@@ -147,7 +147,8 @@ class MemoryConfig:
     # ordinary prefill (its KV, computed behind that turn's context, becomes the chunk's node).
     prefill: str = "remember"
     # With a residency service, remember answers once each new chunk's KV (written through from the
-    # scheduler in the background) is on the disk tier, or the disk tier refused it (full), so an
+    # scheduler in the background) is on the disk tier, or its put was answered (a full disk tier
+    # may refuse or later evict it), so an
     # acknowledged chunk's KV survives a crash of the server; past this many seconds it answers
     # anyway (the text is stored; KV that never reached the disk is computed again by the first turn
     # that recalls the chunk). 0: do not wait.
