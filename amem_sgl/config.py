@@ -148,10 +148,9 @@ class MemoryConfig:
     prefill: str = "remember"
     # With a residency service, remember answers once each new chunk's KV (written through from the
     # scheduler in the background) is on the disk tier, or its put was answered (a full disk tier
-    # may refuse or later evict it), so an
-    # acknowledged chunk's KV survives a crash of the server; past this many seconds it answers
-    # anyway (the text is stored; KV that never reached the disk is computed again by the first turn
-    # that recalls the chunk). 0: do not wait.
+    # may refuse or later evict it), so an acknowledged chunk's KV survives a crash of the server;
+    # past this many seconds it answers anyway (the text is stored; KV that never reached the disk
+    # is computed again by the first turn that recalls the chunk). 0: do not wait.
     kv_durable_wait_s: float = 10.0
     # Exact mode (amem.blend.fidelity: exact): a working set grows in a stable order up to this many
     # chunk tokens, then starts over from the turn's chunks (amem_sgl.memory.exact).
