@@ -4,8 +4,9 @@ Llama of tests/test_blend_seam.py, fp32, its torch_native backend wrapped by ame
 What each policy selects is checked against a selection computed here, independently, from a full
 prefill and a pure splice of the same prompt:
 
-* ``cacheblend:R@2``: layers 0-1 of every spliced token (B in place, A recomputed) end up equal to the full prefill's (they are
-  recomputed for all); the fresh value a probe sees at layer j is then the full prefill's, so the
+* ``cacheblend:R@2``: layers 0-1 of every spliced token (B in place, A recomputed) end up equal to
+  the full prefill's (they are recomputed for all); the fresh value a probe sees at layer j is then
+  the full prefill's, so the
   candidates kept after layer 1 are the top ``2b`` by (V_full - V_spliced)^2 at layer 1, and the
   tokens recomputed the top ``b`` of those at layer 2; the candidates' layer-2 KV is fresh;
 * ``query:R``: the question's attention to each context position, summed over heads, question
