@@ -59,3 +59,50 @@ def test_splice_kv_rejects_bad_indices_before_moving_anything():
     with pytest.raises(ValueError):
         splice_kv(pool, torch.tensor([1, 2]), torch.tensor([3, 4]), torch.tensor([1, 40]), rope)
     assert all(torch.equal(a, b) for a, b in zip(pool.k, before))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_splice_kv_by_runs_matches_the_reference(dtype):
+    """Slots in consecutive stretches (as the allocator hands them out) take the sliced-copy path:
+    chunks in runs of different lengths, one of them in place (delta 0), one moved backwards; the
+    same values as the reference bit for bit, and slots outside the destination untouched."""
+    gen = torch.Generator().manual_seed(11 + (dtype == torch.float32))
+    layers, slots, heads, head_dim = 4, 900, 2, 64
+    pool = _pool(layers, slots, heads, head_dim, dtype, gen)
+    want = _pool(layers, slots, heads, head_dim, dtype, gen)
+    for i in range(layers):
+        want.k[i].copy_(pool.k[i]), want.v[i].copy_(pool.v[i])
+    # (src start, dst start, length, delta): the second run is in place, the last moves back.
+    pieces = [(10, 400, 37, 5), (60, 437, 20, 0), (120, 457, 64, 113), (300, 700, 9, -40)]
+    src = torch.cat([torch.arange(s, s + n) for s, _, n, _ in pieces])
+    dst = torch.cat([torch.arange(d, d + n) for _, d, n, _ in pieces])
+    delta = torch.cat([torch.full((n,), dl, dtype=torch.int64) for _, _, n, dl in pieces])
+    from amem_sgl.cache.splice import slot_runs
+
+    runs = slot_runs(src, dst, delta)
+    assert [(s, d, n, r) for s, d, n, _, r in runs] == [(s, d, n, dl != 0) for s, d, n, dl in pieces]
+    table = _table(512, head_dim)
+    rope = RopeSpec(torch.nn.Identity(), table, head_dim, head_dim, True)
+    splice_kv(pool, src, dst, delta, rope)
+    for i in range(layers):
+        rope_rerotate_reference(want.k[i], src, dst, delta, table, rotary_dim=head_dim, is_neox=True)
+        want.v[i][dst] = want.v[i][src]
+        assert torch.equal(pool.k[i], want.k[i]) and torch.equal(pool.v[i], want.v[i])
+    assert not torch.equal(pool.k[0][dst], pool.k[0][src])
+
+
+def test_splice_kv_in_place_identity_changes_nothing_but_rotates():
+    """src == dst (a chunk re-rotated where it lies): rotation read before any write, by runs."""
+    gen = torch.Generator().manual_seed(5)
+    pool = _pool(2, 200, 1, 16, torch.float32, gen)
+    want = _pool(2, 200, 1, 16, torch.float32, gen)
+    for i in range(2):
+        want.k[i].copy_(pool.k[i]), want.v[i].copy_(pool.v[i])
+    slots = torch.arange(30, 90)
+    delta = torch.full((60,), 7, dtype=torch.int64)
+    table = _table(64, 16)
+    rope = RopeSpec(torch.nn.Identity(), table, 16, 16, False)
+    splice_kv(pool, slots, slots, delta, rope)
+    for i in range(2):
+        rope_rerotate_reference(want.k[i], slots, slots, delta, table, rotary_dim=16, is_neox=False)
+        assert torch.equal(pool.k[i], want.k[i]) and torch.equal(pool.v[i], want.v[i])
