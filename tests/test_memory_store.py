@@ -90,3 +90,26 @@ def test_hybrid_recall_finds_a_name_buried_in_a_long_fact_chunk(tmp_path):
     hybrid.add("facts", [(f"c{i}", text, [i], {}) for i, text in enumerate(texts)])
     dense = MemoryStore(tmp_path, lexical_weight=0.0)
     assert hit_rate(hybrid) >= 0.9 and hit_rate(hybrid) > hit_rate(dense) + 0.15, (hit_rate(hybrid), hit_rate(dense))
+
+
+def test_embedder_dtypes_agree_and_bad_ones_are_refused():
+    """bf16 autocast (amem.memory.embed_dtype) gives nearly the fp32 vectors -- but not the same
+    bits, so the autocast did apply -- unit length, fp32; an unknown dtype is refused, in the
+    class and in the config."""
+    import numpy as np
+
+    from amem_sgl.config import AmemConfig
+    from amem_sgl.memory.store import Embedder
+
+    texts = ["Where does Alice's sister live now?", "Lisbon has mild winters and many hills.", "x"]
+    fp32, bf16 = Embedder(dtype="float32"), Embedder(dtype="bfloat16")
+    a, b = fp32.encode(texts), bf16.encode(texts)
+    assert a.dtype == b.dtype == np.float32 and a.shape == b.shape == (3, fp32.dim)
+    assert np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    cosines = (a * b).sum(axis=1)
+    assert cosines.min() > 0.999 and not np.array_equal(a, b)
+    assert fp32.encode([]).shape == (0, fp32.dim)
+    with pytest.raises(ValueError, match="embedder dtype"):
+        Embedder(dtype="fp8")
+    with pytest.raises(ValueError, match="embed_dtype"):
+        AmemConfig.from_dict({"memory": {"embed_dtype": "half"}})

@@ -86,7 +86,7 @@ class MemoryLayer:
         self.base_url = base_url.rstrip("/")
         self.model_id = model_id
         self.tokenizer_path = tokenizer_path
-        self.store = MemoryStore(self.config.resolved_dir(), Embedder(self.config.embedder or None),
+        self.store = MemoryStore(self.config.resolved_dir(), Embedder(self.config.embedder or None, self.config.embed_dtype),
                                  lexical_weight=self.config.lexical_weight)
         self.residency = residency  # ResidencyClient or None
         # Sent with the requests to this server's own /generate (the launcher sets its internal API token).

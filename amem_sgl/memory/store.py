@@ -45,11 +45,31 @@ def default_embedder_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-class Embedder:
-    """Normalised sentence embeddings (loaded on first use, CPU)."""
+EMBED_DTYPES = ("auto", "float32", "bfloat16")
 
-    def __init__(self, path: str | os.PathLike | None = None) -> None:
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX)."""
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in
+               ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+class Embedder:
+    """Normalised sentence embeddings (loaded on first use, CPU).
+
+    ``dtype`` (``amem.memory.embed_dtype``): ``float32``; ``bfloat16`` -- the forward under bf16
+    autocast (a 19-token query on this 2-core Zen 4, one thread: 14.0 -> 10.4 ms an ``encode``,
+    median of 40; cosine to the fp32 embedding 0.99999); ``auto`` -- bfloat16 where the CPU computes bf16 natively
+    (:func:`native_bf16`), else float32. The vectors are fp32 either way."""
+
+    def __init__(self, path: str | os.PathLike | None = None, dtype: str = "auto") -> None:
+        if dtype not in EMBED_DTYPES:
+            raise ValueError(f"embedder dtype must be one of {', '.join(EMBED_DTYPES)}, got {dtype!r}")
         self.path = Path(path) if path else default_embedder_path()
+        self.bf16 = dtype == "bfloat16" or (dtype == "auto" and native_bf16())
         self._model = None
         self._lock = threading.Lock()
 
@@ -69,9 +89,16 @@ class Embedder:
         return int(getter())
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        vectors = self.model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True,
-                                    show_progress_bar=False)
-        return np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1)
+        import torch
+
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        model = self.model
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            vectors = model.encode(list(texts), normalize_embeddings=True, convert_to_tensor=True,
+                                   show_progress_bar=False)
+        vectors = torch.nn.functional.normalize(vectors.float(), dim=-1)  # renormalised in fp32
+        return vectors.numpy().astype(np.float32, copy=False).reshape(len(texts), -1)
 
 
 @dataclasses.dataclass
