@@ -42,7 +42,9 @@ RESIDENCY_SHM_ENV = "AMEM_SGL_RESIDENCY_SHM"
 # says otherwise (the same values as configs/default.yaml). Left to SGLang, an idle scheduler spins a
 # core (on 2 cores that halves everything else on the machine) and the KV pool is sized from free RAM
 # (~700K tokens, a 16 GB scheduler, 25 s to allocate); 128K tokens of SmolLM2 KV is 2.9 GB at bf16.
+# Left to SGLang, dtype "auto" turns the embedded model's float32 config.json into float16.
 CPU_DEFAULTS = {
+    "dtype": "bfloat16",
     "sleep-on-idle": True,
     "max-total-tokens": 131072,
     "max-running-requests": 16,

@@ -35,7 +35,7 @@ def test_cpu_defaults_without_cuda():
     p = plan(["--port", "1234"])
     assert p.cli_args == ["--port", "1234"]
     assert p.sglang_config == {"radix-cache-backend": "amem", "enable-cache-report": True,
-                               "device": "cpu", "attention-backend": "torch_native",
+                               "device": "cpu", "attention-backend": "torch_native", "dtype": "bfloat16",
                                "sleep-on-idle": True, "max-total-tokens": 131072,
                                "max-running-requests": 16, "enable-metrics": True,
                                "disable-overlap-schedule": True, "model-path": EMBEDDED}
@@ -64,6 +64,7 @@ def test_cpu_defaults_without_config_are_the_default_configs_and_reach_sglangs_p
     args = server_args([])
     assert args.sleep_on_idle is True and args.max_total_tokens == 131072 and args.enable_metrics is True
     assert args.disable_overlap_schedule is True  # on CPU a first token must not wait for a decode step
+    assert args.dtype == "bfloat16"  # SGLang's "auto" would serve the embedded fp32 config as fp16
     args = server_args(["--max-total-tokens", "4096"])
     assert args.max_total_tokens == 4096 and args.sleep_on_idle is True
 
@@ -158,3 +159,11 @@ def test_shipped_configs_parse():
 def test_the_backend_in_effect_decides_whether_residency_and_memory_start(argv, backend):
     plan = plan_launch(argv, cuda_available=False, resolve_model=lambda m: "/models/x")
     assert plan.backend == backend
+
+
+def test_shipped_configs_plan_as_they_are(tmp_path):
+    """Both shipped configs start as their comments say (the GPU one on a CUDA machine)."""
+    for name, cuda in (("configs/default.yaml", False), ("configs/gpu.yaml", True)):
+        p = plan(["--config", name], cuda=cuda)
+        assert p.sglang_config["radix-cache-backend"] == "amem", name
+        assert p.sglang_config["dtype"] == "bfloat16", name
