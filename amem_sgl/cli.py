@@ -24,11 +24,15 @@ import os
 import runpy
 import sys
 
-BENCHES = {"fidelity": "benchmarks.fidelity", "ttft": "benchmarks.ttft", "residency": "benchmarks.residency",
-           "numeric-floor": "benchmarks.numeric_floor", "cost-curve": "benchmarks.cost_curve",
-           "kernels": "benchmarks.kernels.bench_rope_rerotate",
-           "blend-attention": "benchmarks.kernels.bench_blend_attention",
-           "fidelity-tradeoff": "benchmarks.fidelity_tradeoff"}
+# `amem bench NAME` runs python -m benchmarks.NAME; NAME as the README spells it (cost_curve) or
+# with dashes (cost-curve).
+_BENCH_MODULES = ("fidelity", "ttft", "residency", "numeric_floor", "cost_curve", "fidelity_tradeoff", "exact_bound",
+                  "guard_signals", "proxy_cost", "reliability", "kernels.bench_rope_rerotate",
+                  "kernels.bench_blend_attention")
+BENCHES = {name: f"benchmarks.{name}" for name in _BENCH_MODULES}
+BENCHES.update({name.replace("_", "-"): module for name, module in list(BENCHES.items()) if "_" in name})
+BENCHES.update({"kernels": "benchmarks.kernels.bench_rope_rerotate",
+                "blend-attention": "benchmarks.kernels.bench_blend_attention"})
 
 
 def main(argv: list[str] | None = None) -> int:
