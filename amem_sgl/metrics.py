@@ -38,6 +38,6 @@ def merge_usage(reports: list) -> dict | None:
         return None
     merged: dict = {"namespace": reports[0].get("namespace"), "blend_policy": reports[0].get("blend_policy")}
     for key in ("spliced_tokens", "recomputed_tokens", "probed_tokens", "extended_tokens", "loaded_tokens",
-                "gap_tokens"):
+                "gap_tokens", "in_place_tokens"):
         merged[key] = sum(int(r.get(key, 0)) for r in reports)
     return merged

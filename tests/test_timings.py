@@ -109,6 +109,8 @@ def test_a_served_memory_turn_reports_its_phases_streamed_and_not(amem_server):
     assert reply.status_code == 200, reply.text
     amem = reply.json()["usage"]["amem"]
     assert amem["spliced_tokens"] > 0
+    # Behind its own system prompt no chunk sits where its KV was computed: none in place.
+    assert amem["in_place_tokens"] == 0, amem
     t = amem["timings"]
     assert set(SERVED) <= set(t), t
     assert all(v >= 0 for v in t.values()) and 0 < t["total_s"] < wall
