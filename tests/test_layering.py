@@ -15,7 +15,7 @@ this file; a module no prefix covers fails ``test_every_module_has_a_layer`` unt
 | 0    | kernels      | Triton kernels + torch references; no amem_sgl imports          | kernels |
 | 1    | base         | import-light leaves: the SGLang seam, chunk identity, metric names | amem_sgl (root), amem_sgl.sglang_compat, amem_sgl.chunks.identity, amem_sgl.metrics |
 | 2    | core         | the scheduler process's KV logic: tree, splice, blend, hints, config | amem_sgl.cache, amem_sgl.blend, amem_sgl.chunks (package), amem_sgl.chunks.hints, amem_sgl.config |
-| 3    | services     | what the memory layer calls: residency tiers, recall, HTTP chunk client, model files | amem_sgl.residency, amem_sgl.recall, amem_sgl.chunks.client, amem_sgl.models |
+| 3    | services     | what the memory layer calls: residency tiers, HTTP chunk client, model files | amem_sgl.residency, amem_sgl.chunks.client, amem_sgl.models |
 | 4    | application  | the HTTP process: memory layer + API, request guards, proxy    | amem_sgl.memory, amem_sgl.server, amem_sgl.proxy |
 | 5    | entry points | processes and wiring: launcher, SGLang plugin, CLI, SDK, MCP   | amem_sgl.plugin, amem_sgl.launch_server, amem_sgl.cli, amem_sgl.sdk, amem_sgl.mcp_server, amem_sgl.local_server, amem_sgl.proxy.__main__ |
 
@@ -39,7 +39,7 @@ LAYERS: dict[str, int] = {
     "amem_sgl": 1, "amem_sgl.sglang_compat": 1, "amem_sgl.chunks.identity": 1, "amem_sgl.metrics": 1,
     "amem_sgl.cache": 2, "amem_sgl.blend": 2, "amem_sgl.chunks": 2, "amem_sgl.chunks.hints": 2,
     "amem_sgl.config": 2,
-    "amem_sgl.residency": 3, "amem_sgl.recall": 3, "amem_sgl.chunks.client": 3, "amem_sgl.models": 3,
+    "amem_sgl.residency": 3, "amem_sgl.chunks.client": 3, "amem_sgl.models": 3,
     "amem_sgl.memory": 4, "amem_sgl.server": 4, "amem_sgl.proxy": 4,
     "amem_sgl.plugin": 5, "amem_sgl.launch_server": 5, "amem_sgl.cli": 5, "amem_sgl.sdk": 5,
     "amem_sgl.mcp_server": 5, "amem_sgl.local_server": 5, "amem_sgl.proxy.__main__": 5,
