@@ -91,76 +91,28 @@ def copy_kv(kv_pool, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
         v[dst_slots] = v[src_slots]
 
 
-def slot_runs(src_slots: torch.Tensor, dst_slots: torch.Tensor, delta: torch.Tensor,
-              max_runs: int = 32) -> list[tuple[int, int, int, int, bool]] | None:
-    """The splice as runs ``(src, dst, length, offset, rotated)``: ``length`` tokens from slot
-    ``src`` on to slot ``dst`` on, both consecutive, one delta sign class (``rotated``: delta != 0;
-    ``offset``: where the run starts among the rotated tokens, in order). None when the slots break
-    into more than ``max_runs`` runs (scattered slots: the index path is then faster)."""
-    n = src_slots.numel()
-    if n == 0:
-        return []
-    moved = delta != 0
-    brk = ((src_slots[1:] - src_slots[:-1] != 1) | (dst_slots[1:] - dst_slots[:-1] != 1)
-           | (moved[1:] != moved[:-1]))
-    starts = [0] + (torch.nonzero(brk).flatten() + 1).tolist()
-    if len(starts) > max_runs:
-        return None
-    src_at, dst_at, moved_at = (t[starts].tolist() for t in (src_slots, dst_slots, moved))
-    runs, offset = [], 0
-    for i, start in enumerate(starts):
-        length = (starts[i + 1] if i + 1 < len(starts) else n) - start
-        runs.append((src_at[i], dst_at[i], length, offset if moved_at[i] else -1, bool(moved_at[i])))
-        if moved_at[i]:
-            offset += length
-    return runs
-
-
 def splice_kv(kv_pool, src_slots: torch.Tensor, dst_slots: torch.Tensor, delta: torch.Tensor,
               rope: RopeSpec) -> None:
     """Copy every layer's KV from ``src_slots`` to ``dst_slots``, keys rotated by ``delta``. The
     index values are checked once for all layers (every layer's K buffer has the pool's slot count):
     per layer they cost a sort and a device->host read each (30 of them for SmolLM2).
 
-    On CPU the slots are cut into runs once (:func:`slot_runs`: chunk and request slots mostly come
-    from the allocator in consecutive stretches), and each layer moves slices: V and the keys of
-    delta-0 runs (a chunk in place: rotation by 0 changes no bit) are sliced copies, the other keys
-    one slice concatenation, one rotation (:class:`Rotation`, cos/sin gathered once for all layers)
-    and sliced copies back -- the same values as ``rope_rerotate``'s torch path layer by layer. Slots
-    too scattered for runs take one gather and one ``index_copy_`` per layer and tensor. On CUDA
-    each layer is one launch of the Triton kernel."""
+    On CPU the rotation's cos/sin rows are gathered once for all layers (:class:`Rotation`), and
+    each layer is one gather, the rotation, one ``index_copy_`` for K and one for V: the same
+    values as ``rope_rerotate``'s torch path layer by layer, 2.5x faster (30 layers, 750 tokens,
+    one thread). On CUDA each layer is one launch of the Triton kernel."""
     layers = pool_layers(kv_pool)
     if not len(layers) or src_slots.numel() == 0:
         return
     k = kv_pool.get_key_buffer(layers[0])
     check_rerotate_indices(src_slots, dst_slots, delta, src_num_slots=k.shape[0],
                            table_positions=rope.table.shape[0], in_place=True)
-    if k.device.type == "cuda":
-        for layer in layers:
-            k, v = kv_pool.get_key_buffer(layer), kv_pool.get_value_buffer(layer)
-            rope_rerotate(k, src_slots, dst_slots, delta, rope.table, rotary_dim=rope.rotary_dim,
-                          is_neox=rope.is_neox, check=False)
-            v.index_copy_(0, dst_slots, v.index_select(0, src_slots))
-        return
-    runs = slot_runs(src_slots, dst_slots, delta)
-    if runs is None:
-        rotation = Rotation(delta, rope.table, rope.rotary_dim, rope.is_neox)
-        for layer in layers:
-            k, v = kv_pool.get_key_buffer(layer), kv_pool.get_value_buffer(layer)
-            k.index_copy_(0, dst_slots, rotation(k.index_select(0, src_slots)))
-            v.index_copy_(0, dst_slots, v.index_select(0, src_slots))
-        return
-    moved = delta != 0
-    rotation = Rotation(delta[moved], rope.table, rope.rotary_dim, rope.is_neox) if bool(moved.any()) else None
+    rotation = Rotation(delta, rope.table, rope.rotary_dim, rope.is_neox) if k.device.type != "cuda" else None
     for layer in layers:
         k, v = kv_pool.get_key_buffer(layer), kv_pool.get_value_buffer(layer)
-        rotated = None
-        if rotation is not None:  # read every rotated key before any slot is written
-            rotated = rotation(torch.cat([k[s: s + n] for s, _, n, _, r in runs if r]))
-        for s, d, n, offset, r in runs:
-            if r:
-                k[d: d + n].copy_(rotated[offset: offset + n])
-            elif s != d:
-                k[d: d + n].copy_(k[s: s + n])
-            if s != d:
-                v[d: d + n].copy_(v[s: s + n])
+        if rotation is None:
+            rope_rerotate(k, src_slots, dst_slots, delta, rope.table, rotary_dim=rope.rotary_dim,
+                          is_neox=rope.is_neox, check=False)
+        else:
+            k.index_copy_(0, dst_slots, rotation(k.index_select(0, src_slots)))
+        v.index_copy_(0, dst_slots, v.index_select(0, src_slots))
