@@ -164,3 +164,40 @@ def test_a_plan_made_once_serves_every_layer_bit_for_bit(seed):
         got = extend_attention(query, torch.full_like(query, float("nan")), k_cache, v_cache, *args,
                                scaling=0.125, enable_gqa=True, positions=positions, plan=plan)
         assert torch.equal(got, want) and not torch.isnan(got).any()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_keys_gathered_as_slices_give_the_gathers_rows_bit_for_bit(seed):
+    """Rows whose slots come in a few stretches (one, three) are read as slices (a view, or one
+    concatenation), a scattered row with one gather: every output row equals the gather path's, on
+    fresh random KV, for a folded row (two sequences) and plain ones."""
+    import dataclasses
+
+    from amem_sgl.blend.attention import plan_extend, slot_stretches
+
+    gen = torch.Generator().manual_seed(3000 + seed)
+    slots, width = 4096, 900
+    req_to_token = torch.zeros(3, width, dtype=torch.int32)
+    req_to_token[0] = torch.arange(1000, 1000 + width)  # one stretch
+    req_to_token[1] = torch.cat([torch.arange(50, 80), torch.arange(2000, 2500), torch.arange(300, 670)])  # three
+    req_to_token[2] = torch.randperm(slots, generator=gen)[:width]  # scattered
+    assert slot_stretches(req_to_token[0]) == [(1000, width)]
+    assert slot_stretches(req_to_token[1]) == [(50, 30), (2000, 500), (300, 370)]
+    assert slot_stretches(req_to_token[2]) is None
+    kv = [int(torch.randint(400, width, (1,), generator=gen)) for _ in range(3)]
+    picked = torch.randperm(kv[1] - 30, generator=gen)[:25].sort().values
+    positions = torch.cat([picked, torch.arange(kv[1] - 30, kv[1]), torch.arange(kv[0] - 12, kv[0]),
+                           torch.arange(kv[2] - 7, kv[2])])
+    args = (req_to_token, torch.tensor([1, 1, 0, 2]), torch.tensor([kv[1] - 30, kv[1], kv[0], kv[2]]),
+            torch.tensor([kv[1] - 55, kv[1] - 30, kv[0] - 12, kv[2] - 7]), torch.tensor([25, 30, 12, 7]))
+    plan = plan_extend(*args, positions, torch.device("cpu"))
+    assert plan.runs[0] is not None and plan.runs[1] is not None and plan.runs[2] is None
+    gathered = dataclasses.replace(plan, runs={})
+    for dtype in (torch.bfloat16, torch.float32):
+        k_cache = (torch.randn(slots, KV_HEADS, DIM, generator=gen) * 2).to(dtype)
+        v_cache = torch.randn(slots, KV_HEADS, DIM, generator=gen).to(dtype)
+        query = (torch.randn(len(positions), HEADS, DIM, generator=gen) * 2).to(dtype)
+        outs = [extend_attention(query, torch.full_like(query, float("nan")), k_cache, v_cache, *args,
+                                 scaling=0.125, enable_gqa=True, positions=positions, plan=p)
+                for p in (plan, gathered)]
+        assert torch.equal(outs[0], outs[1]) and not torch.isnan(outs[0]).any()

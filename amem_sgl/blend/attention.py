@@ -28,10 +28,31 @@ class ExtendPlan:
     the same for every layer of a forward, so a blend pass builds it once (:func:`plan_extend`).
 
     ``seqs``: per sequence (row, first query row, query rows, keys, mask or None: causal from key 0);
-    ``slots``: per row, the slots of its longest sequence's keys."""
+    ``slots``: per row, the slots of its longest sequence's keys; ``runs``: per row, those slots as
+    (first slot, count) stretches of consecutive slots when there are few (host tensors), else None."""
 
     seqs: tuple[tuple[int, int, int, int, torch.Tensor | None], ...]
     slots: dict[int, torch.Tensor]
+    runs: dict[int, list[tuple[int, int]] | None] = dataclasses.field(default_factory=dict)
+
+
+# A row's keys are gathered as slices when its slots form at most this many stretches (a request's
+# slots come from the allocator in a few: its prefix, its spliced chunks, its new tokens), else with
+# one index gather: the same values either way.
+MAX_KEY_RUNS = 16
+
+
+def slot_stretches(slots: torch.Tensor, max_runs: int = MAX_KEY_RUNS) -> list[tuple[int, int]] | None:
+    """``slots`` (1-D, on the host) as (first slot, count) stretches of consecutive slots, or None
+    when they break into more than ``max_runs`` (or live on a device)."""
+    if slots.device.type != "cpu" or slots.numel() == 0:
+        return None
+    starts = [0] + (torch.nonzero(slots[1:] - slots[:-1] != 1).flatten() + 1).tolist()
+    if len(starts) > max_runs:
+        return None
+    firsts = slots[starts].tolist()
+    ends = starts[1:] + [slots.numel()]
+    return [(int(first), end - start) for first, start, end in zip(firsts, starts, ends)]
 
 
 def plan_extend(req_to_token, req_pool_indices, seq_lens, extend_prefix_lens, extend_seq_lens,
@@ -54,7 +75,8 @@ def plan_extend(req_to_token, req_pool_indices, seq_lens, extend_prefix_lens, ex
             mask = torch.arange(kv_len, device=device)[None, :] <= q_pos.to(device)[:, None]
         seqs.append((row, start, q_len, kv_len, mask))
         start += q_len
-    return ExtendPlan(tuple(seqs), {row: req_to_token[row, :n] for row, n in longest.items()})
+    slots = {row: req_to_token[row, :n] for row, n in longest.items()}
+    return ExtendPlan(tuple(seqs), slots, {row: slot_stretches(row_slots) for row, row_slots in slots.items()})
 
 
 def extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
@@ -80,8 +102,17 @@ def extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_ind
     gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for row, start, q_len, kv_len, mask in plan.seqs:
         if row not in gathered:
-            slots = plan.slots[row]
-            k, v = k_cache[slots].movedim(0, -2), v_cache[slots].movedim(0, -2)
+            runs = plan.runs.get(row)
+            if runs is None:
+                slots = plan.slots[row]
+                k, v = k_cache[slots], v_cache[slots]
+            elif len(runs) == 1:  # a view: the same values and layout as the gather
+                (first, n), = runs
+                k, v = k_cache[first: first + n], v_cache[first: first + n]
+            else:
+                k = torch.cat([k_cache[first: first + n] for first, n in runs])
+                v = torch.cat([v_cache[first: first + n] for first, n in runs])
+            k, v = k.movedim(0, -2), v.movedim(0, -2)
             if k.dtype != query.dtype:
                 k, v = k.to(query.dtype), v.to(query.dtype)
             gathered[row] = k, v
