@@ -1,4 +1,4 @@
-"""remember answers once new chunks' KV is durable: MemoryLayer._await_durable against a real
+"""remember answers once new chunks' KV is durable: amem_sgl.memory.chunk_kv.await_durable against a real
 residency service process (Supervisor, ZeroMQ, disk tier), the chunks written through from another
 thread the way the scheduler's write-through lands after the register request returned."""
 
@@ -6,18 +6,12 @@ from __future__ import annotations
 
 import threading
 import time
-import types
 
 import torch
 
-from amem_sgl.config import AmemConfig, MemoryConfig
-from amem_sgl.memory.layer import MemoryLayer
+from amem_sgl.config import AmemConfig
+from amem_sgl.memory.chunk_kv import await_durable
 from tests.test_residency_service import MODEL, chunk, gen, make_service, nbytes  # noqa: F401 -- fixtures
-
-
-def waiter(client, wait_s: float):
-    """The state _await_durable reads (config, residency client, model id), nothing else."""
-    return types.SimpleNamespace(config=MemoryConfig(kv_durable_wait_s=wait_s), residency=client, model_id=MODEL)
 
 
 def test_remember_waits_for_write_through_to_reach_the_disk_tier(make_service, gen):
@@ -33,7 +27,7 @@ def test_remember_waits_for_write_through_to_reach_the_disk_tier(make_service, g
     writer = threading.Thread(target=late_write_through)
     started = time.monotonic()
     writer.start()
-    assert MemoryLayer._await_durable(waiter(client, 20.0), ["a", "b", "c"]) is True
+    assert await_durable(client, MODEL, ["a", "b", "c"], 20.0) is True
     waited = time.monotonic() - started
     writer.join()
     assert 0.5 <= waited < 10.0, waited  # it did wait for b and c, and stopped once they landed
@@ -43,11 +37,11 @@ def test_remember_waits_for_write_through_to_reach_the_disk_tier(make_service, g
 def test_a_chunk_that_never_arrives_is_answered_after_the_bound(make_service, gen):
     _sup, client = make_service()
     started = time.monotonic()
-    assert MemoryLayer._await_durable(waiter(client, 0.6), ["never-stored"]) is False
+    assert await_durable(client, MODEL, ["never-stored"], 0.6) is False
     assert 0.6 <= time.monotonic() - started < 5.0
     # 0 turns the wait off; no residency service, nothing to wait for.
-    assert MemoryLayer._await_durable(waiter(client, 0.0), ["never-stored"]) is True
-    assert MemoryLayer._await_durable(waiter(None, 5.0), ["never-stored"]) is True
+    assert await_durable(client, MODEL, ["never-stored"], 0.0) is True
+    assert await_durable(None, MODEL, ["never-stored"], 5.0) is True
 
 
 def test_a_full_disk_tier_settles_the_wait_at_once(make_service, gen):
@@ -58,7 +52,7 @@ def test_a_full_disk_tier_settles_the_wait_at_once(make_service, gen):
                for cid, n in (("x", 32), ("y", 64))]
     assert [r["disk"] for r in replies] == [True, False], replies
     started = time.monotonic()
-    assert MemoryLayer._await_durable(waiter(client, 20.0), ["x", "y"]) is True
+    assert await_durable(client, MODEL, ["x", "y"], 20.0) is True
     assert time.monotonic() - started < 2.0  # refused by the disk: not waited for
     assert client.contains(["y"], MODEL) == {"y": "cpu"}
 
@@ -72,7 +66,7 @@ def test_a_chunk_evicted_from_a_full_disk_by_a_later_one_settles_the_wait(make_s
     assert [r["disk"] for r in replies] == [True, True], replies
     assert client.contains(["p", "q"], MODEL) == {"p": None, "q": "disk"}  # p was evicted for q
     started = time.monotonic()
-    assert MemoryLayer._await_durable(waiter(client, 20.0), ["p", "q"]) is True
+    assert await_durable(client, MODEL, ["p", "q"], 20.0) is True
     assert time.monotonic() - started < 2.0
 
 

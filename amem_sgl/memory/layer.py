@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import dataclasses
 import logging
 import threading
@@ -40,6 +39,8 @@ from amem_sgl.chunks.compose import Composer
 from amem_sgl.chunks.hints import build_kv_hints
 from amem_sgl.chunks.identity import check_text, chunk_id, validate_namespace
 from amem_sgl.config import AmemConfig
+from amem_sgl.memory import chunk_kv
+from amem_sgl.memory.chunk_kv import MemoryError_  # noqa: F401 -- re-exported (memory.layer.MemoryError_)
 from amem_sgl.memory.exact import DEFAULT_MAX_TOKENS, exact_turn, validate_fidelity
 from amem_sgl.memory.store import Embedder, MemoryChunk, MemoryStore, UnknownNamespace
 from amem_sgl.memory.turns import Plan, embedding_threads, message_dicts, phases  # noqa: F401 -- re-exported
@@ -47,14 +48,6 @@ from amem_sgl.memory.turns import Plan, embedding_threads, message_dicts, phases
 logger = logging.getLogger(__name__)
 
 ACTIVE: "MemoryLayer | None" = None
-
-
-class MemoryError_(ValueError):
-    """A request the memory layer refuses; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclasses.dataclass
@@ -150,69 +143,23 @@ class MemoryLayer:
             known = {c.chunk_id for c in self.store.list(namespace)}
         todo = [(cid, t) for cid, t in dict(zip(ids, token_ids)).items() if cid not in known]
         if (prefill or self.config.prefill) == "remember":
-            await self._register(namespace, todo)
-            await asyncio.to_thread(self._await_durable, [cid for cid, _ in todo])
+            await chunk_kv.register(self.base_url, self.request_headers, self.preamble, namespace, todo)
+            await asyncio.to_thread(chunk_kv.await_durable, self.residency, self.model_id,
+                                    [cid for cid, _ in todo], self.config.kv_durable_wait_s)
         new = set(await asyncio.to_thread(self.store.add, namespace,
                                           [(cid, text, t, meta) for cid, (text, meta), t in zip(ids, pieces, token_ids)]))
         return [{"id": cid, "tokens": len(t), "new": cid in new, "text": text}
                 for cid, (text, _), t in zip(ids, pieces, token_ids)]
-
-    def _await_durable(self, chunk_ids: list[str]) -> bool:
-        """Wait (up to ``memory.kv_durable_wait_s``) until these chunks' write-through is over: their
-        KV on the residency disk tier, or their put answered (a full disk tier may refuse it, or
-        evict it again for a newer chunk). The scheduler writes it through in the background after
-        the register request returned, and a crash in between would lose it. True when all are
-        settled (or nothing is to be waited for)."""
-        wait_s = self.config.kv_durable_wait_s
-        if self.residency is None or not chunk_ids or wait_s <= 0:
-            return True
-        deadline, missing = time.monotonic() + wait_s, list(chunk_ids)
-        while True:
-            settled = self.residency.durable(missing, self.model_id)
-            if settled is not None:
-                missing = [cid for cid in missing if cid not in settled]
-            if not missing:
-                return True
-            if time.monotonic() >= deadline:
-                logger.warning("amem memory: %d of %d new chunks' KV not on the residency disk tier after %.1f s "
-                               "(answered anyway; the first turn that recalls one computes it)",
-                               len(missing), len(chunk_ids), wait_s)
-                return False
-            time.sleep(0.02)
-
-    async def _register(self, namespace: str, todo: list[tuple[str, list[int]]]) -> None:
-        """Compute each new chunk's KV once (this server's /generate, register action)."""
-        if not todo:
-            return
-        pre = self.preamble
-        started, done = time.monotonic(), 0
-        step = max(1, len(todo) // 10)
-        semaphore = asyncio.Semaphore(int(os.environ.get("AMEM_SGL_REGISTER_CONCURRENCY", "8")))
-        async with httpx.AsyncClient(timeout=600, headers=self.request_headers) as client:
-            async def one(tokens: list[int]) -> None:
-                nonlocal done
-                body = {"input_ids": pre + tokens, "sampling_params": {"max_new_tokens": 0},
-                        "kv_hints": build_kv_hints(namespace, [(len(pre), len(pre) + len(tokens))], register=True)}
-                async with semaphore:
-                    reply = await client.post(f"{self.base_url}/generate", json=body)
-                if reply.status_code != 200:
-                    raise MemoryError_(reply.status_code, f"registering a chunk failed: {reply.text[:300]}")
-                done += 1
-                if done % step == 0 or done == len(todo):
-                    logger.info("amem memory: namespace %s: %d/%d chunks prefilled (%.1f s)", namespace, done,
-                                len(todo), time.monotonic() - started)
-
-            await asyncio.gather(*(one(tokens) for _, tokens in todo))
 
     async def forget(self, namespace: str, chunk_ids: Sequence[str] | None) -> list[str]:
         gone = await asyncio.to_thread(self.store.forget, namespace, chunk_ids)
         # The device tree (a forget action), then the residency tiers.
         body = {"input_ids": self.preamble[:1] or [0], "sampling_params": {"max_new_tokens": 0},
                 "kv_hints": build_kv_hints(namespace, [], forget=["*"] if chunk_ids is None else list(chunk_ids))}
-        if not await self._device_forget(body):
+        if not await chunk_kv.device_forget(self.base_url, self.request_headers, body):
             # Texts and index are gone already; the device KV is dropped in the background (a
             # saturated scheduler answered too late) -- until then no request can name it.
-            asyncio.get_running_loop().create_task(self._device_forget(body, attempts=5))
+            asyncio.get_running_loop().create_task(chunk_kv.device_forget(self.base_url, self.request_headers, body, attempts=5))
         if self.residency is not None:
             fields = {"namespace": namespace} if chunk_ids is None else {"chunk_ids": list(gone)}
             await asyncio.to_thread(self.residency.request, "delete", **fields)
@@ -226,21 +173,6 @@ class MemoryLayer:
                 else:
                     self.sessions[sid].chunk_ids = [c for c in self.sessions[sid].chunk_ids if c not in forgotten]
         return gone
-
-    async def _device_forget(self, body: dict, attempts: int = 1) -> bool:
-        """Send a forget action to this server's scheduler; False when it did not answer 200."""
-        for attempt in range(attempts):
-            try:
-                async with httpx.AsyncClient(timeout=120, headers=self.request_headers) as client:
-                    reply = await client.post(f"{self.base_url}/generate", json=body)
-                if reply.status_code == 200:
-                    return True
-                logger.warning("amem memory: device forget failed: HTTP %d %s", reply.status_code, reply.text[:300])
-            except httpx.HTTPError as err:
-                logger.warning("amem memory: device forget failed (%s: %s)", type(err).__name__, err)
-            if attempt + 1 < attempts:
-                await asyncio.sleep(2.0 * (attempt + 1))
-        return False
 
     # ------------------------------------------------------------------ recall / compose
 
