@@ -161,3 +161,14 @@ def test_fidelity_tradeoff_plots_every_policy_of_the_committed_runs(tmp_path):
                 for group in json.loads(path.read_text())["summary"] if group.endswith("overall")}
     listed = {line.split("|")[1].strip() for line in md.read_text().splitlines() if line.startswith("| ")}
     assert expected and expected <= listed, (expected, listed)
+
+
+def test_cpu_micro_quick_run_writes_its_report(tmp_path):
+    from benchmarks import cpu_micro
+
+    assert cpu_micro.main(["--quick", "--out", str(tmp_path)]) == 0
+    (report,) = tmp_path.glob("*-cpu-micro-quick.json")
+    data = json.loads(report.read_text())
+    assert data["embed"]["cosine"] > 0.999 and data["keys"]["stretches"] == 3
+    assert all(data[k]["ratio"] > 0 for k in ("embed", "keys")) and data["splice"]["splice_ms"] > 0
+    assert (tmp_path / report.name.replace(".json", ".md")).exists()

@@ -1,0 +1,140 @@
+"""Microbenchmarks of a memory turn's CPU pieces outside the model's own layers, each arm against its
+alternative on the same inputs in one run (interleaved, medians; ratios are what to read):
+
+* ``embed`` -- the recall query's embedding (MiniLM, one thread, as the server embeds it):
+  ``amem.memory.embed_dtype`` float32 vs bfloat16 (autocast), and the two vectors' cosine;
+* ``keys`` -- one layer's extend attention over a memory turn's shape (74 query rows, ~830 keys whose
+  slots come in 3 stretches of a 131K-slot pool, as a spliced request's do), keys read as slices vs
+  one index gather (amem_sgl.blend.attention), two threads, times 30 layers;
+* ``splice`` -- splice_kv of 780 chunk tokens in 4 chunks (one in place) over 30 layers of that
+  pool, two threads: what a turn's splice costs (no alternative arm: for the record).
+
+    python -m benchmarks.cpu_micro            # ~1 min on 2 cores
+    python -m benchmarks.cpu_micro --quick    # a smoke run (few repeats)
+
+Writes ``benchmarks/results/<date>-<device>-cpu-micro.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import statistics
+import time
+import types
+from pathlib import Path
+
+import torch
+
+from benchmarks.fidelity import device_name
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+QUERY = "Where does Alice Johnson live now, and which city did she move from last spring?"
+POOL_SLOTS, LAYERS, KV_HEADS, HEADS, DIM = 131072, 30, 3, 9, 64  # SmolLM2-135M's KV layout
+
+
+def interleaved(arms: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each arm's callable, the arms alternated call by call (after a warm-up)."""
+    for fn in arms.values():
+        fn()
+    times = {name: [] for name in arms}
+    for _ in range(repeats):
+        for name, fn in arms.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench_embed(repeats: int) -> dict:
+    from amem_sgl.memory.store import Embedder
+
+    torch.set_num_threads(1)
+    arms = {dtype: Embedder(dtype=dtype) for dtype in ("float32", "bfloat16")}
+    medians = interleaved({d: (lambda e=e: e.encode([QUERY])) for d, e in arms.items()}, repeats)
+    cosine = float((arms["float32"].encode([QUERY]) * arms["bfloat16"].encode([QUERY])).sum())
+    return {"float32_ms": medians["float32"] * 1e3, "bfloat16_ms": medians["bfloat16"] * 1e3,
+            "ratio": medians["float32"] / medians["bfloat16"], "cosine": cosine, "threads": 1}
+
+
+def bench_keys(repeats: int, gen: torch.Generator) -> dict:
+    from amem_sgl.blend.attention import extend_attention, plan_extend
+
+    torch.set_num_threads(2)
+    k_cache = torch.randn(POOL_SLOTS, KV_HEADS, DIM, generator=gen).bfloat16()
+    v_cache = torch.randn(POOL_SLOTS, KV_HEADS, DIM, generator=gen).bfloat16()
+    row = torch.cat([torch.arange(500, 530), torch.arange(60000, 60760), torch.arange(90000, 90040)])
+    req_to_token = torch.zeros(1, 1024, dtype=torch.int32)
+    req_to_token[0, : row.numel()] = row.int()
+    kv, rows = row.numel(), 74
+    args = (req_to_token, torch.tensor([0]), torch.tensor([kv]), torch.tensor([kv - rows]), torch.tensor([rows]))
+    query = torch.randn(rows, HEADS, DIM, generator=gen).bfloat16()
+    out = torch.empty_like(query)
+    sliced = plan_extend(*args, None, torch.device("cpu"))
+    gathered = dataclasses.replace(sliced, runs={})
+
+    def layers(plan):
+        for _ in range(LAYERS):
+            extend_attention(query, out, k_cache, v_cache, *args, scaling=0.125, enable_gqa=True, plan=plan)
+
+    medians = interleaved({"slices": lambda: layers(sliced), "gather": lambda: layers(gathered)}, repeats)
+    return {"keys": kv, "query_rows": rows, "stretches": len(sliced.runs[0]), "slices_ms": medians["slices"] * 1e3,
+            "gather_ms": medians["gather"] * 1e3, "ratio": medians["gather"] / medians["slices"], "threads": 2}
+
+
+def bench_splice(repeats: int, gen: torch.Generator) -> dict:
+    from amem_sgl.cache.splice import RopeSpec, splice_kv
+
+    torch.set_num_threads(2)
+    ks = [torch.randn(POOL_SLOTS, KV_HEADS, DIM, generator=gen).bfloat16() for _ in range(LAYERS)]
+    vs = [torch.randn(POOL_SLOTS, KV_HEADS, DIM, generator=gen).bfloat16() for _ in range(LAYERS)]
+    pool = types.SimpleNamespace(start_layer=0, layer_num=LAYERS, get_key_buffer=ks.__getitem__,
+                                 get_value_buffer=vs.__getitem__)
+    inv = 1.0 / (10000 ** (torch.arange(0, DIM, 2, dtype=torch.float32) / DIM))
+    freqs = torch.arange(8192, dtype=torch.float32)[:, None] * inv[None, :]
+    rope = RopeSpec(torch.nn.Identity(), torch.cat([freqs.cos(), freqs.sin()], dim=-1), DIM, DIM, True)
+    pieces = [(1000, 90000, 195, 0), (40000, 90195, 195, 17), (70000, 90390, 195, 290), (100000, 90585, 195, 480)]
+    src = torch.cat([torch.arange(s, s + n) for s, _, n, _ in pieces])
+    dst = torch.cat([torch.arange(d, d + n) for _, d, n, _ in pieces])
+    delta = torch.cat([torch.full((n,), dl, dtype=torch.int64) for _, _, n, dl in pieces])
+    medians = interleaved({"splice": lambda: splice_kv(pool, src, dst, delta, rope)}, repeats)
+    return {"tokens": int(src.numel()), "layers": LAYERS, "splice_ms": medians["splice"] * 1e3, "threads": 2}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 3 repeats")
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    repeats = 3 if args.quick else args.repeats
+    gen = torch.Generator().manual_seed(0)
+    started = time.monotonic()
+    data = {"meta": {"device": device_name(), "date": dt.datetime.now().isoformat(timespec="seconds"),
+                     "repeats": repeats, "quick": args.quick},
+            "embed": bench_embed(repeats), "keys": bench_keys(repeats, gen), "splice": bench_splice(repeats, gen)}
+    data["meta"]["seconds"] = round(time.monotonic() - started, 1)
+    e, k, s = data["embed"], data["keys"], data["splice"]
+    lines = [f"# CPU pieces of a memory turn ({device_name()})", "",
+             f"Command: `python -m benchmarks.cpu_micro{' --quick' if args.quick else ''}`  ",
+             f"Date: {data['meta']['date']}, {data['meta']['seconds']} s; medians of {repeats}, arms interleaved", "",
+             "| piece | arm | ms | other arm | ms | ratio |", "|---|---|---|---|---|---|",
+             f"| recall query embedding (1 thread) | bfloat16 | {e['bfloat16_ms']:.2f} | float32 | "
+             f"{e['float32_ms']:.2f} | {e['ratio']:.2f}x (cosine {e['cosine']:.6f}) |",
+             f"| extend attention, {k['query_rows']} rows x {k['keys']} keys in {k['stretches']} stretches, "
+             f"30 layers (2 threads) | slices | {k['slices_ms']:.2f} | gather | {k['gather_ms']:.2f} | {k['ratio']:.2f}x |",
+             f"| splice_kv, {s['tokens']} tokens x {s['layers']} layers (2 threads) | -- | {s['splice_ms']:.2f} | | | |", ""]
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{dt.date.today().isoformat()}-{device_name()}-cpu-micro{'-quick' if args.quick else ''}"
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=2))
+    stem.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
