@@ -123,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from amem_sgl.sdk import Amem, AmemError
 
-    client = Amem(args.url, api_key=args.api_key)
     try:
+        client = Amem(args.url, api_key=args.api_key)
         if args.command == "remember":
-            texts = list(args.texts) + [open(f, encoding="utf-8").read() for f in args.file]
+            texts = list(args.texts) + [_read_text(f) for f in args.file]
             if not texts:
                 parser.error("remember: give texts or --file")
             done = client.remember(args.namespace, texts, prefill=args.prefill)
@@ -139,11 +139,32 @@ def main(argv: list[str] | None = None) -> int:
             for c in client.search(args.namespace, args.query, args.k):
                 print(json.dumps({"id": c.id, "score": c.score, "text": c.text}))
         elif args.command == "forget":
+            # `amem forget NS` forgets the namespace; `amem forget NS ""` is a bad chunk id, not that.
             print(json.dumps({"forgotten": client.forget(args.namespace, args.chunk_id)}))
     except AmemError as err:
+        if err.status == 0:  # cannot reach --url: a usage mistake as much as a bad value
+            return _usage_error(args.command, str(err))
         print(f"amem {args.command}: {err}", file=sys.stderr)
         return 1
+    except (ValueError, TypeError, OSError) as err:  # a bad argument or --file, caught before anything is sent
+        return _usage_error(args.command, str(err))
     return 0
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--file {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ValueError(f"--file {path}: {err.strerror or err}") from None
+
+
+def _usage_error(command: str, message: str) -> int:
+    """One line on stderr and exit status 2, as argparse reports a bad argument (no traceback)."""
+    print(f"amem {command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 def _keys(args) -> int:

@@ -22,14 +22,15 @@ logger = logging.getLogger("amem_sgl.mcp")
 
 def _reported(tool):
     """A refused request (401/403 of a key, 404, a bad value) reaches the agent with its message, as a
-    tool error, rather than as MCP's generic crash report."""
+    tool error, rather than as MCP's generic crash report; so does an argument the SDK refuses before
+    sending anything (a chunk id that is not one, a namespace like ``../bob``)."""
     from mcp.server.mcpserver.exceptions import ToolError
 
     @functools.wraps(tool)
     def run(*args, **kwargs):
         try:
             return tool(*args, **kwargs)
-        except AmemError as err:
+        except (AmemError, ValueError, TypeError) as err:
             raise ToolError(str(err)) from None
 
     return run
@@ -60,7 +61,8 @@ def build_server(url: str, api_key: str | None = None):
         answer = client.ask(namespace, question, max_tokens=max_tokens)
         return {"answer": answer.text, "chunks": answer.chunk_ids, "spliced_tokens": answer.spliced_tokens}
 
-    @server.tool(description="Forget one chunk (chunk_id) or, without it, the whole namespace.")
+    @server.tool(description="Forget one chunk (chunk_id: 64 hex characters, as remember returns) or, without "
+                 "chunk_id, the whole namespace. An empty or malformed chunk_id is an error, never the namespace.")
     @_reported
     def forget(namespace: str, chunk_id: str | None = None) -> dict:
         return {"namespace": namespace, "forgotten": client.forget(namespace, chunk_id)}
@@ -72,7 +74,12 @@ def main(url: str, api_key: str | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="[amem mcp] %(levelname)s %(message)s")
     logger.info("serving MCP over stdio for %s", url)
     try:
-        build_server(url, api_key).run("stdio")
+        server = build_server(url, api_key)
+    except ValueError as err:  # --url is not a URL
+        logger.error("%s", err)
+        return 2
+    try:
+        server.run("stdio")
     except AmemError as err:  # pragma: no cover -- surfaced per tool call by MCP itself
         logger.error("%s", err)
         return 1

@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import urllib.parse
 from typing import Any, Iterable, Sequence, Union
 
 import requests
 
 from amem_sgl.chunks.client import AmemRequestError, error_message
+from amem_sgl.chunks.identity import validate_namespace
 from amem_sgl.config import FIDELITY_LEVELS
 
 
@@ -86,6 +89,13 @@ class Amem:
             _require(api_key, str, "api_key")
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https://, got {url!r}")
+        try:
+            parts = urllib.parse.urlsplit(url)
+            host, _ = parts.hostname, parts.port  # .port: a ValueError for a port that is not a number
+        except ValueError as err:
+            raise ValueError(f"url {url!r} is not a valid URL: {err}") from None
+        if not host:
+            raise ValueError(f"url {url!r} names no host")
         self.url, self.model, self.timeout = url.rstrip("/"), model, timeout
         self.api_key = api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or None)
 
@@ -96,7 +106,7 @@ class Amem:
         """Store texts (and/or ``{"text", "metadata"}`` documents); long ones are split into chunks.
         ``prefill``: "remember" (compute their KV now) or "first_use" (in the first turn that recalls
         them); default: the server's ``amem.memory.prefill``."""
-        _require(namespace, str, "namespace")
+        _require_namespace(namespace)
         if metadata is not None:
             _require(metadata, dict, "metadata")
         if prefill not in (None, "remember", "first_use"):
@@ -118,19 +128,20 @@ class Amem:
         return Remembered(namespace, data["ids"], data["new"])
 
     def forget(self, namespace: str, chunk_id: str | None = None) -> list[str]:
-        """Forget one chunk, or the whole namespace (texts, index and KV on every tier)."""
-        _require(namespace, str, "namespace")
+        """Forget one chunk (``chunk_id``: 64 lowercase hex, as :meth:`remember` returns), or, with
+        ``chunk_id=None`` only, the whole namespace (texts, index and KV on every tier). Any other
+        chunk id -- ``""`` included -- is a ValueError, never "the whole namespace"."""
+        path = f"/amem/v1/namespaces/{_segment(_require_namespace(namespace))}"
         if chunk_id is not None:
-            _require(chunk_id, str, "chunk_id")
-        path = f"/amem/v1/namespaces/{namespace}" + (f"/chunks/{chunk_id}" if chunk_id else "")
+            path += f"/chunks/{_segment(_require_chunk_id(chunk_id))}"
         return self._call("DELETE", path)["forgotten"]
 
     def list(self, namespace: str) -> list[Chunk]:
-        _require(namespace, str, "namespace")
-        return [_chunk(c) for c in self._call("GET", f"/amem/v1/namespaces/{namespace}/chunks")["chunks"]]
+        path = f"/amem/v1/namespaces/{_segment(_require_namespace(namespace))}/chunks"
+        return [_chunk(c) for c in self._call("GET", path)["chunks"]]
 
     def search(self, namespace: str, query: str, k: int = 4) -> list[Chunk]:
-        _require(namespace, str, "namespace")
+        _require_namespace(namespace)
         _require(query, str, "query")
         _require_count(k, "k")
         data = self._call("POST", "/amem/v1/search", {"namespace": namespace, "query": query, "k": k})
@@ -147,14 +158,14 @@ class Amem:
         The returned :class:`Session` is accepted by :meth:`ask` (``session=``), as is its id.
         ``fidelity``: the session's level (default: the server's ``amem.blend.fidelity``); an
         ``exact`` session's working set is prefilled exactly, any other is spliced and blended."""
-        _require(namespace, str, "namespace")
+        _require_namespace(namespace)
         if query is not None:
             _require(query, str, "query")
         if chunk_ids is not None:
             if isinstance(chunk_ids, str):
                 raise TypeError("chunk_ids must be a list of chunk id strings, not one string")
             for i, cid in enumerate(chunk_ids):
-                _require(cid, str, f"chunk_ids[{i}]")
+                _require_chunk_id(cid, f"chunk_ids[{i}]")
         if k is not None:
             _require_count(k, "k")
         _require_fidelity(fidelity)
@@ -246,7 +257,7 @@ class Session:
         return self.session_id
 
     def end(self) -> None:
-        self.client._call("DELETE", f"/amem/v1/sessions/{self.session_id}")
+        self.client._call("DELETE", f"/amem/v1/sessions/{_segment(self.session_id)}")
 
     def __enter__(self) -> "Session":
         return self
@@ -261,6 +272,33 @@ class Session:
 def _require(value, kind: type, name: str) -> None:
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise TypeError(f"{name} must be {kind.__name__}, got {type(value).__name__} ({value!r:.60})")
+
+
+# A chunk id as the server checks it (amem_sgl.memory.api._CHUNK_ID): the hex SHA-256 / HMAC-SHA256
+# of amem_sgl.chunks.identity.chunk_id.
+_CHUNK_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def _require_namespace(namespace) -> str:
+    """The server's namespace rule (amem_sgl.chunks.identity.validate_namespace), checked here too: a
+    namespace goes into URL paths, where ``../bob`` would name another one."""
+    _require(namespace, str, "namespace")
+    return validate_namespace(namespace)
+
+
+def _require_chunk_id(chunk_id, name: str = "chunk_id") -> str:
+    _require(chunk_id, str, name)
+    if not _CHUNK_ID.fullmatch(chunk_id):
+        raise ValueError(f"{name} must be a chunk id (64 lowercase hex characters), got {chunk_id!r:.80}")
+    return chunk_id
+
+
+def _segment(value: str) -> str:
+    """One URL path segment: nothing in it (/, ?, #, %) can change which route it names, nor can it be
+    a dot segment (which the URL library would resolve away)."""
+    if value in ("", ".", ".."):
+        raise ValueError(f"{value!r} cannot be a URL path segment")
+    return urllib.parse.quote(value, safe="")
 
 
 def _require_fidelity(fidelity) -> None:

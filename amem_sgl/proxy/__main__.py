@@ -9,11 +9,16 @@ serves only on a loopback ``--host`` unless ``--allow-open``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
 from amem_sgl.proxy import pricing
 from amem_sgl.server.auth import is_loopback
+
+# The most chunks an amem server's /amem/v1/search returns (amem_sgl.memory.api.SearchRequest.k); a
+# --memory proxy asks it for --block-k of them every turn.
+MEMORY_SERVER_MAX_K = 100
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +56,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.k < 1 or args.block_k < args.k or not 0 <= args.drift <= 1:
         p.error("need 1 <= -k <= --block-k and 0 <= --drift <= 1")
+    if args.memory and args.block_k > MEMORY_SERVER_MAX_K:
+        p.error(f"--block-k {args.block_k} is more than an amem --memory server returns per search "
+                f"({MEMORY_SERVER_MAX_K}): every turn would fail; use --block-k <= {MEMORY_SERVER_MAX_K}")
+    if args.focus < 0:
+        p.error(f"--focus must be 0 (off) or a positive number of chunks, got {args.focus}")
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port must be 0-65535, got {args.port}")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        p.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
     if args.max_request_bytes < 1:
         p.error("--max-request-bytes must be positive")
     if not args.memory:

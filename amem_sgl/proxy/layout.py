@@ -91,6 +91,8 @@ def plan_memory(session: Session, recalled: list[dict], known: dict[str, int], k
     """Update the session's block from this turn's recall (best first, ``block_k`` long); returns
     the block and the chunks for the newest turn: the top-k ones the block lacks, plus the best
     ``focus`` ones even when the block has them (the turn's best match next to the question)."""
+    if k < 1 or focus < 0:  # a negative count would slice from the end: the wrong chunks, silently
+        raise ValueError(f"plan_memory needs k >= 1 and focus >= 0, got k={k}, focus={focus}")
     top = recalled[:k]
     stale = any(cid not in known for cid in session.block_ids)
     missing = [c for c in top if c["id"] not in session.block_ids]
