@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -212,9 +213,7 @@ class AmemConfig:
         if config.memory.embed_dtype not in EMBED_DTYPES:
             raise ValueError(f"config key 'amem.memory.embed_dtype' must be one of {', '.join(EMBED_DTYPES)}, "
                              f"got {config.memory.embed_dtype!r}")
-        if config.memory.kv_durable_wait_s < 0:
-            raise ValueError(f"config key 'amem.memory.kv_durable_wait_s' must be >= 0, "
-                             f"got {config.memory.kv_durable_wait_s!r}")
+        _check_ranges(config)
         if config.memory.prefill not in ("remember", "first_use"):
             raise ValueError(f"config key 'amem.memory.prefill' must be 'remember' or 'first_use', "
                              f"got {config.memory.prefill!r}")
@@ -227,6 +226,60 @@ class AmemConfig:
     def from_env(cls) -> "AmemConfig":
         raw = os.environ.get(CONFIG_ENV)
         return cls.from_dict(json.loads(raw)) if raw else cls()
+
+
+# The allowed range of every numeric key (the blend policy's own are checked by BlendPolicy.validate,
+# guard_margin above): (least, most, whether the least itself is allowed). A bound may name another
+# key of the config. Every float must be finite.
+_RANGES: dict[str, tuple[Any, Any, bool]] = {
+    "server.max_request_bytes": (1, 2**40, True),
+    "chunks.max_chunk_tokens": (1, 2**20, True),
+    "residency.cpu_bytes": (0, 2**50, True),
+    "residency.disk_bytes": (0, 2**50, True),
+    "residency.relevance_weight": (0.0, 1000.0, True),
+    "residency.recency_weight": (0.0, 1000.0, True),
+    "residency.reuse_weight": (0.0, 1000.0, True),
+    "residency.size_weight_per_mib": (0.0, 1000.0, True),
+    "residency.recency_half_life_s": (0.0, 1e9, False),
+    "residency.timeout_s": (0.0, 3600.0, False),
+    "memory.chunk_tokens": (1, "chunks.max_chunk_tokens", True),
+    "memory.top_k": (1, 1024, True),
+    "memory.lexical_weight": (0.0, 10.0, True),
+    # A hybrid score is a cosine (-1..1) plus up to lexical_weight.
+    "memory.min_score": (-1.0, "1 + memory.lexical_weight", True),
+    "memory.session_idle_s": (0.0, 1e9, False),
+    "memory.max_chunks_per_request": (1, 10**6, True),
+    "memory.kv_durable_wait_s": (0.0, 3600.0, True),
+    "memory.exact_working_set_tokens": ("memory.chunk_tokens", 2**20, True),
+}
+
+
+def _value(config: "AmemConfig", key: str) -> Any:
+    if key.startswith("1 + "):
+        return 1 + _value(config, key[4:])
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def _label(bound: Any) -> Any:
+    if not isinstance(bound, str):
+        return bound
+    return "1 + amem." + bound[4:] if bound.startswith("1 + ") else "amem." + bound
+
+
+def _check_ranges(config: "AmemConfig") -> None:
+    """A ValueError naming the key and its allowed range for any numeric setting outside it (a
+    non-positive chunk size, say, would hang the splitter; a negative body limit refuses all)."""
+    for key, (low, high, low_ok) in _RANGES.items():
+        value = _value(config, key)
+        least = _value(config, low) if isinstance(low, str) else low
+        most = _value(config, high) if isinstance(high, str) else high
+        finite = type(value) is int or math.isfinite(value)  # (a huge int does not convert to float)
+        if not (finite and (least <= value if low_ok else least < value) and value <= most):
+            bounds = f"{'[' if low_ok else '('}{_label(low)}, {_label(high)}]"
+            named = "".join(f" ({_label(b)} = {_value(config, b)})" for b in (low, high) if isinstance(b, str))
+            raise ValueError(f"config key 'amem.{key}' must be {'an integer' if type(value) is int else 'a number'} "
+                             f"in {bounds}{named}, got {value!r}")
 
 
 def _build(cls, data: Mapping[str, Any], where: str):

@@ -101,17 +101,23 @@ class Composer:
 
     def split_text(self, text: str, limit: int) -> list[str]:
         """Sentence-boundary chunks of at most ``limit`` tokens (a longer sentence is cut by tokens)."""
+        if type(limit) is not int or limit < 1:
+            raise ValueError(f"chunk size must be a positive number of tokens, got {limit!r}")
         sentences = [s.strip() for s in _SENTENCE.split(text) if s and s.strip()]
         chunks, current, size = [], [], 0
         for sentence in sentences:
             n = len(self.encode(sentence + " "))
-            while n > limit:  # one sentence longer than a chunk: cut it by tokens
-                ids = self.encode(sentence)
-                head, sentence = self.decode(ids[:limit]), self.decode(ids[limit:])
+            ids = self.encode(sentence) if n > limit else []
+            # One sentence longer than a chunk: cut it by tokens. Each pass consumes ``limit`` of its
+            # ids (sliced, not re-encoded from the decoded rest, whose token count need not shrink),
+            # so the loop ends.
+            while n > limit and ids:
+                head, ids = ids[:limit], ids[limit:]
+                sentence = self.decode(ids)
                 if current:
                     chunks.append(" ".join(current))
                     current, size = [], 0
-                chunks.append(head.strip())
+                chunks.append(self.decode(head).strip())
                 n = len(self.encode(sentence + " "))
             if size + n > limit and current:
                 chunks.append(" ".join(current))

@@ -140,6 +140,8 @@ def parse_kv_hints(envelope: Any) -> ChunkRequest | None:
     if envelope is None:
         return None
     actions = envelope.get("actions", []) if isinstance(envelope, dict) else getattr(envelope, "actions", [])
+    if not isinstance(actions, (list, tuple)):
+        raise ValueError(f"amem.chunks: kv_hints actions must be a list of actions, got {json_type(actions)}")
     ours = [a for a in actions if _field(a, "action_type") == ACTION_TYPE]
     if not ours:
         return None
@@ -189,6 +191,19 @@ def _parse_blend(blend: Any) -> BlendPolicy:
         raise ValueError(f"amem.chunks: {err}") from None
     raise ValueError("amem.chunks: blend must be a policy spelling (" + spellings() + ") or an object "
                      "with 'policy' and optional 'sink_tokens', 'ratio', 'check_layer'")
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type, for messages to clients."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, (list, tuple)) else "an object"
 
 
 def _field(obj: Any, name: str) -> Any:

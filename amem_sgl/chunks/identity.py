@@ -22,7 +22,7 @@ import re
 from array import array
 from typing import Sequence
 
-_NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
+_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")  # fullmatch: "$" would allow a final "\n"
 _DOMAIN = b"amem-chunk-v1\x00"
 _SALT_DOMAIN = b"amem-namespace-salt-v1\x00"
 SECRET_FILE_ENV = "AMEM_SGL_SECRET_FILE"
@@ -46,7 +46,7 @@ def server_secret() -> bytes:
 
 
 def validate_namespace(namespace: object) -> str:
-    if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
+    if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
         raise ValueError(f"namespace must be 1-128 characters of letters, digits and _.:@- starting "
                          f"with a letter or digit, got {namespace!r}")
     return namespace

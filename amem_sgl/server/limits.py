@@ -2,9 +2,11 @@
 
 * :class:`RequestBodyLimit` -- bodies over ``amem.server.max_request_bytes`` get 413 (SGLang would
   otherwise read, JSON-decode and tokenize a multi-megabyte prompt before finding it too long).
-* :class:`ChunkHintsGuard` -- a ``/generate`` request whose ``kv_hints`` carry a malformed
-  ``amem.chunks`` action (bad namespace, spans out of order or past the prompt, oversized chunk,
-  unknown fields) gets 400 with the reason, instead of being silently prefilled.
+* :class:`ChunkHintsGuard` -- a ``/generate`` (POST or PUT, single or batch; also SGLang's Vertex
+  route) request whose ``kv_hints`` carry a malformed ``amem.chunks`` action (bad namespace, spans
+  out of order or past the prompt -- of each prompt of a batch --, oversized chunk, unknown fields,
+  a field of the wrong JSON type, spans on a prompt that is not ``input_ids``) gets 400 with the
+  reason, instead of being silently prefilled (the scheduler ignores an action it finds invalid).
 * :class:`AuthGuard` -- with API keys (amem_sgl.server.auth), every request that uses a namespace
   (memory routes, OpenAI/Anthropic turns naming a namespace or session, ``/generate`` with chunk
   hints) needs a key covering it: 401 without a valid one, 403 for a namespace it does not cover,
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from amem_sgl.chunks.hints import ACTION_TYPE, parse_kv_hints
 from amem_sgl.server import auth as _auth
@@ -98,44 +101,77 @@ class ChunkHintsGuard:
     """Validates amem.chunks actions on POST /generate (after RequestBodyLimit bounded the body)."""
 
     PATHS = ("/generate",)
+    METHODS = ("POST", "PUT")  # SGLang's /generate route takes both
 
     def __init__(self, app, max_chunk_tokens: int) -> None:
         self.app = app
         self.max_chunk_tokens = max_chunk_tokens
+        # SGLang's Vertex AI route builds a /generate request from {"instances", "parameters"}.
+        self.vertex_path = os.environ.get("AIP_PREDICT_ROUTE", "/vertex_generate")
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.PATHS:
+        path = scope.get("path")
+        if (scope["type"] != "http" or scope.get("method") not in self.METHODS
+                or (path not in self.PATHS and path != self.vertex_path)):
             return await self.app(scope, receive, send)
         body, interrupted, _ = await _read_body(receive)
         if interrupted is not None:
             return await self.app(scope, _replay(b"", receive, first=interrupted), send)
-        error = self.check(body) if ACTION_TYPE.encode() in body else None
+        # A JSON escape (amem\u002echunks) decodes to the action type too: such a body is parsed.
+        error = (self.check(body, vertex=path == self.vertex_path)
+                 if ACTION_TYPE.encode() in body or b"\\u" in body else None)
         if error:  # in the shape SGLang's native /generate uses for its own 400s
             return await _send_json(send, 400, json.dumps({"error": {"message": error}}).encode())
         return await self.app(scope, _replay(body, receive), send)
 
-    def check(self, body: bytes) -> str | None:
+    def check(self, body: bytes, vertex: bool = False) -> str | None:
         try:
             data = json.loads(body)
         except ValueError:
             return None  # SGLang answers malformed JSON itself
+        if vertex:
+            data = _vertex_as_generate(data)
         if not isinstance(data, dict):
             return None
         hints, input_ids = data.get("kv_hints"), data.get("input_ids")
-        batch = isinstance(hints, list)
-        hints_list = hints if batch else [hints]
-        ids_list = input_ids if batch and isinstance(input_ids, list) else [input_ids] * len(hints_list)
-        for envelope, ids in zip(hints_list, ids_list):
+        batch_ids = input_ids if isinstance(input_ids, list) and input_ids and all(
+            isinstance(ids, list) for ids in input_ids) else None
+        if isinstance(hints, list):
+            pairs = list(zip(hints, batch_ids if batch_ids is not None else [input_ids] * len(hints)))
+        else:  # SGLang hands a single envelope to every request of a batch: checked against each prompt
+            pairs = [(hints, ids) for ids in batch_ids] if batch_ids is not None else [(hints, input_ids)]
+        for envelope, ids in pairs:
             if not isinstance(envelope, dict):
                 continue
             try:
                 request = parse_kv_hints(envelope)
                 if request is not None:
                     flat = isinstance(ids, list) and all(type(t) is int for t in ids)
+                    if request.spans and not flat:
+                        raise ValueError("amem.chunks: spans index the prompt's token ids, so a request with "
+                                         "spans must send its prompt as input_ids (a list of integer token "
+                                         "ids); a text or embedding prompt's spans cannot be checked")
                     request.validate(len(ids) if flat else None, self.max_chunk_tokens)
             except ValueError as err:
                 return str(err)
         return None
+
+
+def _vertex_as_generate(data):
+    """The /generate fields SGLang's Vertex route builds from a body: the prompts of its instances
+    (the first instance's text, input_ids or input_embeds, as SGLang picks them) and the kv_hints
+    of its parameters."""
+    if not isinstance(data, dict):
+        return None
+    instances, parameters = data.get("instances"), data.get("parameters")
+    if not isinstance(instances, list) or not instances or not all(isinstance(i, dict) for i in instances):
+        return None  # SGLang answers it (no instances: nothing is generated)
+    out = {"kv_hints": parameters.get("kv_hints") if isinstance(parameters, dict) else None}
+    for key in ("text", "input_ids", "input_embeds"):
+        if instances[0].get(key):
+            out[key] = [instance.get(key) for instance in instances]
+            break
+    return out
 
 
 # ---------------------------------------------------------------- API keys
