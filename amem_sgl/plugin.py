@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
-from amem_sgl import sglang_compat as sgl
+from amem_sgl import cpu_linear, sglang_compat as sgl
 from amem_sgl.cache import ChunkRadixCache
 from amem_sgl.cache.chunk_radix_cache import USAGE_KEY, ChunkSupport
 from amem_sgl.blend.backend import amem_backend_of
@@ -122,6 +122,7 @@ def _publish_tree_state(scheduler, state: dict) -> None:
         state["amem"] = tree.describe()
     else:
         state["amem"] = {"tree_cache": type(tree).__name__, "active": False}
+    state["amem"]["cpu_linear"] = cpu_linear.describe()
 
 
 def _request_level_usage(original, streamer, key: str) -> bool:
@@ -167,6 +168,8 @@ def load() -> None:
         # amem's attention seam: the stock backends' factories, wrapped (amem_sgl.blend.backend).
         wrap_attention_factories(linear_extend=AmemConfig.from_env().attention.linear_extend)
         sgl.add_around_hook(sgl.WORKER_FORWARD_TARGET, around_forward)
+        if AmemConfig.from_env().model.packed_linear:
+            cpu_linear.install()  # CPU bf16 linears on pre-packed weights (same values as F.linear)
     if os.environ.get(CONFIG_ENV):
         sgl.allow_usage_extension_fields()
         sgl.add_around_hook(sgl.RESPONSE_USAGE_TARGET, _response_usage)

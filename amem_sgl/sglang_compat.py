@@ -11,6 +11,7 @@ import sglang
 from sglang.launch_server import run_server
 from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.layers.quantization.unquant import UnquantizedEmbeddingMethod, UnquantizedLinearMethod
 from sglang.srt.layers.rotary_embedding.factory import get_rope
 from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req
 from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
@@ -86,6 +87,11 @@ COMPLETION_CONVERSION_TARGET = (
 
 # Dotted path of the worker's forward of one batch (where a blend pass runs first).
 WORKER_FORWARD_TARGET = f"{TpModelWorker.__module__}.{TpModelWorker.__qualname__}.forward_batch_generation"
+# Dotted paths of the unquantized linear and embedding (LM head) methods' ``apply(layer, x, bias)``,
+# where amem_sgl.cpu_linear serves CPU bf16 linears from pre-packed weights.
+UNQUANTIZED_APPLY_TARGETS = tuple(
+    f"{cls.__module__}.{cls.__qualname__}.apply" for cls in (UnquantizedLinearMethod, UnquantizedEmbeddingMethod)
+)
 # Dotted path of the tokenizer manager's per-request validation (HTTP process, before the scheduler):
 # where amem_sgl.server.validation checks token ids against the vocabulary. (Owned by the lead; keep.)
 TOKENIZER_VALIDATE_TARGET = (
@@ -172,6 +178,7 @@ __all__ = [
     "ReqToTokenPool",
     "SamplingParams",
     "TOKENIZER_VALIDATE_TARGET",
+    "UNQUANTIZED_APPLY_TARGETS",
     "ATTENTION_BACKENDS",
     "register_attention_backend",
     "TorchNativeAttnBackend",

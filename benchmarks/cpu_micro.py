@@ -6,6 +6,10 @@ alternative on the same inputs in one run (interleaved, medians; ratios are what
 * ``keys`` -- one layer's extend attention over a memory turn's shape (74 query rows, ~830 keys whose
   slots come in 3 stretches of a 131K-slot pool, as a spliced request's do), keys read as slices vs
   one index gather (amem_sgl.blend.attention), two threads, times 30 layers;
+* ``linear`` -- the model's linears (SmolLM2-135M's four per layer, 30 layers of distinct weights, so
+  they are read from memory as in the server) at a decode step's, a memory turn's and a prefill's row
+  counts, two threads: pre-packed oneDNN weights (amem_sgl.cpu_linear, ``amem.model.packed_linear``)
+  vs ``F.linear``, outputs compared bit for bit;
 * ``splice`` -- splice_kv of 780 chunk tokens in 4 chunks (one in place) over 30 layers of that
   pool, two threads: what a turn's splice costs (no alternative arm: for the record).
 
@@ -85,6 +89,44 @@ def bench_keys(repeats: int, gen: torch.Generator) -> dict:
             "gather_ms": medians["gather"] * 1e3, "ratio": medians["gather"] / medians["slices"], "threads": 2}
 
 
+LINEAR_ROWS = (1, 4, 26, 74, 800)  # decode step, session turn, query turn, blend pass, prefill
+
+
+def bench_linear(repeats: int, gen: torch.Generator) -> dict:
+    import torch.nn.functional as F
+
+    from amem_sgl.cpu_linear import linear, supported
+
+    if not supported():
+        return {"supported": False}
+    torch.set_num_threads(2)
+    hidden, mlp = HEADS * DIM, 1536
+    shapes = [(hidden + 2 * KV_HEADS * DIM, hidden), (hidden, hidden), (2 * mlp, hidden), (hidden, mlp)]
+    weights = [[(torch.randn(o, i, generator=gen) * 0.05).bfloat16() for o, i in shapes] for _ in range(LAYERS)]
+    packed = [[torch.ops.mkldnn._reorder_linear_weight(w) for w in layer] for layer in weights]
+    rows = {}
+    for m in LINEAR_ROWS:
+        xs = [(torch.randn(m, i, generator=gen)).bfloat16() for _, i in shapes]
+        same = all(torch.equal(F.linear(x, w), linear(x, p, None))
+                   for x, w, p in zip(xs, weights[0], packed[0]))
+
+        def plain():
+            for layer in weights:
+                for x, w in zip(xs, layer):
+                    F.linear(x, w)
+
+        def prepacked():
+            for layer in packed:
+                for x, p in zip(xs, layer):
+                    linear(x, p, None)
+
+        with torch.inference_mode():
+            medians = interleaved({"packed": prepacked, "f_linear": plain}, repeats)
+        rows[m] = {"packed_ms": medians["packed"] * 1e3, "f_linear_ms": medians["f_linear"] * 1e3,
+                   "ratio": medians["f_linear"] / medians["packed"], "bit_identical": same}
+    return {"supported": True, "layers": LAYERS, "threads": 2, "rows": rows}
+
+
 def bench_splice(repeats: int, gen: torch.Generator) -> dict:
     from amem_sgl.cache.splice import RopeSpec, splice_kv
 
@@ -104,6 +146,14 @@ def bench_splice(repeats: int, gen: torch.Generator) -> dict:
     return {"tokens": int(src.numel()), "layers": LAYERS, "splice_ms": medians["splice"] * 1e3, "threads": 2}
 
 
+def linear_lines(lin: dict) -> list[str]:
+    if not lin.get("supported"):
+        return ["| model linears | packed | not supported on this CPU/torch | | | |"]
+    return [f"| model linears, {m} rows x 4 x {lin['layers']} layers (2 threads) | packed | {r['packed_ms']:.2f} | "
+            f"F.linear | {r['f_linear_ms']:.2f} | {r['ratio']:.2f}x ({'bit-identical' if r['bit_identical'] else 'DIFFERENT'}) |"
+            for m, r in lin["rows"].items()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: 3 repeats")
@@ -115,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     data = {"meta": {"device": device_name(), "date": dt.datetime.now().isoformat(timespec="seconds"),
                      "repeats": repeats, "quick": args.quick},
-            "embed": bench_embed(repeats), "keys": bench_keys(repeats, gen), "splice": bench_splice(repeats, gen)}
+            "embed": bench_embed(repeats), "keys": bench_keys(repeats, gen), "linear": bench_linear(repeats, gen),
+            "splice": bench_splice(repeats, gen)}
     data["meta"]["seconds"] = round(time.monotonic() - started, 1)
     e, k, s = data["embed"], data["keys"], data["splice"]
     lines = [f"# CPU pieces of a memory turn ({device_name()})", "",
@@ -126,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{e['float32_ms']:.2f} | {e['ratio']:.2f}x (cosine {e['cosine']:.6f}) |",
              f"| extend attention, {k['query_rows']} rows x {k['keys']} keys in {k['stretches']} stretches, "
              f"30 layers (2 threads) | slices | {k['slices_ms']:.2f} | gather | {k['gather_ms']:.2f} | {k['ratio']:.2f}x |",
+             *linear_lines(data["linear"]),
              f"| splice_kv, {s['tokens']} tokens x {s['layers']} layers (2 threads) | -- | {s['splice_ms']:.2f} | | | |", ""]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{dt.date.today().isoformat()}-{device_name()}-cpu-micro{'-quick' if args.quick else ''}"

@@ -1,0 +1,107 @@
+"""CPU bf16 linears on weights pre-packed for oneDNN (the same values as ``F.linear``, faster).
+
+On a CPU without AMX, SGLang's unquantized linears call ``F.linear`` on a plain bf16 weight, and
+oneDNN re-lays that weight out on every call: at the few rows a memory turn or a decode step
+feeds, the re-layout is most of the matmul's cost. Here each weight is packed once, the first
+time its layer runs, with ``torch.ops.mkldnn._reorder_linear_weight``, and later calls run
+``torch.ops.mkldnn._linear_pointwise`` on the packed copy: the same oneDNN inner product, so the
+output is bit-for-bit that of ``F.linear`` (tests/test_cpu_linear.py, fresh random inputs).
+``python -m benchmarks.cpu_micro`` measures it against ``F.linear`` in one run.
+
+A packed copy is tied to its weight's storage and version counter: a weight replaced or written in
+place (``/update_weights_from_disk``, a loader's ``copy_``) is packed again before its next use,
+never served stale. Anything this path does not cover (fp32 or fp16, CUDA, AMX, a bias of another
+dtype, a weight that is not a plain 2-D CPU tensor) runs SGLang's own method unchanged.
+
+Wired in by :func:`install` (amem_sgl.plugin, when ``amem.model.packed_linear`` is on). The packed
+copies cost one more copy of the linear weights' bytes in host memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from amem_sgl import sglang_compat as sgl
+
+PACKED_ATTR = "_amem_packed_weight"
+# This process's counts: weights packed (again, for a stale one) and linears served packed.
+STATS = {"packed_weights": 0, "repacked_weights": 0, "packed_calls": 0}
+
+
+def supported() -> bool:
+    """Whether this torch/CPU can pack bf16 linear weights for oneDNN."""
+    ops = torch.ops.mkldnn
+    try:
+        return (torch.backends.mkldnn.is_available() and bool(ops._is_mkldnn_bf16_supported())
+                and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _stamp(weight: torch.Tensor):
+    try:
+        return weight.data_ptr(), weight._version, tuple(weight.shape)
+    except RuntimeError:  # an inference-mode tensor has no version counter: never pack it
+        return None
+
+
+def _packable(weight) -> bool:
+    return (isinstance(weight, torch.Tensor) and weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+            and weight.dim() == 2 and weight.numel() > 0 and not weight.requires_grad
+            and type(weight.data) is torch.Tensor)
+
+
+def packed_weight(layer: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight``'s oneDNN-packed copy, made (again) when missing or stale; None if not packable."""
+    cached = layer.__dict__.get(PACKED_ATTR)
+    stamp = _stamp(weight)
+    if cached is not None and stamp is not None and cached[0] == stamp:
+        return cached[1]
+    if stamp is None or not _packable(weight):
+        layer.__dict__[PACKED_ATTR] = None
+        return None
+    with torch.no_grad():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+    STATS["repacked_weights" if cached is not None else "packed_weights"] += 1
+    layer.__dict__[PACKED_ATTR] = (stamp, packed)
+    return packed
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _covers(x: torch.Tensor, bias) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+            and (bias is None or (bias.dtype == torch.bfloat16 and bias.device.type == "cpu")))
+
+
+def around_apply(original, method, layer, x, bias=None, *args, **kwargs):
+    """AROUND hook for an unquantized method's ``apply(layer, x, bias)``."""
+    if not args and not kwargs and _covers(x, bias) and not getattr(layer, "use_intel_amx_backend", False):
+        packed = packed_weight(layer, layer.weight)
+        if packed is not None:
+            STATS["packed_calls"] += 1
+            return linear(x, packed, bias)
+    return original(method, layer, x, bias, *args, **kwargs)
+
+
+_installed = False
+
+
+def describe() -> dict:
+    return {"installed": _installed, **STATS}
+
+
+def install() -> bool:
+    """Route SGLang's unquantized CPU linears (and the LM head) through packed weights; returns
+    whether it did (False where this CPU/torch cannot pack bf16 weights)."""
+    global _installed
+    if _installed:
+        return True
+    if not supported():
+        return False
+    for target in sgl.UNQUANTIZED_APPLY_TARGETS:
+        sgl.add_around_hook(target, around_apply)
+    _installed = True
+    return True
