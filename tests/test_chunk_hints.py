@@ -72,7 +72,7 @@ def test_guard_checks_generate_bodies():
     batch = guard.check(b'{"input_ids": [[1, 2, 3, 4], [1]], "kv_hints": [%s, %s]}' % (_json(good), _json(good)))
     assert "runs past the prompt" in batch
     text_prompt = guard.check(b'{"text": "hello", "kv_hints": %s}' % _json(good))
-    assert text_prompt is None  # spans cannot be checked against text before tokenization
+    assert text_prompt is not None and "input_ids" in text_prompt  # spans index token ids, not text
     assert guard.check(b"not json amem.chunks") is None  # SGLang answers malformed JSON itself
 
 
