@@ -286,3 +286,15 @@ def test_another_tenants_plan_and_chunk_hints_are_refused_where_the_request_reac
     monkeypatch.setattr(auth, "ACTIVE", auth.Authenticator())  # auth off: open, as on loopback
     assert api.memory_usage("req-1") is not None
     check_chunk_namespaces(SimpleNamespace(kv_hints=hint))
+
+
+def test_a_pattern_or_session_id_with_a_trailing_newline_is_refused(tmp_path):
+    """``re.match`` with ``$`` lets a final newline through; the patterns are checked whole."""
+    from amem_sgl.proxy.sessions import session_key
+
+    with pytest.raises(ValueError, match="not a namespace or glob pattern"):
+        auth.add_key(tmp_path / "keys.json", ["alice*\n"])
+    assert not (tmp_path / "keys.json").exists()
+    with pytest.raises(ValueError, match="X-Amem-Session"):
+        session_key("chat", "alice", "s-1\n", None, None)
+    assert session_key("chat", "alice", "s-1", None, None) != session_key("chat", "alice", "s-2", None, None)

@@ -33,7 +33,7 @@ def digest(*parts) -> str:
 
 def session_key(api: str, namespace: str, header: str | None, system, first_user) -> str:
     if header is not None:
-        if not _SESSION_ID.match(header):
+        if not _SESSION_ID.fullmatch(header):
             raise ValueError(f"X-Amem-Session must be 1-128 characters of letters, digits and _.:@-, got {header[:80]!r}")
         return f"{api}-{digest(namespace, header)[:32]}"
     return f"{api}-{digest(namespace, system, first_user)[:32]}"

@@ -81,7 +81,7 @@ def _parse(text: str, where: str) -> dict[str, Principal]:
         if not re.fullmatch(r"[0-9a-f]{64}", digest) or not isinstance(entry, dict):
             raise ValueError(f"{where}: key entries are sha256 hex digests mapping to objects")
         patterns, admin = entry.get("namespaces", []), entry.get("admin", False)
-        if not isinstance(patterns, list) or not all(isinstance(p, str) and _PATTERN.match(p) for p in patterns):
+        if not isinstance(patterns, list) or not all(isinstance(p, str) and _PATTERN.fullmatch(p) for p in patterns):
             raise ValueError(f"{where}: key {entry.get('name', digest[:8])!r}: namespaces must be a list of "
                              "namespace names or glob patterns")
         if type(admin) is not bool:
@@ -214,7 +214,7 @@ def add_key(path: str | os.PathLike, namespaces: list[str], *, admin: bool = Fal
     if not namespaces and not admin:
         raise ValueError("give at least one namespace (or pattern), or --admin")
     for pattern in namespaces:
-        if not _PATTERN.match(pattern):
+        if not _PATTERN.fullmatch(pattern):
             raise ValueError(f"not a namespace or glob pattern: {pattern!r}")
         if not any(c in pattern for c in "*?["):
             validate_namespace(pattern)
