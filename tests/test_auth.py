@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from types import SimpleNamespace
 
 from amem_sgl.chunks import identity
 from amem_sgl.server import auth
@@ -259,7 +260,7 @@ def test_another_tenants_plan_and_chunk_hints_are_refused_where_the_request_reac
     from types import SimpleNamespace
 
     from amem_sgl.memory import api, layer
-    from amem_sgl.server.validation import check_chunk_namespaces
+    from amem_sgl.server.validation import check_chunk_hints
 
     keys = tmp_path / "keys.json"
     alice, _ = auth.add_key(keys, ["alice"])
@@ -276,16 +277,16 @@ def test_another_tenants_plan_and_chunk_hints_are_refused_where_the_request_reac
         try:
             assert (api.memory_usage("req-1") is not None) == allowed
             if allowed:
-                check_chunk_namespaces(SimpleNamespace(kv_hints=hint))
+                check_chunk_hints(SimpleNamespace(kv_hints=hint), [5, 6], 100)
             else:
                 with pytest.raises(ValueError, match="HTTP 40[13]"):
-                    check_chunk_namespaces(SimpleNamespace(kv_hints=hint))
+                    check_chunk_hints(SimpleNamespace(kv_hints=hint), [5, 6], 100)
         finally:
             auth.CURRENT.reset(token)
-    check_chunk_namespaces(SimpleNamespace(kv_hints=None))
+    check_chunk_hints(SimpleNamespace(kv_hints=None), [5, 6], 100)
     monkeypatch.setattr(auth, "ACTIVE", auth.Authenticator())  # auth off: open, as on loopback
     assert api.memory_usage("req-1") is not None
-    check_chunk_namespaces(SimpleNamespace(kv_hints=hint))
+    check_chunk_hints(SimpleNamespace(kv_hints=hint), [5, 6], 100)
 
 
 def test_a_pattern_or_session_id_with_a_trailing_newline_is_refused(tmp_path):
@@ -298,3 +299,37 @@ def test_a_pattern_or_session_id_with_a_trailing_newline_is_refused(tmp_path):
     with pytest.raises(ValueError, match="X-Amem-Session"):
         session_key("chat", "alice", "s-1\n", None, None)
     assert session_key("chat", "alice", "s-1", None, None) != session_key("chat", "alice", "s-2", None, None)
+
+
+def test_a_chunk_action_reaching_the_tokenizer_manager_must_fit_its_prompt():
+    """Routes and in-process callers /generate's body guard never sees: SGLang's per-request
+    validation refuses (a 400 on every route) an action the scheduler would otherwise drop with a
+    log line -- spans past the tokenized prompt, over the chunk limit, a malformed envelope, spans
+    without token ids -- on a real GenerateReqInput."""
+    from amem_sgl.chunks.hints import build_kv_hints
+    from amem_sgl.server.validation import ChunkHintError, around_validate_one_request
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    manager = SimpleNamespace(model_config=SimpleNamespace(vocab_size=100))
+    seen = []
+
+    def original(m, obj, input_ids):
+        seen.append(input_ids)
+
+    def validate(hints, input_ids):
+        obj = GenerateReqInput(input_ids=input_ids, kv_hints=hints)
+        return around_validate_one_request(original, manager, obj, input_ids)
+
+    validate(build_kv_hints("alice", [(1, 3)]), [1, 2, 3, 4])
+    assert seen == [[1, 2, 3, 4]]
+    with pytest.raises(ChunkHintError, match="runs past the prompt"):
+        validate(build_kv_hints("alice", [(1, 9)]), [1, 2, 3, 4])
+    with pytest.raises(ChunkHintError, match="exceeds the chunk limit"):
+        validate(build_kv_hints("alice", [(0, 3000)]), [1] * 3000)
+    broken = build_kv_hints("alice", [(1, 3)])
+    broken["actions"][0]["payload"]["spans"] = "all of it"
+    with pytest.raises(ChunkHintError, match="kv_hints"):
+        validate(broken, [1, 2, 3, 4])
+    with pytest.raises(ChunkHintError, match="send input_ids"):
+        around_validate_one_request(original, manager, SimpleNamespace(kv_hints=build_kv_hints("alice", [(0, 1)])), None)
+    assert len(seen) == 1  # nothing refused reached SGLang's own validation

@@ -66,31 +66,52 @@ def check_reserved_keys(obj) -> None:
                                        f"{RESERVED_KEY_PREFIX!r} are amem's own")
 
 
-def check_chunk_namespaces(obj) -> None:
-    """With API keys on: the request's key must cover the namespace of its amem.chunks action."""
+class ChunkHintError(ValueError):
+    """A request's ``amem.chunks`` action is malformed or does not fit its prompt."""
+
+
+def check_chunk_hints(obj, input_ids, max_chunk_tokens: int | None) -> None:
+    """The request's amem.chunks action must parse and its spans fit the tokenized prompt (every
+    route: /generate's guard checks the raw body first; this also covers routes and in-process
+    callers it does not see, where the scheduler would otherwise drop the action with a log line);
+    with API keys on, the request's key must cover the action's namespace."""
     hints = getattr(obj, "kv_hints", None)
-    if hints is None or auth.ACTIVE is None or not auth.ACTIVE.enabled:
+    if hints is None:
         return
     for envelope in hints if isinstance(hints, list) else [hints]:
         try:
             request = parse_kv_hints(envelope)
-        except ValueError:
-            request = None  # malformed: the scheduler ignores it (ChunkHintsGuard refused it on /generate)
-        if request is None:
+            if request is not None:
+                tokens = input_ids if isinstance(input_ids, (list, tuple)) else None
+                if request.spans and tokens is None:
+                    raise ValueError("chunk spans index the prompt's token ids: send input_ids")
+                request.validate(None if tokens is None else len(tokens), max_chunk_tokens)
+        except ValueError as err:
+            raise ChunkHintError(f"kv_hints: {err}") from None
+        if request is None or auth.ACTIVE is None or not auth.ACTIVE.enabled:
             continue
         denied = auth.denial([request.namespace])
         if denied is not None:
             raise ValueError(f"{denied[1]} (HTTP {denied[0]})")
 
 
+def _max_chunk_tokens() -> int | None:
+    from amem_sgl.config import AmemConfig
+
+    try:
+        return AmemConfig.from_env().chunks.max_chunk_tokens
+    except Exception:  # noqa: BLE001 -- no readable config here: the scheduler's own limit still holds
+        return None
+
+
 def around_validate_one_request(original, manager, obj, input_ids, *args, **kwargs):
     """AROUND hook for ``TokenizerManager._validate_one_request``: the vocabulary check first, then
-    the reserved key space and the chunk namespaces' keys."""
+    the reserved key space, then the chunk action (its spans against the prompt, its namespace's key)."""
     vocab_size = getattr(getattr(manager, "model_config", None), "vocab_size", None)
     if vocab_size and getattr(obj, "input_embeds", None) is None:
         check_token_ids(input_ids, int(vocab_size))
     check_reserved_keys(obj)
-    check_chunk_namespaces(obj)
+    check_chunk_hints(obj, input_ids, _max_chunk_tokens())
     return original(manager, obj, input_ids, *args, **kwargs)
 
 
