@@ -10,21 +10,27 @@ Routes (JSON):
 * ``POST   /amem/v1/search``                      {namespace, query, k?} -> chunks with scores
 * ``POST   /amem/v1/sessions``                    {namespace, query? | chunk_ids?, k?, fidelity?}; ``DELETE /amem/v1/sessions/{id}``
 
-Errors are ``{"error": {"message", "type", "code"}}`` with a 4xx status (unknown namespace or chunk
-404, bad values 400, wrong types 422, too large 413; with API keys, 401 without a valid key and 403
-for a namespace the key does not cover -- checked here, on the namespace each route really uses,
-after amem_sgl.server.limits.AuthGuard authenticated the key; the namespace list shows only covered ones).
+Errors are ``{"error": {"message", "type", "code"}}`` with a 4xx status (unknown namespace, chunk
+or /amem/v1 path 404, a method a path does not serve 405, bad values 400, wrong types 422, too large
+413, also for a session whose working set exceeds the model's context; with API keys, 401 without
+a valid key and 403 for a namespace the key does not cover -- checked here, on the namespace each
+route really uses, after amem_sgl.server.limits.AuthGuard authenticated the key; the namespace list
+shows only covered ones). The OpenAI routes answer in SGLang's OpenAI shape: an unknown or expired
+``X-Amem-Session`` 404 (chat and completions alike); ``amem_fidelity`` in the body wins over the
+``X-Amem-Fidelity`` header.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import time
 import uuid
 from typing import Any, Literal, Optional
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from amem_sgl.memory import layer as memory
@@ -37,7 +43,7 @@ from amem_sgl.memory.fidelity import (FIDELITY_FIELD, FIDELITY_HEADER, MARGIN_HE
                                       parse_fidelity, parse_margin, requested_fidelity)
 from amem_sgl.server.limits import _read_body, _replay, _send_json, error_body
 
-_CHUNK_ID = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK_ID = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline through
 NAMESPACE_HEADER = "x-amem-namespace"
 SESSION_HEADER = "x-amem-session"
 CHUNKS_HEADER = "x-amem-chunks"
@@ -85,9 +91,9 @@ def _authorize(namespace: str) -> str:
 
 
 def session_namespace(session_id: str) -> str | None:
-    """The namespace a live session belongs to (None: unknown)."""
+    """The namespace a live session belongs to (None: unknown, or idle past amem.memory.session_idle_s)."""
     layer = memory.ACTIVE
-    session = layer.sessions.get(session_id) if layer is not None else None
+    session = layer.live_session(session_id) if layer is not None else None
     return session.namespace if session is not None else None
 
 
@@ -98,7 +104,7 @@ def _layer() -> memory.MemoryLayer:
 
 
 def _check_ids(ids) -> None:
-    bad = [i for i in ids if not _CHUNK_ID.match(i)]
+    bad = [i for i in ids if not _CHUNK_ID.fullmatch(i)]
     if bad:
         raise memory.MemoryError_(400, f"invalid chunk id {bad[0][:80]!r}: expected 64 hex characters")
 
@@ -149,7 +155,8 @@ async def forget_namespace(namespace: str):
 
 @router.post("/search", summary="Recall only: the chunks most similar to a query, with scores")
 async def search(body: SearchRequest):
-    hits = _layer().recall(_authorize(body.namespace), body.query, body.k)
+    # embedding the query (and the first use's tokenizer load) off the event loop
+    hits = await asyncio.to_thread(_layer().recall, _authorize(body.namespace), body.query, body.k)
     return {"namespace": body.namespace, "results": [{**c.to_json(), "score": s} for c, s in hits]}
 
 
@@ -175,6 +182,24 @@ async def end_session(session_id: str):
     if not _layer().end_session(session_id):
         raise memory.MemoryError_(404, f"unknown or expired session {session_id!r}")
     return {"session_id": session_id, "ended": True}
+
+
+_METHODS = ["GET", "POST", "DELETE", "HEAD"]  # what the memory routes serve (HEAD with each GET)
+_ALL_METHODS = [*_METHODS, "PUT", "PATCH", "OPTIONS"]
+
+
+@router.api_route("", methods=_ALL_METHODS, include_in_schema=False)
+@router.api_route("/{path:path}", methods=_ALL_METHODS, include_in_schema=False)
+async def unserved(request: Request, path: str = ""):
+    """Last in the router: a path no memory route serves (404), or one served with other methods
+    (405), answered in the memory API's error shape rather than SGLang's."""
+    allowed = sorted({m for r in router.routes if r.endpoint is not unserved and r.path_regex.match(request.url.path)
+                      for m in r.methods})
+    if allowed:
+        reply = error(405, f"{request.method} is not served on {request.url.path} (it serves {', '.join(allowed)})")
+        reply.headers["allow"] = ", ".join(allowed)
+        return reply
+    return error(404, f"{request.method} {request.url.path} is not a memory route (see /openapi.json)")
 
 
 def install_routes(app: FastAPI) -> None:
@@ -230,10 +255,13 @@ class OpenAIMemoryMiddleware:
         if refusal is not None:
             return await _send_json(send, 400, error_body(refusal, 400, "BadRequestError"))
         rewritten = False  # the body is serialised again once, after every change to it
-        if isinstance(data, dict) and FIDELITY_FIELD in data:  # the body field becomes the header
+        if isinstance(data, dict) and FIDELITY_FIELD in data:
+            # The body field becomes the header, and replaces one the request also sent: the explicit
+            # body field wins (every later reader -- chat, completions, the guard -- sees one value).
             value = data.pop(FIDELITY_FIELD)
             rewritten = True
-            scope = dict(scope, headers=[*scope.get("headers", []), (FIDELITY_HEADER.encode(), str(value).encode())])
+            kept = [(k, v) for k, v in scope.get("headers", []) if k.lower() != FIDELITY_HEADER.encode()]
+            scope = dict(scope, headers=[*kept, (FIDELITY_HEADER.encode(), str(value).encode())])
             headers[FIDELITY_HEADER] = str(value)
         if FIDELITY_HEADER in headers or MARGIN_HEADER in headers:
             try:
@@ -294,11 +322,9 @@ def around_chat_conversion(original, serving, request, raw_request=None):
     # exact: the memory layer's exact mode (a stable working set, turns as exact prefills)
     requested = requested_fidelity(headers.get(FIDELITY_HEADER), layer.sessions.get(session) if session else None)
     level = fidelity_control(layer).level(requested)
-    try:
+    with _openai_status():
         plan = layer.plan_chat(namespace, memory.message_dicts(request.messages), session,
                                fidelity=level)
-    except memory.MemoryError_ as err:
-        raise ValueError(str(err)) from None
     if plan is not None:
         plan.timings.update(started_at=started, convert_s=converted - started)
         _apply(adapted, plan, layer, headers, requested)
@@ -306,20 +332,35 @@ def around_chat_conversion(original, serving, request, raw_request=None):
 
 
 def around_completion_conversion(original, serving, request, raw_request=None):
-    """AROUND hook for ``OpenAIServingCompletion._convert_to_internal_request`` (text prompts)."""
+    """AROUND hook for ``OpenAIServingCompletion._convert_to_internal_request`` (text prompts): a
+    namespace's recalled chunks, or -- with ``X-Amem-Session``, as on the chat route -- the session's
+    working set (its namespace wins; its level applies unless the turn names its own)."""
     started = time.perf_counter()
     adapted, processed = original(serving, request, raw_request)
     converted = time.perf_counter()
     layer = memory.ACTIVE
     headers = raw_request.headers if raw_request is not None else {}
     namespace = headers.get(NAMESPACE_HEADER) or getattr(request, "user", None)
-    if layer is None or not namespace or not isinstance(request.prompt, str):
+    session = headers.get(SESSION_HEADER)
+    if layer is None or not (namespace or session) or not isinstance(request.prompt, str):
         return adapted, processed
-    plan = layer.plan_completion(namespace, request.prompt)
+    with _openai_status():
+        plan = layer.plan_completion(namespace, request.prompt, session)
     if plan is not None:
         plan.timings.update(started_at=started, convert_s=converted - started)
-        _apply(adapted, plan, layer, headers)
+        requested = requested_fidelity(headers.get(FIDELITY_HEADER), layer.sessions.get(session) if session else None)
+        _apply(adapted, plan, layer, headers, requested)
     return adapted, processed
+
+
+@contextlib.contextmanager
+def _openai_status():
+    """A memory refusal inside an OpenAI conversion keeps its status (an unknown or expired session:
+    404, not SGLang's 400 for a ValueError), in SGLang's OpenAI error shape (HTTPException)."""
+    try:
+        yield
+    except memory.MemoryError_ as err:
+        raise HTTPException(status_code=err.status, detail=str(err)) from None
 
 
 _fidelity: FidelityControl | None = None

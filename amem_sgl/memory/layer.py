@@ -121,6 +121,22 @@ class MemoryLayer:
     async def remember(self, namespace: str, documents: Sequence[tuple[str, dict]],
                        prefill: str | None = None) -> list[dict]:
         validate_namespace(namespace)
+        # Splitting and tokenizing (seconds for a large request) run off the event loop.
+        pieces, token_ids, ids, known = await asyncio.to_thread(self._prepare, namespace, documents)
+        todo = [(cid, t) for cid, t in zip(ids, token_ids) if cid not in known]
+        if (prefill or self.config.prefill) == "remember":
+            await chunk_kv.register(self.base_url, self.request_headers, self.preamble, namespace, todo)
+            await asyncio.to_thread(chunk_kv.await_durable, self.residency, self.model_id,
+                                    [cid for cid, _ in todo], self.config.kv_durable_wait_s)
+        new = set(await asyncio.to_thread(self.store.add, namespace,
+                                          [(cid, text, t, meta) for cid, (text, meta), t in zip(ids, pieces, token_ids)]))
+        return [{"id": cid, "tokens": len(t), "new": cid in new, "text": text}
+                for cid, (text, _), t in zip(ids, pieces, token_ids)]
+
+    def _prepare(self, namespace: str, documents: Sequence[tuple[str, dict]]):
+        """A remember request's chunks: (pieces, token ids, chunk ids, ids already stored), each chunk
+        once -- a text given twice in one request (or two parts that tokenize the same) is one chunk,
+        its first occurrence's metadata kept, so ``new`` counts it once."""
         pieces: list[tuple[str, dict]] = []
         for text, metadata in documents:
             try:
@@ -136,20 +152,17 @@ class MemoryLayer:
         if len(pieces) > self.config.max_chunks_per_request:
             raise MemoryError_(413, f"{len(pieces)} chunks in one request; the limit is "
                                f"{self.config.max_chunks_per_request} (amem.memory.max_chunks_per_request)")
-        token_ids = [self.encode(text + "\n") for text, _ in pieces]
-        ids = [chunk_id(namespace, self.model_id, t) for t in token_ids]
+        unique: dict[str, tuple[tuple[str, dict], list[int]]] = {}
+        for piece in pieces:
+            tokens = self.encode(piece[0] + "\n")
+            unique.setdefault(chunk_id(namespace, self.model_id, tokens), (piece, tokens))
+        ids = list(unique)
+        pieces, token_ids = [p for p, _ in unique.values()], [t for _, t in unique.values()]
         known = set()
         if self.store.has_namespace(namespace):
             known = {c.chunk_id for c in self.store.list(namespace)}
-        todo = [(cid, t) for cid, t in dict(zip(ids, token_ids)).items() if cid not in known]
-        if (prefill or self.config.prefill) == "remember":
-            await chunk_kv.register(self.base_url, self.request_headers, self.preamble, namespace, todo)
-            await asyncio.to_thread(chunk_kv.await_durable, self.residency, self.model_id,
-                                    [cid for cid, _ in todo], self.config.kv_durable_wait_s)
-        new = set(await asyncio.to_thread(self.store.add, namespace,
-                                          [(cid, text, t, meta) for cid, (text, meta), t in zip(ids, pieces, token_ids)]))
-        return [{"id": cid, "tokens": len(t), "new": cid in new, "text": text}
-                for cid, (text, _), t in zip(ids, pieces, token_ids)]
+        self.preamble  # noqa: B018 -- the first use computes (and caches) it here, off the loop
+        return pieces, token_ids, ids, known
 
     async def forget(self, namespace: str, chunk_ids: Sequence[str] | None) -> list[str]:
         gone = await asyncio.to_thread(self.store.forget, namespace, chunk_ids)
@@ -255,17 +268,26 @@ class MemoryLayer:
                     [scores.get(c.chunk_id, 1.0) for c in chunks], session.session_id if session else None,
                     "exact", tuple(new), timings=phases(started, recalled, time.perf_counter()))
 
-    def plan_completion(self, namespace: str, prompt: str) -> Plan | None:
-        if not self.store.has_namespace(validate_namespace(namespace)):
+    def plan_completion(self, namespace: str | None, prompt: str, session_id: str | None = None) -> Plan | None:
+        """A text completion's memory plan: the chunks recalled for its prompt, or a session's working
+        set (``session_id``, as on the chat route: the session's namespace wins)."""
+        session = self._session(session_id) if session_id else None
+        if session is not None:
+            namespace = session.namespace
+        if not namespace or not self.store.has_namespace(validate_namespace(namespace)):
             return None
         started = time.perf_counter()
-        hits = sorted(self.recall(namespace, prompt), key=lambda h: h[0].created)
+        if session is not None:
+            hits = [(c, 1.0) for c in self._session_chunks(session)]
+            session.turns += 1
+        else:
+            hits = sorted(self.recall(namespace, prompt), key=lambda h: h[0].created)
         if not hits:
             return None
         recalled = time.perf_counter()
         composed = self.composer.completion(self.config.system_prompt, [c.token_ids for c, _ in hits], prompt)
         return Plan(composed.input_ids, self.hints(namespace, composed.spans), namespace,
-                    [c.chunk_id for c, _ in hits], [s for _, s in hits], None,
+                    [c.chunk_id for c, _ in hits], [s for _, s in hits], session.session_id if session else None,
                     timings=phases(started, recalled, time.perf_counter()))
 
     def remember_plan(self, rid: str, plan: Plan) -> None:
@@ -289,6 +311,13 @@ class MemoryLayer:
             session.last_used = time.time()
             return session
 
+    def live_session(self, session_id: str) -> Session | None:
+        """The session if it exists and has not idled past ``session_idle_s`` (None otherwise); a
+        look-up only (its idle clock is not reset)."""
+        self._expire()
+        with self._lock:
+            return self.sessions.get(session_id)
+
     def _session_chunks(self, session: Session) -> list[MemoryChunk]:
         return [self.store.get(session.namespace, cid) for cid in session.chunk_ids]
 
@@ -311,26 +340,53 @@ class MemoryLayer:
         else:
             chunks = self.store.list(namespace)[-(k or self.config.top_k):]
         chunks = sorted({c.chunk_id: c for c in chunks}.values(), key=lambda c: c.created)
+        # The working set as every turn sends it (behind the memory system prompt, before the turn):
+        # one that does not fit the model's context could serve no turn -- refused here.
+        composed = await asyncio.to_thread(self.compose, namespace, [{"role": "user", "content": ""}], chunks)
+        limit = self.context_tokens
+        if chunks and limit is not None and len(composed[0]) >= limit:
+            raise MemoryError_(413, f"the session's working set is {len(composed[0])} tokens ({len(chunks)} chunks "
+                               f"with the memory prompt); the model's context is {limit} tokens: start the "
+                               "session with fewer chunks (k or chunk_ids)")
         now = time.time()
         session = Session(uuid.uuid4().hex, namespace, [c.chunk_id for c in chunks], now, now, fidelity=fidelity)
         with self._lock:
             self.sessions[session.session_id] = session
-        await self._warm(session, chunks)
+        try:
+            await self._warm(session, chunks, composed)
+        except MemoryError_:
+            self.end_session(session.session_id)
+            raise
         return session
 
-    async def _warm(self, session: Session, chunks: Sequence[MemoryChunk]) -> None:
+    @property
+    def context_tokens(self) -> int | None:
+        """The model's context length as this server serves it (SGLang's tokenizer manager, in this
+        HTTP process); None where it cannot be read (then the warm request's refusal is the check)."""
+        try:
+            from sglang.srt.entrypoints.http_server import get_global_state
+
+            return int(get_global_state().tokenizer_manager.context_len)
+        except Exception:  # noqa: BLE001 -- not in a server process, or another SGLang layout
+            return None
+
+    async def _warm(self, session: Session, chunks: Sequence[MemoryChunk], composed) -> None:
         """Prefetch the working set into the CPU tier, then splice + blend it once so the blended
-        prefix is in the tree before the first turn (exact mode: prefill it exactly)."""
+        prefix is in the tree before the first turn (exact mode: prefill it exactly). The server
+        refusing the working set itself (400/413) refuses the session; a failure of its own is logged."""
         if not chunks:
             return
         if self.residency is not None:
             await asyncio.to_thread(self.residency.request, "prefetch", chunk_ids=session.chunk_ids,
                                     namespace=session.namespace, model_id=self.model_id)
-        ids, spans = self.compose(session.namespace, [{"role": "user", "content": ""}], chunks)
+        ids, spans = composed
         body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 0},
                 "kv_hints": self.hints(session.namespace, spans, exact=session.fidelity == "exact")}
         async with httpx.AsyncClient(timeout=600, headers=self.request_headers) as client:
             reply = await client.post(f"{self.base_url}/generate", json=body)
+        if reply.status_code in (400, 413):  # the request itself (its size): no turn of it could be served
+            raise MemoryError_(reply.status_code, f"the session's working set ({len(ids)} tokens) was refused: "
+                               f"{_reply_message(reply)}")
         if reply.status_code != 200:
             logger.warning("amem memory: warming session %s failed: %s", session.session_id, reply.text[:300])
             return
@@ -341,6 +397,15 @@ class MemoryLayer:
     def end_session(self, session_id: str) -> bool:
         with self._lock:
             return self.sessions.pop(session_id, None) is not None
+
+
+def _reply_message(reply: httpx.Response) -> str:
+    try:
+        body = reply.json()
+        message = body.get("message") or (body.get("error") or {}).get("message")
+    except Exception:  # noqa: BLE001 -- not JSON: its text
+        message = None
+    return str(message or reply.text[:300])
 
 
 def _fidelity(value: str | None) -> str | None:

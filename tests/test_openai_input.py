@@ -1,0 +1,238 @@
+"""The memory API's and the OpenAI route's edges: session size and lifetime, X-Amem-Session on
+/v1/completions, the fidelity field vs header, chunk ids, duplicate texts, unknown /amem/v1 paths,
+and heavy remembers off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import types
+
+import httpx
+import pytest
+import requests
+from starlette.requests import Request
+
+from amem_sgl.memory import api
+from amem_sgl.memory import layer as memory
+
+FACTS = ["Ines keeps three goats named Pip, Pod and Pea.", "Ines's uncle Ravi repairs clocks in Porto."]
+
+
+# ---------------------------------------------------------------- in-process (no server)
+
+def test_a_chunk_id_with_a_trailing_newline_is_refused():
+    good = "a" * 64
+    api._check_ids([good])
+    for bad in (good + "\n", good + "\n\n", "\n" + good):
+        with pytest.raises(memory.MemoryError_) as caught:
+            api._check_ids([bad])
+        assert caught.value.status == 400
+
+
+def stub_layer(idle_s: float = 60.0) -> memory.MemoryLayer:
+    """A memory layer with sessions only (no store, no tokenizer): what the OpenAI middleware and
+    the conversion hook read before anything else."""
+    layer = object.__new__(memory.MemoryLayer)
+    layer.config = types.SimpleNamespace(session_idle_s=idle_s)
+    layer.sessions, layer.plans, layer._lock = {}, {}, threading.Lock()
+    return layer
+
+
+def add_session(layer, session_id: str, idle_for_s: float) -> None:
+    then = time.time() - idle_for_s
+    layer.sessions[session_id] = memory.Session(session_id, "ines", [], then, then)
+
+
+def through_middleware(path: str, body: dict, headers: dict) -> tuple[httpx.Response, list]:
+    """One request through OpenAIMemoryMiddleware in front of an app that records the headers it got."""
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(Request(scope).headers)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def go():
+        transport = httpx.ASGITransport(app=api.OpenAIMemoryMiddleware(app))
+        async with httpx.AsyncClient(transport=transport, base_url="http://amem") as client:
+            return await client.post(path, json=body, headers=headers)
+
+    return asyncio.run(go()), seen
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_an_idle_expired_session_is_a_404_on_the_openai_routes(monkeypatch, path):
+    layer = stub_layer(idle_s=60.0)
+    add_session(layer, "stale", idle_for_s=3600.0)
+    add_session(layer, "live", idle_for_s=1.0)
+    monkeypatch.setattr(memory, "ACTIVE", layer)
+    body = {"model": "default", "messages": [{"role": "user", "content": "hi"}], "prompt": "hi"}
+    reply, _ = through_middleware(path, body, {"X-Amem-Session": "stale"})
+    assert reply.status_code == 404, reply.text
+    assert "unknown or expired session" in reply.json()["message"]
+    assert "stale" not in layer.sessions  # expired on the way
+    reply, _ = through_middleware(path, body, {"X-Amem-Session": "live"})
+    assert reply.status_code == 200, reply.text
+
+
+def test_a_session_expiring_at_conversion_is_a_404_not_a_400(monkeypatch):
+    """The conversion hook's own session check (a session expiring between middleware and hook)."""
+    from fastapi import HTTPException
+
+    layer = stub_layer(idle_s=60.0)
+    add_session(layer, "stale", idle_for_s=3600.0)
+    monkeypatch.setattr(memory, "ACTIVE", layer)
+    monkeypatch.setattr(api, "fidelity_control", lambda _layer: types.SimpleNamespace(level=lambda r: r or "fast"))
+    request = types.SimpleNamespace(user=None, messages=[{"role": "user", "content": "hi"}], prompt="hi")
+    raw = types.SimpleNamespace(headers={"x-amem-session": "stale"})
+    original = lambda serving, req, raw_request: (types.SimpleNamespace(rid=None), req)  # noqa: E731
+    for hook in (api.around_chat_conversion, api.around_completion_conversion):
+        add_session(layer, "stale", idle_for_s=3600.0)
+        with pytest.raises(HTTPException) as caught:
+            hook(original, None, request, raw)
+        assert caught.value.status_code == 404 and "unknown or expired session" in caught.value.detail
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_the_body_fidelity_field_wins_over_the_header(monkeypatch, path):
+    monkeypatch.setattr(memory, "ACTIVE", None)
+    body = {"model": "default", "prompt": "hi", "amem_fidelity": "exact"}
+    reply, seen = through_middleware(path, body, {"X-Amem-Fidelity": "fast"})
+    assert reply.status_code == 200, reply.text
+    assert seen[0].getlist("x-amem-fidelity") == ["exact"]  # one value: the body's
+    reply, seen = through_middleware(path, {"model": "default", "prompt": "hi"}, {"X-Amem-Fidelity": "fast"})
+    assert seen[0].getlist("x-amem-fidelity") == ["fast"]  # no body field: the header
+    reply, _ = through_middleware(path, {**body, "amem_fidelity": "perfect"}, {"X-Amem-Fidelity": "fast"})
+    assert reply.status_code == 400 and "fidelity" in reply.json()["message"]
+
+
+# ---------------------------------------------------------------- on the session server
+
+@pytest.fixture(scope="module")
+def ines(amem_server):
+    reply = requests.post(f"{amem_server.url}/amem/v1/remember", json={"namespace": "oai-ines", "texts": FACTS},
+                          timeout=300)
+    assert reply.status_code == 200, reply.text
+    return reply.json()["ids"]
+
+
+@pytest.mark.slow
+def test_remembering_the_same_text_twice_in_one_request_counts_and_stores_it_once(amem_server):
+    url = amem_server.url
+    text = "Ines's neighbour Oskar plays the bassoon on Sundays."
+    reply = requests.post(f"{url}/amem/v1/remember", json={"namespace": "oai-dupes", "texts": [text, text]},
+                          timeout=300)
+    assert reply.status_code == 200, reply.text
+    done = reply.json()
+    assert done["new"] == 1 and len(done["ids"]) == 1 and len(done["chunks"]) == 1, done
+    listed = requests.get(f"{url}/amem/v1/namespaces/oai-dupes/chunks", timeout=60).json()["chunks"]
+    assert [c["id"] for c in listed] == done["ids"]
+    again = requests.post(f"{url}/amem/v1/remember", json={"namespace": "oai-dupes", "texts": [text]}, timeout=300)
+    assert again.json()["new"] == 0 and again.json()["ids"] == done["ids"]
+
+
+@pytest.mark.slow
+def test_unknown_memory_paths_and_wrong_methods_answer_in_the_memory_error_shape(amem_server):
+    url = amem_server.url
+    for method, path, status in [("GET", "/amem/v1/no-such-route", 404), ("POST", "/amem/v1/namespaces/x/y/z", 404),
+                                 ("GET", "/amem/v1", 404), ("PUT", "/amem/v1/remember", 405),
+                                 ("GET", "/amem/v1/remember", 405), ("PATCH", "/amem/v1/namespaces", 405)]:
+        reply = requests.request(method, f"{url}{path}", timeout=60)
+        assert reply.status_code == status, (method, path, reply.status_code, reply.text)
+        err = reply.json()["error"]
+        assert err["code"] == status and err["type"] == "invalid_request_error" and path in err["message"], err
+    assert "POST" in requests.put(f"{url}/amem/v1/remember", timeout=60).headers["allow"]
+    # the routes themselves are still served
+    assert requests.get(f"{url}/amem/v1/namespaces", timeout=60).status_code == 200
+
+
+@pytest.mark.slow
+def test_a_working_set_larger_than_the_context_is_refused_at_session_start(amem_server):
+    url = amem_server.url
+    # ~45 chunks of up to 256 tokens: over SmolLM2's 8192-token context (nothing prefilled now)
+    sentences = [f"Fact {i}: the lighthouse keeper's ledger lists crate {i} of amber tea sent to harbour {i % 7}."
+                 for i in range(500)]
+    reply = requests.post(f"{url}/amem/v1/remember", timeout=600, json={
+        "namespace": "oai-huge", "texts": [" ".join(sentences)], "prefill": "first_use"})
+    assert reply.status_code == 200, reply.text
+    total = sum(c["tokens"] for c in reply.json()["chunks"])
+    assert total > 9000, total
+    reply = requests.post(f"{url}/amem/v1/sessions", timeout=600,
+                          json={"namespace": "oai-huge", "k": 100, "fidelity": "fast"})
+    assert reply.status_code == 413, reply.text
+    message = reply.json()["error"]["message"]
+    assert "working set" in message and "8192 tokens" in message, message
+    # a set that fits still starts
+    ok = requests.post(f"{url}/amem/v1/sessions", timeout=600,
+                       json={"namespace": "oai-huge", "k": 2, "fidelity": "fast"})
+    assert ok.status_code == 200, ok.text
+    requests.delete(f"{url}/amem/v1/sessions/{ok.json()['session_id']}", timeout=60)
+
+
+@pytest.mark.slow
+def test_x_amem_session_is_honoured_on_completions_as_on_chat(amem_server, ines):
+    url = amem_server.url
+    started = requests.post(f"{url}/amem/v1/sessions", timeout=600,
+                            json={"namespace": "oai-ines", "chunk_ids": ines[1:], "fidelity": "fast"})
+    assert started.status_code == 200, started.text
+    sid = started.json()["session_id"]
+    question = "Ines's uncle Ravi works in the city of"
+    body = {"model": "default", "prompt": question, "max_tokens": 4, "temperature": 0}
+    chat = {"model": "default", "messages": [{"role": "user", "content": question}], "max_tokens": 4, "temperature": 0}
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        payload = body if path == "/v1/completions" else chat
+        reply = requests.post(f"{url}{path}", json=payload, headers={"X-Amem-Session": sid}, timeout=300)
+        assert reply.status_code == 200, (path, reply.text)
+        assert reply.headers.get("x-amem-chunks") == ines[1] and reply.headers.get("x-amem-namespace") == "oai-ines"
+        memory_usage = reply.json()["usage"]["amem"]["memory"]
+        assert memory_usage["session_id"] == sid and memory_usage["fidelity"] == "fast", memory_usage
+    requests.delete(f"{url}/amem/v1/sessions/{sid}", timeout=60)
+    for path in ("/v1/completions", "/v1/chat/completions"):  # ended: 404 on both
+        reply = requests.post(f"{url}{path}", json={**body, "messages": [{"role": "user", "content": "hi"}]},
+                              headers={"X-Amem-Session": sid}, timeout=300)
+        assert reply.status_code == 404 and "unknown or expired session" in reply.json()["message"], reply.text
+
+
+@pytest.mark.slow
+def test_the_body_fidelity_field_wins_over_the_header_on_the_server(amem_server, ines):
+    url = amem_server.url
+    question = "Which city does Ines's uncle Ravi repair clocks in?"
+    for path, payload in [("/v1/chat/completions", {"messages": [{"role": "user", "content": question}]}),
+                          ("/v1/completions", {"prompt": question})]:
+        for body_level, header_level in [("exact", "fast"), ("fast", "exact")]:
+            reply = requests.post(f"{url}{path}", timeout=300, headers={"X-Amem-Fidelity": header_level}, json={
+                "model": "default", "user": "oai-ines", "max_tokens": 4, "temperature": 0,
+                "amem_fidelity": body_level, **payload})
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["usage"]["amem"]["memory"]["fidelity"] == body_level, (path, reply.json()["usage"])
+
+
+@pytest.mark.slow
+def test_a_large_remember_does_not_block_other_requests(amem_server, ines):
+    url = amem_server.url
+    # A text already remembered (nothing new to embed): the request is all splitting and tokenizing --
+    # one ~29K-token "sentence", cut by tokens (seconds: every cut tokenizes the rest again).
+    text = " ".join(f"swallow{i % 97}" for i in range(10000))
+    first = requests.post(f"{url}/amem/v1/remember", json={"namespace": "oai-busy", "texts": [text]}, timeout=600)
+    assert first.status_code == 200, first.text
+    done = {}
+
+    def remember():
+        started = time.monotonic()
+        reply = requests.post(f"{url}/amem/v1/remember", json={"namespace": "oai-busy", "texts": [text] * 2},
+                              timeout=600)
+        done.update(status=reply.status_code, started=started, finished=time.monotonic())
+
+    worker = threading.Thread(target=remember)
+    worker.start()
+    time.sleep(0.5)  # the remember is in flight (its body is sent, its chunks are being tokenized)
+    asked = time.monotonic()
+    listed = requests.get(f"{url}/amem/v1/namespaces", timeout=600)
+    answered = time.monotonic()
+    worker.join()
+    assert listed.status_code == 200 and done["status"] == 200, done
+    assert done["finished"] - done["started"] > 2.0, done  # large enough to tell blocked from not
+    # Answered while the remember still ran, in a small part of its time (blocked, it would wait it out).
+    assert answered < done["finished"] and answered - asked < (done["finished"] - asked) / 3, (asked, answered, done)
