@@ -152,7 +152,7 @@ def _check_auth(amem: AmemConfig, host) -> None:
 
 
 def _request_guards(app, amem: AmemConfig, authenticator=None, sglang_api_key: str | None = None) -> None:
-    from amem_sgl.memory.api import session_namespace
+    from amem_sgl.memory.openai_routes import session_namespace
     from amem_sgl.server.limits import AuthGuard, ChunkHintsGuard, RequestBodyLimit, install_outermost
 
     # Starlette runs the last-added middleware first: the size limit sees the request before the

@@ -134,7 +134,7 @@ def _response_usage(original, *args, **kwargs):
     extended tokens, namespace, policy) when the request used chunk KV."""
     from amem_sgl.metrics import merge_usage
 
-    from amem_sgl.memory.api import memory_usage, turn_timings
+    from amem_sgl.memory.openai_routes import memory_usage, turn_timings
 
     usage = original(*args, **kwargs)
     responses = kwargs.get("responses", args[0] if args else [])
@@ -173,7 +173,7 @@ def load() -> None:
     if os.environ.get(CONFIG_ENV):
         sgl.allow_usage_extension_fields()
         sgl.add_around_hook(sgl.RESPONSE_USAGE_TARGET, _response_usage)
-        from amem_sgl.memory.api import around_chat_conversion, around_completion_conversion
+        from amem_sgl.memory.openai_routes import around_chat_conversion, around_completion_conversion
 
         sgl.add_around_hook(sgl.CHAT_CONVERSION_TARGET, around_chat_conversion)
         sgl.add_around_hook(sgl.COMPLETION_CONVERSION_TARGET, around_completion_conversion)

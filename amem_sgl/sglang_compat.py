@@ -143,6 +143,16 @@ def apply_hooks() -> None:
     HookRegistry.apply_hooks()
 
 
+def served_context_len() -> int | None:
+    """The context length this HTTP process's tokenizer manager serves (None outside a server)."""
+    from sglang.srt.entrypoints.http_server import get_global_state
+
+    try:
+        return int(get_global_state().tokenizer_manager.context_len)
+    except Exception:  # noqa: BLE001 -- no server state in this process (a test, a client)
+        return None
+
+
 def http_app():
     """SGLang's FastAPI application object (middleware and routes may be added before start)."""
     from sglang.srt.entrypoints.http_server import app
@@ -197,6 +207,7 @@ __all__ = [
     "get_radix_cache_factory",
     "get_rope",
     "http_app",
+    "served_context_len",
     "kill_process_tree",
     "load_plugins",
     "prepare_server_args",

@@ -259,7 +259,7 @@ def test_another_tenants_plan_and_chunk_hints_are_refused_where_the_request_reac
     tokenizer manager needs such a key too."""
     from types import SimpleNamespace
 
-    from amem_sgl.memory import api, layer
+    from amem_sgl.memory import layer, openai_routes as api
     from amem_sgl.server.validation import check_chunk_hints
 
     keys = tmp_path / "keys.json"

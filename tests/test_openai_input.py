@@ -14,7 +14,7 @@ import pytest
 import requests
 from starlette.requests import Request
 
-from amem_sgl.memory import api
+from amem_sgl.memory import api, openai_routes
 from amem_sgl.memory import layer as memory
 
 FACTS = ["Ines keeps three goats named Pip, Pod and Pea.", "Ines's uncle Ravi repairs clocks in Porto."]
@@ -55,7 +55,7 @@ def through_middleware(path: str, body: dict, headers: dict) -> tuple[httpx.Resp
         await send({"type": "http.response.body", "body": b"{}"})
 
     async def go():
-        transport = httpx.ASGITransport(app=api.OpenAIMemoryMiddleware(app))
+        transport = httpx.ASGITransport(app=openai_routes.OpenAIMemoryMiddleware(app))
         async with httpx.AsyncClient(transport=transport, base_url="http://amem") as client:
             return await client.post(path, json=body, headers=headers)
 
@@ -84,11 +84,11 @@ def test_a_session_expiring_at_conversion_is_a_404_not_a_400(monkeypatch):
     layer = stub_layer(idle_s=60.0)
     add_session(layer, "stale", idle_for_s=3600.0)
     monkeypatch.setattr(memory, "ACTIVE", layer)
-    monkeypatch.setattr(api, "fidelity_control", lambda _layer: types.SimpleNamespace(level=lambda r: r or "fast"))
+    monkeypatch.setattr(openai_routes, "fidelity_control", lambda _layer: types.SimpleNamespace(level=lambda r: r or "fast"))
     request = types.SimpleNamespace(user=None, messages=[{"role": "user", "content": "hi"}], prompt="hi")
     raw = types.SimpleNamespace(headers={"x-amem-session": "stale"})
     original = lambda serving, req, raw_request: (types.SimpleNamespace(rid=None), req)  # noqa: E731
-    for hook in (api.around_chat_conversion, api.around_completion_conversion):
+    for hook in (openai_routes.around_chat_conversion, openai_routes.around_completion_conversion):
         add_session(layer, "stale", idle_for_s=3600.0)
         with pytest.raises(HTTPException) as caught:
             hook(original, None, request, raw)

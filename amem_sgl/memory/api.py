@@ -1,5 +1,5 @@
-"""The memory API on SGLang's FastAPI app (listed in its OpenAPI schema at /openapi.json), and the
-OpenAI integration: ``user`` (or the ``X-Amem-Namespace`` header) names the memory namespace.
+"""The memory API on SGLang's FastAPI app (listed in its OpenAPI schema at /openapi.json); the OpenAI
+integration (``user`` or ``X-Amem-Namespace`` names the namespace) is amem_sgl.memory.openai_routes.
 
 Routes (JSON):
 * ``POST   /amem/v1/remember``                    {namespace, texts? | documents?, metadata?}
@@ -23,14 +23,10 @@ shows only covered ones). The OpenAI routes answer in SGLang's OpenAI shape: an 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import re
-import time
-import uuid
 from typing import Any, Literal, Optional
 
-from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from amem_sgl.memory import layer as memory
@@ -38,15 +34,9 @@ from amem_sgl.memory import timings
 from amem_sgl.memory.errors import MemoryRoute, error
 from amem_sgl.memory.store import UnknownChunk, UnknownNamespace
 from amem_sgl.server import auth
-from amem_sgl.config import AmemConfig
-from amem_sgl.memory.fidelity import (FIDELITY_FIELD, FIDELITY_HEADER, MARGIN_HEADER, FidelityControl,
-                                      parse_fidelity, parse_margin, requested_fidelity)
-from amem_sgl.server.limits import _read_body, _replay, _send_json, error_body
+from amem_sgl.memory.openai_routes import OpenAIMemoryMiddleware, fidelity_control, session_namespace
 
 _CHUNK_ID = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline through
-NAMESPACE_HEADER = "x-amem-namespace"
-SESSION_HEADER = "x-amem-session"
-CHUNKS_HEADER = "x-amem-chunks"
 
 
 class Document(BaseModel):
@@ -88,13 +78,6 @@ def _authorize(namespace: str) -> str:
     if denied is not None:
         raise memory.MemoryError_(*denied)
     return namespace
-
-
-def session_namespace(session_id: str) -> str | None:
-    """The namespace a live session belongs to (None: unknown, or idle past amem.memory.session_idle_s)."""
-    layer = memory.ACTIVE
-    session = layer.live_session(session_id) if layer is not None else None
-    return session.namespace if session is not None else None
 
 
 def _layer() -> memory.MemoryLayer:
@@ -220,196 +203,3 @@ def install_routes(app: FastAPI) -> None:
 
     app.add_middleware(OpenAIMemoryMiddleware)
     timings.install_hooks()  # streamed memory turns: usage.amem with its timings
-
-
-class OpenAIMemoryMiddleware:
-    """For OpenAI chat/completions requests that name a namespace (``user`` or header) or a session:
-    gives the request an id (so the conversion hook's plan can be found again) and reports the
-    recalled chunks in the ``X-Amem-Chunks`` response header (streaming included)."""
-
-    PATHS = ("/v1/chat/completions", "/v1/completions")
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path") not in self.PATHS or scope.get("method") != "POST":
-            return await self.app(scope, receive, send)
-        received = time.perf_counter()
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        body, early, _ = await _read_body(receive)
-        if body is None:  # the client went away before sending it all: pass that on
-            return await self.app(scope, _replay(b"", receive, early), send)
-        try:
-            data, parsed = (json.loads(body), True) if body.strip() else (None, False)
-        except ValueError:
-            data, parsed = None, False  # malformed JSON: SGLang answers it with its own 400
-        rid = None
-        # SGLang answers a JSON body that is not an object with a 500 (its before-validator calls
-        # .get on it) and serves n < 0 as one choice: refuse both here, in the OpenAI error shape.
-        refusal = None
-        if parsed and not isinstance(data, dict):  # null, a string, a list, a number
-            refusal = "the request body must be a JSON object"
-        elif isinstance(data, dict) and "n" in data and (type(data["n"]) is not int or data["n"] < 1):
-            refusal = f"n must be an integer >= 1, got {data['n']!r}"
-        if refusal is not None:
-            return await _send_json(send, 400, error_body(refusal, 400, "BadRequestError"))
-        rewritten = False  # the body is serialised again once, after every change to it
-        if isinstance(data, dict) and FIDELITY_FIELD in data:
-            # The body field becomes the header, and replaces one the request also sent: the explicit
-            # body field wins (every later reader -- chat, completions, the guard -- sees one value).
-            value = data.pop(FIDELITY_FIELD)
-            rewritten = True
-            kept = [(k, v) for k, v in scope.get("headers", []) if k.lower() != FIDELITY_HEADER.encode()]
-            scope = dict(scope, headers=[*kept, (FIDELITY_HEADER.encode(), str(value).encode())])
-            headers[FIDELITY_HEADER] = str(value)
-        if FIDELITY_HEADER in headers or MARGIN_HEADER in headers:
-            try:
-                if FIDELITY_HEADER in headers:
-                    parse_fidelity(headers[FIDELITY_HEADER])
-                if MARGIN_HEADER in headers:
-                    parse_margin(headers[MARGIN_HEADER])
-            except ValueError as err:
-                return await _send_json(send, 400, error_body(str(err), 400, "BadRequestError"))
-        if SESSION_HEADER in headers and memory.ACTIVE is not None and session_namespace(headers[SESSION_HEADER]) is None:
-            message = f"unknown or expired session {headers[SESSION_HEADER]!r}"  # 404 as on the session routes
-            return await _send_json(send, 404, error_body(message, 404, "NotFoundError"))
-        if isinstance(data, dict) and (data.get("user") or NAMESPACE_HEADER in headers or SESSION_HEADER in headers):
-            rid = data.get("rid") if isinstance(data.get("rid"), str) else None
-            if rid is None:
-                rid = f"amem-{uuid.uuid4().hex}"
-                data["rid"] = rid
-                rewritten = True
-            timings.stamp(rid, "received_at", received)
-        if rewritten:
-            body = json.dumps(data).encode()
-
-        async def send_with_chunks(message):
-            if rid is not None and message["type"] == "http.response.start":
-                plan = _own_plan(rid)
-                if plan is not None:
-                    extra = [(CHUNKS_HEADER.encode(), ",".join(plan.chunk_ids).encode()),
-                             (NAMESPACE_HEADER.encode(), plan.namespace.encode())]
-                    message = {**message, "headers": list(message.get("headers", [])) + extra}
-            await send(message)
-
-        # Re-declare the body length after a rewrite.
-        scope = dict(scope)
-        scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"] + [
-            (b"content-length", str(len(body)).encode())]
-        token = timings.CURRENT_RID.set(rid)  # the streamed usage chunk finds its turn by it
-        try:
-            await self.app(scope, _replay(body, receive), send_with_chunks)
-        finally:
-            timings.CURRENT_RID.reset(token)
-
-
-def around_chat_conversion(original, serving, request, raw_request=None):
-    """AROUND hook for ``OpenAIServingChat._convert_to_internal_request``: a turn that names a memory
-    namespace (``user``, ``X-Amem-Namespace``) or session (``X-Amem-Session``) gets its prompt
-    composed from recalled chunks (token ids + chunk spans in kv_hints)."""
-    started = time.perf_counter()
-    adapted, processed = original(serving, request, raw_request)
-    converted = time.perf_counter()
-    layer = memory.ACTIVE
-    if layer is None:
-        return adapted, processed
-    headers = raw_request.headers if raw_request is not None else {}
-    namespace = headers.get(NAMESPACE_HEADER) or getattr(request, "user", None)
-    session = headers.get(SESSION_HEADER)
-    if not namespace and not session:
-        return adapted, processed
-    # exact: the memory layer's exact mode (a stable working set, turns as exact prefills)
-    requested = requested_fidelity(headers.get(FIDELITY_HEADER), layer.sessions.get(session) if session else None)
-    level = fidelity_control(layer).level(requested)
-    with _openai_status():
-        plan = layer.plan_chat(namespace, memory.message_dicts(request.messages), session,
-                               fidelity=level)
-    if plan is not None:
-        plan.timings.update(started_at=started, convert_s=converted - started)
-        _apply(adapted, plan, layer, headers, requested)
-    return adapted, processed
-
-
-def around_completion_conversion(original, serving, request, raw_request=None):
-    """AROUND hook for ``OpenAIServingCompletion._convert_to_internal_request`` (text prompts): a
-    namespace's recalled chunks, or -- with ``X-Amem-Session``, as on the chat route -- the session's
-    working set (its namespace wins; its level applies unless the turn names its own)."""
-    started = time.perf_counter()
-    adapted, processed = original(serving, request, raw_request)
-    converted = time.perf_counter()
-    layer = memory.ACTIVE
-    headers = raw_request.headers if raw_request is not None else {}
-    namespace = headers.get(NAMESPACE_HEADER) or getattr(request, "user", None)
-    session = headers.get(SESSION_HEADER)
-    if layer is None or not (namespace or session) or not isinstance(request.prompt, str):
-        return adapted, processed
-    with _openai_status():
-        plan = layer.plan_completion(namespace, request.prompt, session)
-    if plan is not None:
-        plan.timings.update(started_at=started, convert_s=converted - started)
-        requested = requested_fidelity(headers.get(FIDELITY_HEADER), layer.sessions.get(session) if session else None)
-        _apply(adapted, plan, layer, headers, requested)
-    return adapted, processed
-
-
-@contextlib.contextmanager
-def _openai_status():
-    """A memory refusal inside an OpenAI conversion keeps its status (an unknown or expired session:
-    404, not SGLang's 400 for a ValueError), in SGLang's OpenAI error shape (HTTPException)."""
-    try:
-        yield
-    except memory.MemoryError_ as err:
-        raise HTTPException(status_code=err.status, detail=str(err)) from None
-
-
-_fidelity: FidelityControl | None = None
-
-
-def fidelity_control(layer: memory.MemoryLayer) -> FidelityControl:
-    """The server's fidelity knob and guard (built at first use, from the launcher's amem config)."""
-    global _fidelity
-    if _fidelity is None:
-        _fidelity = FidelityControl(AmemConfig.from_env(), layer.base_url, layer.request_headers)
-    return _fidelity
-
-
-def _apply(adapted, plan: memory.Plan, layer: memory.MemoryLayer, headers, requested: str | None = None) -> None:
-    if adapted.rid is None:
-        adapted.rid = f"amem-{uuid.uuid4().hex}"
-    rid = adapted.rid if isinstance(adapted.rid, str) else adapted.rid[0]
-    adapted.text = None
-    adapted.input_ids = plan.input_ids
-    # exact / guarded / fast (amem_sgl.memory.fidelity); a guarded turn's probe runs here, in the
-    # conversion's executor thread, before anything is sampled.
-    control, started = fidelity_control(layer), time.perf_counter()
-    requested = requested if requested is not None else headers.get(FIDELITY_HEADER)
-    adapted.kv_hints = control.apply(rid, plan.namespace, plan.input_ids, plan.kv_hints,
-                                     requested, headers.get(MARGIN_HEADER))
-    if control.level(requested) == "guarded":
-        plan.timings["guard_s"] = time.perf_counter() - started
-    layer.remember_plan(rid, plan)
-    plan.timings["sent_at"] = time.perf_counter()
-
-
-def _own_plan(rid: str | None) -> memory.Plan | None:
-    """The memory plan stored under ``rid`` if the current request's key covers its namespace: a
-    client may send any ``rid``, also that of another tenant's finished memory turn."""
-    layer = memory.ACTIVE
-    plan = layer.plan_for(rid) if layer is not None else None
-    return plan if plan is not None and auth.denial([plan.namespace]) is None else None
-
-
-def turn_timings(rid: str | None, records) -> dict | None:
-    """``usage.amem.timings`` of a memory turn (amem_sgl.memory.timings): its plan's HTTP phases and
-    its response's scheduler usage records (``meta_info["amem"]``)."""
-    plan = _own_plan(rid)
-    return timings.merge({**plan.timings, **timings.stamps(rid)}, records) if plan is not None else None
-
-
-def memory_usage(rid: str | None) -> dict | None:
-    plan = _own_plan(rid)
-    if plan is None:
-        return None
-    decision = _fidelity.report(rid) if _fidelity is not None else None
-    return {**plan.report(), **(decision or {})}

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
 import threading
 import time
@@ -43,33 +42,11 @@ from amem_sgl.memory import chunk_kv
 from amem_sgl.memory.chunk_kv import MemoryError_  # noqa: F401 -- re-exported (memory.layer.MemoryError_)
 from amem_sgl.memory.exact import DEFAULT_MAX_TOKENS, exact_turn, validate_fidelity
 from amem_sgl.memory.store import Embedder, MemoryChunk, MemoryStore, UnknownNamespace
-from amem_sgl.memory.turns import Plan, embedding_threads, message_dicts, phases  # noqa: F401 -- re-exported
+from amem_sgl.memory.turns import Plan, Session, embedding_threads, message_dicts, phases  # noqa: F401 -- re-exported
 
 logger = logging.getLogger(__name__)
 
 ACTIVE: "MemoryLayer | None" = None
-
-
-@dataclasses.dataclass
-class Session:
-    session_id: str
-    namespace: str
-    chunk_ids: list[str]
-    created: float
-    last_used: float
-    turns: int = 0
-    # Its level (exact | guarded | fast; a turn's X-Amem-Fidelity wins). "exact": the working set grows
-    # in a stable order and turns are plain prefills (memory.exact); None: the server's default.
-    fidelity: str | None = None
-    rebases: int = 0  # exact mode: times the bounded working set started over
-    # What warming cost: prompt and cached tokens of the warm request, and its amem usage (spliced,
-    # recomputed, ...) when chunks were spliced.
-    warm: dict = dataclasses.field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {"session_id": self.session_id, "namespace": self.namespace, "chunk_ids": self.chunk_ids,
-                "created": self.created, "last_used": self.last_used, "turns": self.turns, "warm": self.warm,
-                "fidelity": self.fidelity, "rebases": self.rebases}
 
 
 class MemoryLayer:
@@ -363,12 +340,9 @@ class MemoryLayer:
     def context_tokens(self) -> int | None:
         """The model's context length as this server serves it (SGLang's tokenizer manager, in this
         HTTP process); None where it cannot be read (then the warm request's refusal is the check)."""
-        try:
-            from sglang.srt.entrypoints.http_server import get_global_state
+        from amem_sgl import sglang_compat
 
-            return int(get_global_state().tokenizer_manager.context_len)
-        except Exception:  # noqa: BLE001 -- not in a server process, or another SGLang layout
-            return None
+        return sglang_compat.served_context_len()
 
     async def _warm(self, session: Session, chunks: Sequence[MemoryChunk], composed) -> None:
         """Prefetch the working set into the CPU tier, then splice + blend it once so the blended

@@ -131,7 +131,7 @@ def around_streaming_usage(original, *args, **kwargs):
     rid = CURRENT_RID.get()
     if rid is None:
         return usage
-    from amem_sgl.memory.api import memory_usage, turn_timings
+    from amem_sgl.memory.openai_routes import memory_usage, turn_timings
 
     records = records_for(rid)
     recalled = memory_usage(rid)

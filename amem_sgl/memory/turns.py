@@ -1,5 +1,6 @@
 """A memory turn as the memory layer plans it: the :class:`Plan` (what goes to the scheduler and
-what the response reports), the OpenAI messages it is planned from, and how its time is counted."""
+what the response reports), the :class:`Session` it may belong to, the OpenAI messages it is
+planned from, and how its time is counted."""
 
 from __future__ import annotations
 
@@ -30,6 +31,28 @@ class Plan:
         if self.fidelity is not None:
             out.update(fidelity=self.fidelity, new_chunks=list(self.new_chunk_ids))
         return out
+
+
+@dataclasses.dataclass
+class Session:
+    session_id: str
+    namespace: str
+    chunk_ids: list[str]
+    created: float
+    last_used: float
+    turns: int = 0
+    # Its level (exact | guarded | fast; a turn's X-Amem-Fidelity wins). "exact": the working set grows
+    # in a stable order and turns are plain prefills (memory.exact); None: the server's default.
+    fidelity: str | None = None
+    rebases: int = 0  # exact mode: times the bounded working set started over
+    # What warming cost: prompt and cached tokens of the warm request, and its amem usage (spliced,
+    # recomputed, ...) when chunks were spliced.
+    warm: dict = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"session_id": self.session_id, "namespace": self.namespace, "chunk_ids": self.chunk_ids,
+                "created": self.created, "last_used": self.last_used, "turns": self.turns, "warm": self.warm,
+                "fidelity": self.fidelity, "rebases": self.rebases}
 
 
 def message_dicts(messages) -> list[dict]:
