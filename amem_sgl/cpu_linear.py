@@ -6,7 +6,10 @@ feeds, the re-layout is most of the matmul's cost. Here each weight is packed on
 time its layer runs, with ``torch.ops.mkldnn._reorder_linear_weight``, and later calls run
 ``torch.ops.mkldnn._linear_pointwise`` on the packed copy: the same oneDNN inner product, so the
 output is bit-for-bit that of ``F.linear`` (tests/test_cpu_linear.py, fresh random inputs).
-``python -m benchmarks.cpu_micro`` measures it against ``F.linear`` in one run.
+``python -m benchmarks.cpu_micro`` measures it against ``F.linear`` in one run (SmolLM2-135M's 30
+layers, 2 threads: 1.45-1.8x at 1-74 rows, 1.04x at 800); ``python -m benchmarks.packed_linear``
+serves both side by side (identical greedy outputs; 1.05x per decoded token, 1.09x for a short
+extend, 1.01x for a cold prefill: the linears are a fifth of a short forward on this CPU).
 
 A packed copy is tied to its weight's storage and version counter: a weight replaced or written in
 place (``/update_weights_from_disk``, a loader's ``copy_``) is packed again before its next use,

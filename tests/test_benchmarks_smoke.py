@@ -171,4 +171,21 @@ def test_cpu_micro_quick_run_writes_its_report(tmp_path):
     data = json.loads(report.read_text())
     assert data["embed"]["cosine"] > 0.999 and data["keys"]["stretches"] == 3
     assert all(data[k]["ratio"] > 0 for k in ("embed", "keys")) and data["splice"]["splice_ms"] > 0
+    linear = data["linear"]
+    if linear["supported"]:  # the packed linears give F.linear's values at every row count measured
+        assert set(linear["rows"]) == {str(m) for m in cpu_micro.LINEAR_ROWS}
+        assert all(row["bit_identical"] for row in linear["rows"].values()), linear["rows"]
     assert (tmp_path / report.name.replace(".json", ".md")).exists()
+
+
+@pytest.mark.slow
+def test_packed_linear_quick_run_serves_identical_outputs(tmp_path):
+    """Two real servers, packed linears on and off, the same greedy requests alternated: the same
+    output token ids (the benchmark exits 1 otherwise), and its report written."""
+    from benchmarks import packed_linear
+
+    assert packed_linear.main(["--quick", "--out", str(tmp_path)]) == 0
+    (report,) = tmp_path.glob("*-packed-linear-quick.json")
+    data = json.loads(report.read_text())
+    assert data["identical_outputs"] and len(data["on"]["outputs"]) == len(data["off"]["outputs"]) == 2
+    assert all(len(ids) == 16 for ids in data["on"]["outputs"])
