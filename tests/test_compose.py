@@ -98,3 +98,33 @@ def test_the_chunk_clients_layout_is_the_old_one(tokenizer, system):
 def test_place_and_the_mark():
     assert place([1], [[2, 3], [], [4]], [5]).spans == [(1, 3), (3, 3), (3, 4)]
     assert MARK.strip() == MARK  # a chat template's trim cannot eat the mark
+
+
+def test_a_long_unpunctuated_text_is_split_in_linear_work_with_the_same_chunks(tokenizer):
+    """One ~20K-token "sentence" (no sentence break): each pass re-decoded and re-encoded the whole
+    rest, so the tokenizer read ~n^2/limit characters (29K tokens took 3.4 s, 58K 17 s). Now it
+    reads a few times the text, and the chunks are the old ones (the old rule, re-implemented here)."""
+    import random
+
+    rng = random.Random(7)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "42", "x-ray"]
+    text = " ".join(rng.choice(words) for _ in range(8000))
+    composer = Composer(tokenizer)
+    read = []
+    encode = composer.encode
+    composer.encode = lambda s: read.append(len(s)) or encode(s)  # count what the tokenizer reads
+    chunks = composer.split_text(text, 256)
+    assert sum(read) < 6 * len(text), (sum(read), len(text))
+
+    def old_rule(sentence: str, limit: int) -> list[str]:  # the cut loop before this change
+        out, n = [], len(encode(sentence + " "))
+        ids = encode(sentence) if n > limit else []
+        while n > limit and ids:
+            head, ids = ids[:limit], ids[limit:]
+            sentence = composer.decode(ids)
+            out.append(composer.decode(head).strip())
+            n = len(encode(sentence + " "))
+        return out + [sentence]
+
+    assert chunks == old_rule(text, 256)
+    assert all(len(encode(c)) <= 256 for c in chunks)

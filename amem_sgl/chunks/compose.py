@@ -111,13 +111,19 @@ class Composer:
             # One sentence longer than a chunk: cut it by tokens. Each pass consumes ``limit`` of its
             # ids (sliced, not re-encoded from the decoded rest, whose token count need not shrink),
             # so the loop ends.
+            # The rest is decoded and re-counted only once it is near a chunk's size: a rest of more
+            # than twice ``limit`` ids is longer than a chunk either way (re-encoding does not halve
+            # it), and re-encoding it every pass made a long unpunctuated text quadratic.
             while n > limit and ids:
                 head, ids = ids[:limit], ids[limit:]
-                sentence = self.decode(ids)
                 if current:
                     chunks.append(" ".join(current))
                     current, size = [], 0
                 chunks.append(self.decode(head).strip())
+                if len(ids) > 2 * limit:
+                    n = len(ids) + 1
+                    continue
+                sentence = self.decode(ids)
                 n = len(self.encode(sentence + " "))
             if size + n > limit and current:
                 chunks.append(" ".join(current))
