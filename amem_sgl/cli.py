@@ -27,8 +27,8 @@ import sys
 # `amem bench NAME` runs python -m benchmarks.NAME; NAME as the README spells it (cost_curve) or
 # with dashes (cost-curve).
 _BENCH_MODULES = ("fidelity", "ttft", "residency", "numeric_floor", "cost_curve", "fidelity_tradeoff", "exact_bound",
-                  "guard_signals", "proxy_cost", "reliability", "cpu_micro", "kernels.bench_rope_rerotate",
-                  "kernels.bench_blend_attention")
+                  "guard_signals", "proxy_cost", "reliability", "cpu_micro", "packed_linear",
+                  "kernels.bench_rope_rerotate", "kernels.bench_blend_attention")
 BENCHES = {name: f"benchmarks.{name}" for name in _BENCH_MODULES}
 BENCHES.update({name.replace("_", "-"): module for name, module in list(BENCHES.items()) if "_" in name})
 BENCHES.update({"kernels": "benchmarks.kernels.bench_rope_rerotate",
