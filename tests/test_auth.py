@@ -333,3 +333,27 @@ def test_a_chunk_action_reaching_the_tokenizer_manager_must_fit_its_prompt():
     with pytest.raises(ChunkHintError, match="send input_ids"):
         around_validate_one_request(original, manager, SimpleNamespace(kv_hints=build_kv_hints("alice", [(0, 1)])), None)
     assert len(seen) == 1  # nothing refused reached SGLang's own validation
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32", "utf-8-sig"])
+def test_a_body_in_another_json_encoding_is_authorized_like_utf8(tmp_path, encoding):
+    """FastAPI reads a request body with json.loads, which detects UTF-16/32 (and a UTF-8 BOM): the
+    guard must read such a body too, or {"user": "bob"} in UTF-16 reached bob's memory unchecked."""
+    from amem_sgl.chunks.hints import build_kv_hints
+    from amem_sgl.server.limits import ChunkHintsGuard
+
+    keys = tmp_path / "keys.json"
+    alice, _ = auth.add_key(keys, ["alice"])
+    guard = AuthGuard(None, auth.Authenticator(keys=auth.KeyStore(keys)), max_bytes=1 << 20)
+    bearer = [("authorization", f"Bearer {alice}")]
+    chat = json.dumps({"user": "bob", "messages": [{"role": "user", "content": "bank PIN"}]}).encode(encoding)
+    assert json.loads(chat)["user"] == "bob"  # what FastAPI will read
+    assert _call(guard, "/v1/chat/completions", bearer, chat)[0] == 403
+    assert _call(guard, "/v1/completions", (), json.dumps({"user": "bob", "prompt": "x"}).encode(encoding))[0] == 401
+    generate = json.dumps({"input_ids": [1, 2, 3], "kv_hints": build_kv_hints("bob", [(0, 2)])}).encode(encoding)
+    assert _call(guard, "/generate", bearer, generate)[0] == 403
+    own = json.dumps({"user": "alice", "messages": []}).encode(encoding)
+    assert _call(guard, "/v1/chat/completions", bearer, own)[0] == 200
+    hints = ChunkHintsGuard(app=None, max_chunk_tokens=100)
+    past = json.dumps({"input_ids": [1], "kv_hints": build_kv_hints("alice", [(0, 5)])}).encode(encoding)
+    assert "runs past the prompt" in hints.check(past)

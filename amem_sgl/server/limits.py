@@ -119,7 +119,7 @@ class ChunkHintsGuard:
             return await self.app(scope, _replay(b"", receive, first=interrupted), send)
         # A JSON escape (amem\u002echunks) decodes to the action type too: such a body is parsed.
         error = (self.check(body, vertex=path == self.vertex_path)
-                 if ACTION_TYPE.encode() in body or b"\\u" in body else None)
+                 if ACTION_TYPE.encode() in body or b"\\u" in body or _wide(body) else None)
         if error:  # in the shape SGLang's native /generate uses for its own 400s
             return await _send_json(send, 400, json.dumps({"error": {"message": error}}).encode())
         return await self.app(scope, _replay(body, receive), send)
@@ -197,12 +197,20 @@ def denial_response(path: str, status: int, message: str) -> bytes:
     return json.dumps({"error": {"message": message}}).encode()
 
 
+def _wide(body: bytes) -> bool:
+    """A UTF-16 or UTF-32 JSON body (json.loads, as FastAPI parses bodies, detects and reads those):
+    its ASCII characters carry NUL bytes, which UTF-8 JSON never has outside an escape."""
+    return b"\x00" in body
+
+
 def body_namespaces(path: str, body: bytes) -> tuple[bool, list[str]]:
     """(uses memory, namespaces named) of a request body: ``user`` on the OpenAI routes, the
     namespace of every amem.chunks action on ``/generate`` (single or batch)."""
     hint = path in HINT_PATHS
     marker = b"kv_hints" if hint else b"user"
-    if marker not in body and b"\\u" not in body:  # an escaped key would spell it with \u
+    # Skipped only when the bytes cannot spell the key: an escaped key has a \u, and a UTF-16/32 body
+    # (which FastAPI's json.loads reads as well as UTF-8) has NUL bytes and no UTF-8 "user".
+    if marker not in body and b"\\u" not in body and not _wide(body):
         return False, []
     try:
         data = json.loads(body)
