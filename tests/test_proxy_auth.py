@@ -170,6 +170,38 @@ def test_a_request_naming_no_namespace_needs_no_amem_key(local):
     assert len(posts(local["relay"])) == 1
 
 
+def test_what_the_proxy_forwards_untouched_names_only_the_callers_namespaces(local):
+    """An amem upstream would serve whatever namespace a forwarded request names: with keys on, a
+    chat turn's body ``user`` beside another X-Amem-Namespace, a passthrough ``/v1/completions``
+    ``user``, ``/generate`` chunk hints and an X-Amem-Session are checked like the proxy's own
+    memory -- refused before anything reaches the upstream."""
+    from amem_sgl.chunks.hints import build_kv_hints
+
+    proxy, relay, keys = local["proxy"], local["relay"], local["keys"]
+    relay.clear()
+    alice = {**PROVIDER, **amem_key(keys["alice"])}
+    body = {"model": "default", "user": "bob", "max_tokens": 2, "messages": [{"role": "user", "content": "PIN?"}]}
+    reply = requests.post(proxy.url + "/v1/chat/completions", json=body, timeout=600,
+                          headers={**alice, "X-Amem-Namespace": "alice"})
+    assert_refused(reply, 403, "openai")
+    reply = requests.post(proxy.url + "/v1/completions", json={"model": "default", "user": "bob", "prompt": "Bob's"},
+                          headers=PROVIDER, timeout=600)
+    assert_refused(reply, 401, "openai")
+    reply = requests.post(proxy.url + "/v1/completions", json={"model": "default", "user": "bob", "prompt": "Bob's"},
+                          headers=alice, timeout=600)
+    assert_refused(reply, 403, "openai")
+    hints = {"input_ids": [1, 2, 3], "kv_hints": build_kv_hints("bob", [(0, 2)]), "sampling_params": {"max_new_tokens": 1}}
+    assert requests.post(proxy.url + "/generate", json=hints, headers=alice, timeout=600).status_code == 403
+    reply = requests.post(proxy.url + "/v1/completions", json={"model": "default", "prompt": "x", "max_tokens": 1},
+                          headers={**alice, "X-Amem-Session": "someone-elses"}, timeout=600)
+    assert reply.status_code == 400 and "X-Amem-Session" in reply.json()["error"]["message"]
+    assert posts(relay) == []  # nothing refused reached the upstream
+    mine = requests.post(proxy.url + "/v1/completions", headers=alice, timeout=600,
+                         json={"model": "default", "user": "alice", "prompt": "Hello", "max_tokens": 1})
+    assert mine.status_code == 200, mine.text  # the caller's own namespace is forwarded as before
+    assert len(posts(relay)) == 1
+
+
 def test_keys_added_and_removed_with_the_cli_take_effect_while_the_proxy_runs(local):
     proxy, keys_file = local["proxy"], local["keys_file"]
     carol, name = cli_key(keys_file, "carol")

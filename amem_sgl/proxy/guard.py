@@ -148,6 +148,46 @@ def authorize(request: Request, namespace: str) -> None:
         raise ProxyError(403, f"this API key does not cover namespace {namespace!r}")
 
 
+def named_namespaces(request: Request, raw: bytes) -> tuple[list[str], bool]:
+    """What a request forwarded as it came could make an amem upstream use: the namespaces it names
+    (``X-Amem-Namespace`` values, ``user``, ``metadata.user_id``, the namespace of every amem.chunks
+    action in ``kv_hints``) and whether it names an ``X-Amem-Session``."""
+    from amem_sgl.chunks.hints import ACTION_TYPE
+
+    names = [v for k, v in request.headers.items() if k.lower() == "x-amem-namespace"]
+    try:
+        body = json.loads(raw) if raw else None
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        meta = body.get("metadata")
+        names += [n for n in (body.get("user"), meta.get("user_id") if isinstance(meta, dict) else None)
+                  if isinstance(n, str)]
+        hints = body.get("kv_hints")
+        for envelope in hints if isinstance(hints, list) else [hints]:
+            actions = envelope.get("actions") if isinstance(envelope, dict) else None
+            for action in actions if isinstance(actions, list) else []:
+                payload = action.get("payload") if isinstance(action, dict) else None
+                if (isinstance(payload, dict) and action.get("action_type") == ACTION_TYPE
+                        and isinstance(payload.get("namespace"), str)):
+                    names.append(payload["namespace"])
+    return names, any(k.lower() == "x-amem-session" for k in request.headers.keys())
+
+
+def authorize_passthrough(request: Request, raw: bytes) -> None:
+    """With amem keys on, a request the proxy forwards untouched may name only namespaces the
+    caller's key covers (an amem upstream would serve them), and no X-Amem-Session (the upstream's
+    sessions are not the proxy's to check): ProxyError 400/401/403. A no-op with auth off."""
+    if keys_of(request) is None:
+        return
+    names, session = named_namespaces(request, raw)
+    if session:
+        raise ProxyError(400, "X-Amem-Session is not forwarded by a proxy with amem keys on: "
+                              "use the proxy's own memory (X-Amem-Namespace or user)")
+    for name in dict.fromkeys(names):
+        authorize(request, name)
+
+
 def visible(request: Request, namespaces: list[str]) -> list[str]:
     """The namespaces the caller's key covers (all with auth off; 401 without a valid key)."""
     who = principal(request)

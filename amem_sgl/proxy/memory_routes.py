@@ -107,7 +107,8 @@ def _remote_routes(router: APIRouter, backend: RemoteBackend, sessions, memory_k
                                             "through the proxy")
         headers = guard.as_sent([(k, v) for k, v in request.headers.items() if k not in _NOT_FORWARDED]
                                 + list(guard.memory_headers(request, memory_key).items()))
-        reply = await backend.send(request.method, request.url.path, params=request.url.query or None,
+        # The path that was checked, not request.url.path (rebuilt from the Host header by Starlette).
+        reply = await backend.send(request.method, f"{guard.MEMORY_PREFIX}/{path}", params=request.url.query or None,
                                    content=raw, headers=headers)
         content = reply.content
         back = {k: v for k, v in reply.headers.items() if k not in _NOT_RETURNED}

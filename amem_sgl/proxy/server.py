@@ -29,7 +29,8 @@ from amem_sgl.chunks.identity import validate_namespace
 from amem_sgl.proxy import guard, layout, pricing
 from amem_sgl.proxy.backend import BackendError, LocalBackend, RemoteBackend
 from amem_sgl.proxy.edge import DEFAULT_MAX_BYTES, Edge
-from amem_sgl.proxy.guard import ProxyError, api_of, as_sent, authorize, error_response, reshaped  # noqa: F401 (re-exported)
+from amem_sgl.proxy.guard import (ProxyError, api_of, as_sent, authorize, authorize_passthrough,  # noqa: F401
+                                  error_response, reshaped)
 from amem_sgl.proxy.memory_routes import memory_router
 from amem_sgl.proxy.sessions import SessionStore, digest, session_key
 from amem_sgl.proxy.usage import Report, stream_with_usage
@@ -99,8 +100,9 @@ def create_app(config: ProxyConfig) -> FastAPI:
             return error_response(api, 502, f"upstream {base} unreachable: {err!r}", "api_error")
 
     async def passthrough(request: Request, api: str, base: str = upstream, body: bytes | None = None) -> Response:
-        reply = await send(api, request, base, await request.body() if body is None else body,
-                           _headers_out(request))
+        raw = await request.body() if body is None else body
+        authorize_passthrough(request, raw)  # with keys on: only namespaces the caller's key covers
+        reply = await send(api, request, base, raw, _headers_out(request))
         if isinstance(reply, Response):
             return reply
         if reply.status_code >= 400 and request.url.path.startswith("/v1/"):  # in the API's shape
@@ -154,6 +156,9 @@ def create_app(config: ProxyConfig) -> FastAPI:
             raise ProxyError(400, f"{_NAMED_BY[api] if header_ns is None else 'X-Amem-Namespace'}: {err}") from None
         _check_fields(api, body)
         authorize(request, namespace)  # before any memory is read or anything is sent upstream
+        named = _named(api, body)
+        if isinstance(named, str) and named != namespace:  # forwarded as it came: an amem upstream reads it
+            authorize(request, named)
         forwarded, report = await _compose(api, request, body, namespace)
         headers = _headers_out(request, {"content-length", "accept-encoding", NAMESPACE_HEADER, SESSION_HEADER})
         reply = await send(api, request, upstream, json.dumps(forwarded).encode(), headers)
