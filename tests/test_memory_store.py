@@ -113,3 +113,24 @@ def test_embedder_dtypes_agree_and_bad_ones_are_refused():
         Embedder(dtype="fp8")
     with pytest.raises(ValueError, match="embed_dtype"):
         AmemConfig.from_dict({"memory": {"embed_dtype": "half"}})
+
+
+def test_memory_and_kv_folders_are_private_and_must_be_ours(tmp_path, monkeypatch):
+    """Memory texts and staged/disk KV live in folders created 0700; a folder at the path that
+    another user owns (a predictable /dev/shm/amem-<uid>) is refused, never written into."""
+    import os
+    import stat
+
+    from amem_sgl.residency.disk_store import DiskStore
+    from amem_sgl.residency.keys import private_dir
+
+    store = MemoryStore(tmp_path / "memory", embedder=object())
+    disk = DiskStore(tmp_path / "disk", 1 << 20)
+    for folder in (store.root, disk.root, private_dir(tmp_path / "shm" / "amem-1")):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    real = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: real + 4242)  # the folders now belong to "someone else"
+    with pytest.raises(PermissionError, match="refusing"):
+        private_dir(tmp_path / "shm" / "amem-1")
+    with pytest.raises(PermissionError):
+        MemoryStore(tmp_path / "memory", embedder=object())

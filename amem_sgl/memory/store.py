@@ -32,6 +32,7 @@ import numpy as np
 
 from amem_sgl.chunks.identity import validate_namespace
 from amem_sgl.config import EMBED_DTYPES
+from amem_sgl.residency.keys import private_dir
 
 logger = logging.getLogger(__name__)
 
@@ -211,8 +212,7 @@ class UnknownChunk(KeyError):
 class MemoryStore:
     def __init__(self, root: str | os.PathLike, embedder: Embedder | None = None,
                  retriever: Retriever | None = None, lexical_weight: float = 0.5) -> None:
-        self.root = Path(root).expanduser()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = private_dir(Path(root).expanduser())  # memory texts: 0700, ours
         self.embedder = embedder or Embedder()
         self.retriever = retriever
         self.lexical_weight = lexical_weight

@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from amem_sgl.residency import protocol
+from amem_sgl.residency.keys import private_dir
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +40,7 @@ logger = logging.getLogger(__name__)
 class ResidencyClient:
     def __init__(self, address: str, shm_dir: str | os.PathLike, *, timeout_s: float = 2.0) -> None:
         self.address, self.timeout_s = address, timeout_s
-        self.shm_dir = Path(shm_dir)
-        self.shm_dir.mkdir(parents=True, exist_ok=True)
+        self.shm_dir = private_dir(shm_dir)  # staged KV: 0700, ours
         self._local = threading.local()
         self._context = zmq.Context.instance()
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="amem-residency")

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from amem_sgl.residency.keys import LAYOUT_FIELDS, StoreKey
+from amem_sgl.residency.keys import LAYOUT_FIELDS, StoreKey, private_dir
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class DiskStore:
                  choose_victims: Callable[[list[StoredChunk], int], Iterable[str]] | None = None) -> None:
         self.root = Path(root)
         self.quarantine_dir = self.root / "quarantine"
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)  # chunk KV and tokens: 0700, ours
         self.budget_bytes = budget_bytes
         self.choose_victims = choose_victims or _oldest_first
         self._index: dict[str, StoredChunk] = {}

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+from pathlib import Path
 
 import torch
 
@@ -71,3 +73,17 @@ class StoreKey:
         if (self.chunk_id, self.model_id, self.tp_rank, self.tp_size) != (chunk_id, model_id, tp_rank, tp_size):
             return False
         return layout is None or all(str(layout.get(f, getattr(self, f))) == getattr(self, f) for f in LAYOUT_FIELDS)
+
+
+def private_dir(path: str | os.PathLike) -> Path:
+    """``path`` as a directory other local users cannot read: created 0700 where it is missing (its
+    parents as usual); an existing one must belong to this user (a folder someone else made at a
+    predictable path -- /dev/shm/amem-<uid> -- is refused, never written into)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise PermissionError(f"{path} belongs to uid {info.st_uid}, not this user ({os.getuid()}): "
+                              "refusing to keep memory or KV there")
+    return path
+

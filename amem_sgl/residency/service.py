@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 
 from amem_sgl.residency import protocol
 from amem_sgl.residency.disk_store import _header
-from amem_sgl.residency.keys import LAYOUT_FIELDS, StoreKey
+from amem_sgl.residency.keys import LAYOUT_FIELDS, StoreKey, private_dir
 from amem_sgl.residency.policy import ChunkStats, PolicyWeights, ValuePolicy, make_policy
 from amem_sgl.residency.tiers import CpuTier, DiskTier, Entry, PutItem, TierChain, tensors_nbytes
 
@@ -70,8 +70,7 @@ class ResidencyService:
         self.cpu = CpuTier(cpu_bytes, pin=torch.cuda.is_available(), choose_victims=self._victims)
         self.disk = DiskTier(self.root, disk_bytes, choose_victims=self._victims_or_none)
         self.chain = TierChain([self.cpu, self.disk])  # lookup order; a shared store would go last
-        self.shm_dir = Path(shm_dir) if shm_dir else default_shm_dir()
-        self.shm_dir.mkdir(parents=True, exist_ok=True)
+        self.shm_dir = private_dir(Path(shm_dir) if shm_dir else default_shm_dir())  # staged KV: 0700, ours
         self.stats: dict[str, ChunkStats] = {}  # by stored key name (StoreKey.name)
         self.relevance: dict[str, float] = {}  # by chunk id: the memory layer's last recall score
         self.put_answered: dict[str, None] = {}  # chunk ids whose put was answered since start (bounded)
