@@ -134,3 +134,30 @@ def test_memory_and_kv_folders_are_private_and_must_be_ours(tmp_path, monkeypatc
         private_dir(tmp_path / "shm" / "amem-1")
     with pytest.raises(PermissionError):
         MemoryStore(tmp_path / "memory", embedder=object())
+
+
+def test_a_namespace_differing_only_in_case_never_reaches_anothers_folder(tmp_path, monkeypatch):
+    """On a case-insensitive filesystem (macOS, Windows) ``Alice``'s folder *is* ``alice``'s: the store
+    must not read or write it as ``Alice``. Simulated here: paths under the memory folder resolve
+    case-insensitively, as there (this Linux filesystem tells them apart)."""
+    import pathlib
+
+    store = MemoryStore(tmp_path / "memory")
+    store.add("alice", [("a" * 64, "Alice's PIN is 7391.", [1, 2, 3], {})])
+    real_exists = pathlib.Path.exists
+    root = str(store.root)
+
+    def folded(self, *args, **kwargs):
+        text = str(self)
+        if text.startswith(root + "/"):
+            self = pathlib.Path(root + "/" + text[len(root) + 1:].lower())
+        return real_exists(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "exists", folded)
+    assert (store.root / "Alice").exists()  # the filesystem, as a case-insensitive one answers
+    with pytest.raises(UnknownNamespace):
+        store.list("Alice")
+    with pytest.raises(ValueError, match="differs only in case"):
+        store.add("Alice", [("b" * 64, "Bob's note.", [4, 5], {})])
+    assert not store.has_namespace("Alice") and store.has_namespace("alice")
+    assert [c.text for c in store.list("alice")] == ["Alice's PIN is 7391."]

@@ -114,6 +114,10 @@ class MemoryLayer:
         """A remember request's chunks: (pieces, token ids, chunk ids, ids already stored), each chunk
         once -- a text given twice in one request (or two parts that tokenize the same) is one chunk,
         its first occurrence's metadata kept, so ``new`` counts it once."""
+        try:
+            self.store.check_spelling(namespace)  # before any KV is prefilled for it
+        except ValueError as err:
+            raise MemoryError_(400, str(err)) from None
         pieces: list[tuple[str, dict]] = []
         for text, metadata in documents:
             try:

@@ -225,6 +225,12 @@ class MemoryStore:
             space = self._spaces.get(namespace)
             if space is None:
                 folder = self.root / namespace
+                if folder.exists() and not self._named_exactly(namespace):
+                    # A case-insensitive filesystem (macOS, Windows) found another namespace's folder
+                    # under this spelling: never read or write it as this one.
+                    if not create:
+                        raise UnknownNamespace(namespace)
+                    self.check_spelling(namespace)
                 if not folder.exists() and not create:
                     raise UnknownNamespace(namespace)
                 space = self._spaces[namespace] = _Namespace(folder, self.embedder.dim)
@@ -238,7 +244,19 @@ class MemoryStore:
             validate_namespace(namespace)
         except ValueError:
             return False
-        return namespace in self._spaces or (self.root / namespace / "chunks.json").exists()
+        return namespace in self._spaces or ((self.root / namespace / "chunks.json").exists()
+                                             and self._named_exactly(namespace))
+
+    def check_spelling(self, namespace: str) -> None:
+        """ValueError when ``namespace`` would land in another namespace's folder (a case-insensitive
+        filesystem: ``Alice`` and ``alice``)."""
+        if (self.root / namespace).exists() and not self._named_exactly(namespace):
+            raise ValueError(f"namespace {namespace!r} differs only in case from an existing namespace, "
+                             "and this memory folder's filesystem does not tell them apart")
+
+    def _named_exactly(self, namespace: str) -> bool:
+        """Whether the memory folder holds a folder spelled exactly ``namespace`` (not an alias of it)."""
+        return any(entry.name == namespace for entry in os.scandir(self.root))
 
     def add(self, namespace: str, items: Sequence[tuple[str, str, list[int], dict]]) -> list[str]:
         """Store (chunk_id, text, token ids, metadata) items; returns the ids that were new."""
