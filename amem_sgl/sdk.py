@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import urllib.parse
 from typing import Any, Iterable, Sequence, Union
 
 import requests
 
 from amem_sgl.chunks.client import AmemRequestError, error_message
-from amem_sgl.chunks.identity import validate_namespace
+from amem_sgl.chunks.identity import is_chunk_id, validate_namespace
 from amem_sgl.config import FIDELITY_LEVELS
 
 
@@ -274,11 +273,6 @@ def _require(value, kind: type, name: str) -> None:
         raise TypeError(f"{name} must be {kind.__name__}, got {type(value).__name__} ({value!r:.60})")
 
 
-# A chunk id as the server checks it (amem_sgl.memory.api._CHUNK_ID): the hex SHA-256 / HMAC-SHA256
-# of amem_sgl.chunks.identity.chunk_id.
-_CHUNK_ID = re.compile(r"[0-9a-f]{64}")
-
-
 def _require_namespace(namespace) -> str:
     """The server's namespace rule (amem_sgl.chunks.identity.validate_namespace), checked here too: a
     namespace goes into URL paths, where ``../bob`` would name another one."""
@@ -288,7 +282,7 @@ def _require_namespace(namespace) -> str:
 
 def _require_chunk_id(chunk_id, name: str = "chunk_id") -> str:
     _require(chunk_id, str, name)
-    if not _CHUNK_ID.fullmatch(chunk_id):
+    if not is_chunk_id(chunk_id):  # the server's check
         raise ValueError(f"{name} must be a chunk id (64 lowercase hex characters), got {chunk_id!r:.80}")
     return chunk_id
 

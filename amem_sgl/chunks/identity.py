@@ -23,6 +23,7 @@ from array import array
 from typing import Sequence
 
 _NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")  # fullmatch: "$" would allow a final "\n"
+_CHUNK_ID = re.compile(r"[0-9a-f]{64}")  # what chunk_id returns: hex SHA-256 / HMAC-SHA256
 _DOMAIN = b"amem-chunk-v1\x00"
 _SALT_DOMAIN = b"amem-namespace-salt-v1\x00"
 SECRET_FILE_ENV = "AMEM_SGL_SECRET_FILE"
@@ -50,6 +51,11 @@ def validate_namespace(namespace: object) -> str:
         raise ValueError(f"namespace must be 1-128 characters of letters, digits and _.:@- starting "
                          f"with a letter or digit, got {namespace!r}")
     return namespace
+
+
+def is_chunk_id(value: object) -> bool:
+    """Whether ``value`` has the form of a chunk id (64 lowercase hex characters, checked whole)."""
+    return isinstance(value, str) and _CHUNK_ID.fullmatch(value) is not None
 
 
 def check_text(text: object, what: str = "text") -> str:

@@ -23,12 +23,12 @@ shows only covered ones). The OpenAI routes answer in SGLang's OpenAI shape: an 
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import Any, Literal, Optional
 
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
+from amem_sgl.chunks.identity import is_chunk_id
 from amem_sgl.memory import layer as memory
 from amem_sgl.memory import timings
 from amem_sgl.memory.errors import MemoryRoute, error
@@ -36,7 +36,6 @@ from amem_sgl.memory.store import UnknownChunk, UnknownNamespace
 from amem_sgl.server import auth
 from amem_sgl.memory.openai_routes import OpenAIMemoryMiddleware, fidelity_control, session_namespace
 
-_CHUNK_ID = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline through
 
 
 class Document(BaseModel):
@@ -87,7 +86,7 @@ def _layer() -> memory.MemoryLayer:
 
 
 def _check_ids(ids) -> None:
-    bad = [i for i in ids if not _CHUNK_ID.fullmatch(i)]
+    bad = [i for i in ids if not is_chunk_id(i)]
     if bad:
         raise memory.MemoryError_(400, f"invalid chunk id {bad[0][:80]!r}: expected 64 hex characters")
 

@@ -33,7 +33,7 @@ from typing import Sequence
 
 import httpx
 
-from amem_sgl.chunks.client import amem_usage
+from amem_sgl.chunks.client import amem_usage, error_message
 from amem_sgl.chunks.compose import Composer
 from amem_sgl.chunks.hints import build_kv_hints
 from amem_sgl.chunks.identity import check_text, chunk_id, validate_namespace
@@ -364,7 +364,7 @@ class MemoryLayer:
             reply = await client.post(f"{self.base_url}/generate", json=body)
         if reply.status_code in (400, 413):  # the request itself (its size): no turn of it could be served
             raise MemoryError_(reply.status_code, f"the session's working set ({len(ids)} tokens) was refused: "
-                               f"{_reply_message(reply)}")
+                               f"{error_message(reply)[:300]}")
         if reply.status_code != 200:
             logger.warning("amem memory: warming session %s failed: %s", session.session_id, reply.text[:300])
             return
@@ -375,15 +375,6 @@ class MemoryLayer:
     def end_session(self, session_id: str) -> bool:
         with self._lock:
             return self.sessions.pop(session_id, None) is not None
-
-
-def _reply_message(reply: httpx.Response) -> str:
-    try:
-        body = reply.json()
-        message = body.get("message") or (body.get("error") or {}).get("message")
-    except Exception:  # noqa: BLE001 -- not JSON: its text
-        message = None
-    return str(message or reply.text[:300])
 
 
 def _fidelity(value: str | None) -> str | None:

@@ -225,13 +225,11 @@ class MemoryStore:
             space = self._spaces.get(namespace)
             if space is None:
                 folder = self.root / namespace
-                if folder.exists() and not self._named_exactly(namespace):
-                    # A case-insensitive filesystem (macOS, Windows) found another namespace's folder
-                    # under this spelling: never read or write it as this one.
-                    if not create:
-                        raise UnknownNamespace(namespace)
+                # A folder is this namespace's only when spelled exactly so: on a case-insensitive
+                # filesystem (macOS, Windows) "Alice" finds alice's, never to be read or written as it.
+                if create:
                     self.check_spelling(namespace)
-                if not folder.exists() and not create:
+                elif not (folder.exists() and self._named_exactly(namespace)):
                     raise UnknownNamespace(namespace)
                 space = self._spaces[namespace] = _Namespace(folder, self.embedder.dim)
             return space

@@ -117,9 +117,7 @@ class ChunkHintsGuard:
         body, interrupted, _ = await _read_body(receive)
         if interrupted is not None:
             return await self.app(scope, _replay(b"", receive, first=interrupted), send)
-        # A JSON escape (amem\u002echunks) decodes to the action type too: such a body is parsed.
-        error = (self.check(body, vertex=path == self.vertex_path)
-                 if ACTION_TYPE.encode() in body or b"\\u" in body or _wide(body) else None)
+        error = self.check(body, vertex=path == self.vertex_path) if may_name(body, ACTION_TYPE.encode()) else None
         if error:  # in the shape SGLang's native /generate uses for its own 400s
             return await _send_json(send, 400, json.dumps({"error": {"message": error}}).encode())
         return await self.app(scope, _replay(body, receive), send)
@@ -197,10 +195,11 @@ def denial_response(path: str, status: int, message: str) -> bytes:
     return json.dumps({"error": {"message": message}}).encode()
 
 
-def _wide(body: bytes) -> bool:
-    """A UTF-16 or UTF-32 JSON body (json.loads, as FastAPI parses bodies, detects and reads those):
-    its ASCII characters carry NUL bytes, which UTF-8 JSON never has outside an escape."""
-    return b"\x00" in body
+def may_name(body: bytes, key: bytes) -> bool:
+    """Whether a JSON body can spell ``key`` once decoded, so a guard must parse it: the bytes hold it,
+    or a JSON escape (``amem\\u002echunks``), or the body is UTF-16/32 (json.loads, as FastAPI parses
+    bodies, reads those; their ASCII characters carry NUL bytes, which UTF-8 JSON never has)."""
+    return key in body or b"\\u" in body or b"\x00" in body
 
 
 def body_namespaces(path: str, body: bytes) -> tuple[bool, list[str]]:
@@ -208,9 +207,7 @@ def body_namespaces(path: str, body: bytes) -> tuple[bool, list[str]]:
     namespace of every amem.chunks action on ``/generate`` (single or batch)."""
     hint = path in HINT_PATHS
     marker = b"kv_hints" if hint else b"user"
-    # Skipped only when the bytes cannot spell the key: an escaped key has a \u, and a UTF-16/32 body
-    # (which FastAPI's json.loads reads as well as UTF-8) has NUL bytes and no UTF-8 "user".
-    if marker not in body and b"\\u" not in body and not _wide(body):
+    if not may_name(body, marker):
         return False, []
     try:
         data = json.loads(body)

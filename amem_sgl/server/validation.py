@@ -24,6 +24,7 @@ route (those the guard knows and any other that builds a ``GenerateReqInput``):
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 from amem_sgl import sglang_compat as sgl
@@ -95,7 +96,9 @@ def check_chunk_hints(obj, input_ids, max_chunk_tokens: int | None) -> None:
             raise ValueError(f"{denied[1]} (HTTP {denied[0]})")
 
 
+@functools.cache
 def _max_chunk_tokens() -> int | None:
+    """amem.chunks.max_chunk_tokens of this process's config (read once: it is fixed at launch)."""
     from amem_sgl.config import AmemConfig
 
     try:
