@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import json
 import statistics
 import time
 import types
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.fidelity import device_name
+from benchmarks.fidelity import device_name, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -179,12 +178,7 @@ def main(argv: list[str] | None = None) -> int:
              f"30 layers (2 threads) | slices | {k['slices_ms']:.2f} | gather | {k['gather_ms']:.2f} | {k['ratio']:.2f}x |",
              *linear_lines(data["linear"]),
              f"| splice_kv, {s['tokens']} tokens x {s['layers']} layers (2 threads) | -- | {s['splice_ms']:.2f} | | | |", ""]
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{dt.date.today().isoformat()}-{device_name()}-cpu-micro{'-quick' if args.quick else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=2))
-    stem.with_suffix(".md").write_text("\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {stem}.json and {stem}.md")
+    write_run(args.out, "cpu-micro", args.quick, data, lines)
     return 0
 
 

@@ -229,6 +229,18 @@ def device_name() -> str:
     return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
 
 
+def write_run(out_dir: Path, name: str, quick: bool, data: dict, lines: list[str]) -> Path:
+    """A benchmark run's ``<date>-<device>-<name>[-quick].{json,md}`` in ``out_dir``, the report printed;
+    returns the stem."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{dt.date.today().isoformat()}-{device_name()}-{name}{'-quick' if quick else ''}"
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=2))
+    stem.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {stem}.json and {stem}.md")
+    return stem
+
+
 COLUMNS = ["n", "identical_answers", "numeric_floor", "answer_agreement", "reuse_accuracy", "full_accuracy",
            "accuracy_delta", "first_token_agreement", "first_token_kl", "recomputed_fraction", "mean_chunk_tokens",
            "prefill_ratio_full_over_reuse", "ttft_ratio_full_over_reuse", "escalation_rate", "spliced_fraction",

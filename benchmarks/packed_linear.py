@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ import requests
 import yaml
 
 from amem_sgl.local_server import free_port, start_server
-from benchmarks.fidelity import device_name
+from benchmarks.fidelity import device_name, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -111,12 +110,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{min(off['extend_ttft_s']) * 1e3:.1f} | {ratios['extend_ttft_s']:.2f}x |",
              f"| decode (ms per token) | {min(on['decode_ms_per_token']):.1f} | {min(off['decode_ms_per_token']):.1f} | "
              f"{ratios['decode_ms_per_token']:.2f}x |", ""]
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{dt.date.today().isoformat()}-{device_name()}-packed-linear{'-quick' if args.quick else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=2))
-    stem.with_suffix(".md").write_text("\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {stem}.json and {stem}.md")
+    write_run(args.out, "packed-linear", args.quick, data, lines)
     return 0 if same else 1
 
 
