@@ -17,14 +17,13 @@ never served stale. Anything this path does not cover (fp32 or fp16, CUDA, AMX, 
 dtype, a weight that is not a plain 2-D CPU tensor) runs SGLang's own method unchanged.
 
 Wired in by :func:`install` (amem_sgl.plugin, when ``amem.model.packed_linear`` is on). The packed
-copies cost one more copy of the linear weights' bytes in host memory.
+copies cost one more copy of the linear weights' bytes in host memory. The recall embedder (bf16
+autocast, amem_sgl.memory.store.Embedder) packs its own linears once at load with :func:`pack_linears`.
 """
 
 from __future__ import annotations
 
 import torch
-
-from amem_sgl import sglang_compat as sgl
 
 PACKED_ATTR = "_amem_packed_weight"
 # This process's counts: weights packed (again, for a stale one) and linears served packed.
@@ -89,6 +88,42 @@ def around_apply(original, method, layer, x, bias=None, *args, **kwargs):
     return original(method, layer, x, bias, *args, **kwargs)
 
 
+class AutocastPackedLinear(torch.nn.Module):
+    """An ``nn.Linear`` whose bf16 autocast forward runs on a weight packed once: the output of
+    ``F.linear`` under ``torch.autocast("cpu", bfloat16)`` bit for bit (input, weight and bias cast
+    to bf16, a bf16 result), without casting and re-laying out the fp32 weight on every call.
+    Outside autocast (or with grad on) it is the wrapped linear. For a model that does not change
+    its weights after loading (the recall embedder: :func:`pack_linears`)."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+        with torch.no_grad():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(torch.bfloat16))
+            self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and not torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+            return linear(x.to(torch.bfloat16), self.packed, self.bias)
+        return self.linear(x)
+
+
+def pack_linears(module: torch.nn.Module) -> int:
+    """Replace every plain CPU ``nn.Linear`` inside ``module`` by an :class:`AutocastPackedLinear`;
+    returns how many (0 where this CPU/torch cannot pack bf16 weights)."""
+    if not supported():
+        return 0
+    count = 0
+    for name, child in list(module.named_children()):
+        if type(child) is torch.nn.Linear and child.weight.device.type == "cpu":
+            setattr(module, name, AutocastPackedLinear(child))
+            count += 1
+        else:
+            count += pack_linears(child)
+    return count
+
+
 _installed = False
 
 
@@ -104,6 +139,8 @@ def install() -> bool:
         return True
     if not supported():
         return False
+    from amem_sgl import sglang_compat as sgl
+
     for target in sgl.UNQUANTIZED_APPLY_TARGETS:
         sgl.add_around_hook(target, around_apply)
     _installed = True

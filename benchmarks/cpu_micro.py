@@ -2,7 +2,9 @@
 alternative on the same inputs in one run (interleaved, medians; ratios are what to read):
 
 * ``embed`` -- the recall query's embedding (MiniLM, one thread, as the server embeds it):
-  ``amem.memory.embed_dtype`` float32 vs bfloat16 (autocast), and the two vectors' cosine;
+  ``amem.memory.embed_dtype`` float32 vs bfloat16 (autocast), and the two vectors' cosine; and
+  bfloat16 with the embedder's linears on weights packed once (the default) vs plain autocast,
+  vectors compared bit for bit;
 * ``keys`` -- one layer's extend attention over a memory turn's shape (74 query rows, ~830 keys whose
   slots come in 3 stretches of a 131K-slot pool, as a spliced request's do), keys read as slices vs
   one index gather (amem_sgl.blend.attention), two threads, times 30 layers;
@@ -56,11 +58,15 @@ def bench_embed(repeats: int) -> dict:
     from amem_sgl.memory.store import Embedder
 
     torch.set_num_threads(1)
-    arms = {dtype: Embedder(dtype=dtype) for dtype in ("float32", "bfloat16")}
+    arms = {"float32": Embedder(dtype="float32"), "bfloat16": Embedder(dtype="bfloat16", packed=False),
+            "packed": Embedder(dtype="bfloat16")}
     medians = interleaved({d: (lambda e=e: e.encode([QUERY])) for d, e in arms.items()}, repeats)
-    cosine = float((arms["float32"].encode([QUERY]) * arms["bfloat16"].encode([QUERY])).sum())
+    vectors = {d: e.encode([QUERY]) for d, e in arms.items()}
+    cosine = float((vectors["float32"] * vectors["bfloat16"]).sum())
     return {"float32_ms": medians["float32"] * 1e3, "bfloat16_ms": medians["bfloat16"] * 1e3,
-            "ratio": medians["float32"] / medians["bfloat16"], "cosine": cosine, "threads": 1}
+            "ratio": medians["float32"] / medians["bfloat16"], "cosine": cosine, "threads": 1,
+            "packed_ms": medians["packed"] * 1e3, "packed_ratio": medians["bfloat16"] / medians["packed"],
+            "packed_identical": bool((vectors["packed"] == vectors["bfloat16"]).all()), "packed_active": arms["packed"].packed}
 
 
 def bench_keys(repeats: int, gen: torch.Generator) -> dict:
@@ -174,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
              "| piece | arm | ms | other arm | ms | ratio |", "|---|---|---|---|---|---|",
              f"| recall query embedding (1 thread) | bfloat16 | {e['bfloat16_ms']:.2f} | float32 | "
              f"{e['float32_ms']:.2f} | {e['ratio']:.2f}x (cosine {e['cosine']:.6f}) |",
+             f"| recall query embedding (1 thread) | bfloat16, packed linears | {e['packed_ms']:.2f} | bfloat16 | "
+             f"{e['bfloat16_ms']:.2f} | {e['packed_ratio']:.2f}x ({'bit-identical' if e['packed_identical'] else 'DIFFERENT'}"
+             f"{'' if e['packed_active'] else ', NOT PACKED: this CPU cannot'}) |",
              f"| extend attention, {k['query_rows']} rows x {k['keys']} keys in {k['stretches']} stretches, "
              f"30 layers (2 threads) | slices | {k['slices_ms']:.2f} | gather | {k['gather_ms']:.2f} | {k['ratio']:.2f}x |",
              *linear_lines(data["linear"]),

@@ -175,6 +175,7 @@ def test_cpu_micro_quick_run_writes_its_report(tmp_path):
     if linear["supported"]:  # the packed linears give F.linear's values at every row count measured
         assert set(linear["rows"]) == {str(m) for m in cpu_micro.LINEAR_ROWS}
         assert all(row["bit_identical"] for row in linear["rows"].values()), linear["rows"]
+        assert data["embed"]["packed_active"] and data["embed"]["packed_identical"]  # the embedder's too
     assert (tmp_path / report.name.replace(".json", ".md")).exists()
 
 

@@ -138,3 +138,41 @@ def test_the_served_model_runs_its_linears_on_packed_weights(amem_server):
     after = stats()
     assert after["installed"] and after["packed_weights"] == 4 * 30, after
     assert after["packed_calls"] >= before["packed_calls"] + 3 * 4 * 30, (before, after)  # 3 forwards
+
+
+@pytest.mark.parametrize("shape", [(1, 384), (19, 384), (3, 17, 384)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_autocast_packed_linear_is_the_autocast_linear_bit_for_bit(shape, bias):
+    """The recall embedder's linears (cpu_linear.pack_linears): under bf16 autocast, the packed
+    forward gives F.linear's autocast output exactly (fresh random fp32 weights and inputs, 2-D and
+    3-D); outside autocast it is the wrapped fp32 linear."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    plain = torch.nn.Linear(384, 1536, bias=bias)
+    with torch.no_grad():
+        plain.weight.copy_(torch.randn(1536, 384, generator=gen) * 0.05)
+        if bias:
+            plain.bias.copy_(torch.randn(1536, generator=gen))
+    packed = cpu_linear.AutocastPackedLinear(plain)
+    x = torch.randn(*shape, generator=gen)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = plain(x), packed(x)
+    assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
+    with torch.no_grad():
+        assert torch.equal(packed(x), plain(x)) and packed(x).dtype == torch.float32
+
+
+def test_the_recall_embedder_packs_its_linears_and_embeds_the_same_bits():
+    """A bf16 Embedder (the default where the CPU computes bf16) replaces every linear of the real
+    MiniLM by a packed one, and its vectors equal the unpacked autocast embedder's bit for bit, for a
+    query and for a padded batch of texts of different lengths."""
+    from amem_sgl.memory.store import Embedder
+
+    texts = ["Where does Alice's sister live now?", "x",
+             "The user's travel notes (3): " + "Bob stayed at a small hotel near the station. " * 9]
+    packed, plain = Embedder(dtype="bfloat16"), Embedder(dtype="bfloat16", packed=False)
+    assert torch.equal(torch.from_numpy(packed.encode(texts)), torch.from_numpy(plain.encode(texts)))
+    assert torch.equal(torch.from_numpy(packed.encode(texts[:1])), torch.from_numpy(plain.encode(texts[:1])))
+    assert packed.packed and not plain.packed
+    wrapped = [m for m in packed.model.modules() if isinstance(m, cpu_linear.AutocastPackedLinear)]
+    linears = [m for m in packed.model.modules() if type(m) is torch.nn.Linear]
+    assert wrapped and {id(m) for m in linears} == {id(w.linear) for w in wrapped}  # every one wrapped

@@ -62,13 +62,17 @@ class Embedder:
     ``dtype`` (``amem.memory.embed_dtype``): ``float32``; ``bfloat16`` -- the forward under bf16
     autocast (a 19-token query on one Zen 4 thread: 14.8 -> 10.9 ms an ``encode``, cosine to the
     fp32 embedding 0.99999: ``python -m benchmarks.cpu_micro``); ``auto`` -- bfloat16 where the CPU
-    computes bf16 natively (:func:`native_bf16`), else float32. The vectors are fp32, unit length."""
+    computes bf16 natively (:func:`native_bf16`), else float32. The vectors are fp32, unit length.
+    ``packed`` (bf16 only): the model's linears run on bf16 weights packed once at load
+    (amem_sgl.cpu_linear.pack_linears) -- the autocast forward's vectors bit for bit, without
+    re-casting the fp32 weights on every query (``python -m benchmarks.cpu_micro``)."""
 
-    def __init__(self, path: str | os.PathLike | None = None, dtype: str = "auto") -> None:
+    def __init__(self, path: str | os.PathLike | None = None, dtype: str = "auto", packed: bool = True) -> None:
         if dtype not in EMBED_DTYPES:
             raise ValueError(f"embedder dtype must be one of {', '.join(EMBED_DTYPES)}, got {dtype!r}")
         self.path = Path(path) if path else default_embedder_path()
         self.bf16 = dtype == "bfloat16" or (dtype == "auto" and native_bf16())
+        self.packed = packed and self.bf16
         self._model = None
         self._lock = threading.Lock()
 
@@ -78,7 +82,12 @@ class Embedder:
             if self._model is None:
                 from sentence_transformers import SentenceTransformer
 
-                self._model = SentenceTransformer(str(self.path), device="cpu", local_files_only=True)
+                model = SentenceTransformer(str(self.path), device="cpu", local_files_only=True)
+                if self.packed:
+                    from amem_sgl.cpu_linear import pack_linears
+
+                    self.packed = pack_linears(model) > 0
+                self._model = model
             return self._model
 
     @property
