@@ -135,6 +135,7 @@ def around_chat_conversion(original, serving, request, raw_request=None):
     session = headers.get(SESSION_HEADER)
     if not namespace and not session:
         return adapted, processed
+    _authorize(raw_request, namespace, session)
     # exact: the memory layer's exact mode (a stable working set, turns as exact prefills)
     requested = requested_fidelity(headers.get(FIDELITY_HEADER), layer.sessions.get(session) if session else None)
     level = fidelity_control(layer).level(requested)
@@ -160,6 +161,7 @@ def around_completion_conversion(original, serving, request, raw_request=None):
     session = headers.get(SESSION_HEADER)
     if layer is None or not (namespace or session) or not isinstance(request.prompt, str):
         return adapted, processed
+    _authorize(raw_request, namespace, session)
     with _openai_status():
         plan = layer.plan_completion(namespace, request.prompt, session)
     if plan is not None:
@@ -167,6 +169,18 @@ def around_completion_conversion(original, serving, request, raw_request=None):
         requested = requested_fidelity(headers.get(FIDELITY_HEADER), layer.sessions.get(session) if session else None)
         _apply(adapted, plan, layer, headers, requested)
     return adapted, processed
+
+
+def _authorize(raw_request, namespace: str | None, session: str | None) -> None:
+    """Behind AuthGuard, before anything is recalled: the key the guard recorded on ``raw_request``
+    (this executor thread does not see auth.CURRENT) must cover the turn's namespace and its
+    session's; none recorded fails closed. 401/403 in SGLang's OpenAI error shape."""
+    if not auth.enabled():
+        return
+    owner = session_namespace(session) if session else None
+    refused = auth.request_denial(raw_request, [n for n in (namespace, owner) if n])
+    if refused is not None:
+        raise HTTPException(status_code=refused[0], detail=refused[1])
 
 
 @contextlib.contextmanager

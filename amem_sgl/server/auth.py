@@ -178,12 +178,16 @@ def install(authenticator: Authenticator) -> None:
     ACTIVE = authenticator
 
 
-def denial(namespaces: Iterable[str]) -> tuple[int, str] | None:
-    """(status, message) when the current request may not use ``namespaces``; None when it may."""
-    if ACTIVE is None or not ACTIVE.enabled:
+def enabled() -> bool:
+    return ACTIVE is not None and ACTIVE.enabled
+
+
+def denial_for(principal, namespaces: Iterable[str]) -> tuple[int, str] | None:
+    """(status, message) when ``principal`` (None or unset: no valid key) may not use ``namespaces``;
+    None when it may, or when auth is off."""
+    if not enabled():
         return None
-    principal = CURRENT.get()
-    if principal is _NOT_SET or principal is None:
+    if not isinstance(principal, Principal):
         return 401, "a valid amem API key is required (Authorization: Bearer <key>)"
     for namespace in namespaces:
         if not principal.covers(namespace):
@@ -191,9 +195,41 @@ def denial(namespaces: Iterable[str]) -> tuple[int, str] | None:
     return None
 
 
+def denial(namespaces: Iterable[str]) -> tuple[int, str] | None:
+    """(status, message) when the current request may not use ``namespaces``; None when it may."""
+    return denial_for(CURRENT.get(), namespaces)
+
+
+# The guard also records the principal in the request's ASGI state (Starlette: ``request.state``),
+# for readers CURRENT does not reach: SGLang converts OpenAI requests in an executor thread.
+STATE_KEY = "amem_principal"
+
+
+def record(scope: dict, principal: Principal | None) -> dict:
+    """``scope`` with ``principal`` in a state of its own (a copy: never the server's shared state)."""
+    return {**scope, "state": {**(scope.get("state") or {}), STATE_KEY: principal}}
+
+
+def request_denial(raw_request, namespaces: Iterable[str]) -> tuple[int, str] | None:
+    """:func:`denial_for` the principal the guard recorded on ``raw_request`` (a Starlette Request or
+    a shim with ``headers``/``state``). Nothing recorded -- a request that did not pass the guard --
+    fails closed, but for the memory layer's internal token in its Authorization header."""
+    if not enabled():
+        return None
+    principal = getattr(getattr(raw_request, "state", None), STATE_KEY, _NOT_SET)
+    if principal is _NOT_SET:
+        headers = getattr(raw_request, "headers", None) or {}
+        value = next((v for k, v in headers.items() if k.lower() == "authorization"), None)
+        scheme, _, token = (value or "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip() and secrets.compare_digest(token.strip(),
+                                                                                   ACTIVE.internal_token):
+            principal = Principal("amem-internal", admin=True)
+    return denial_for(principal, namespaces)
+
+
 def visible(namespaces: Iterable[str]) -> list[str]:
     """The namespaces the current request's key covers (all when auth is off)."""
-    if ACTIVE is None or not ACTIVE.enabled:
+    if not enabled():
         return list(namespaces)
     principal = CURRENT.get()
     if principal is _NOT_SET or principal is None:

@@ -302,6 +302,7 @@ class AuthGuard:
             scope = dict(scope)
             scope["headers"] = [(k, v) for k, v in scope.get("headers") or () if k.lower() != b"authorization"] + [
                 (b"authorization", f"Bearer {self.sglang_api_key}".encode())]
+        scope = _auth.record(scope, principal)  # raw_request.state, for the OpenAI conversion hooks
         token = _auth.CURRENT.set(principal)
         try:
             await self.app(scope, _replay(body, receive) if body is not None else receive, send)
