@@ -11,6 +11,10 @@ layers, 2 threads: 1.45-1.8x at 1-74 rows, 1.04x at 800); ``python -m benchmarks
 serves both side by side (identical greedy outputs; 1.05x per decoded token, 1.09x for a short
 extend, 1.01x for a cold prefill: the linears are a fifth of a short forward on this CPU).
 
+SGLang multiplies an unquantized LM head (SmolLM2's tied embedding) by a plain ``torch.matmul`` in
+``LogitsProcessor._compute_lm_head``, not through the embedding method's ``apply``; that branch is
+served from the packed weight too (:func:`around_lm_head`; one row: 4.8 -> 2.6 ms, bit for bit).
+
 A packed copy is tied to its weight's storage and version counter: a weight replaced or written in
 place (``/update_weights_from_disk``, a loader's ``copy_``) is packed again before its next use,
 never served stale. Anything this path does not cover (fp32 or fp16, CUDA, AMX, a bias of another
@@ -124,6 +128,27 @@ def pack_linears(module: torch.nn.Module) -> int:
     return count
 
 
+def around_lm_head(original, processor, hidden_states, lm_head, embedding_bias=None, *args, **kwargs):
+    """AROUND hook for ``LogitsProcessor._compute_lm_head``: the branch that multiplies by a plain
+    (unquantized, non-LoRA, non-AMX) LM head weight -- ``torch.matmul(hidden.to(w.dtype), w.T)``,
+    which ignores ``out`` and ``embedding_bias`` -- on the packed weight: the same values (a tied
+    embedding's weight is packed once, its lookup keeps the original). Every other case is SGLang's."""
+    from amem_sgl import sglang_compat as sgl
+
+    weight = getattr(lm_head, "weight", None)
+    if (not args and isinstance(weight, torch.Tensor) and weight.dtype == torch.bfloat16
+            and hidden_states.device.type == "cpu" and not torch.is_grad_enabled()
+            and not (hasattr(lm_head, "set_lora") and hasattr(lm_head, "apply_lora"))
+            and not sgl.should_apply_lm_head_quant_method(lm_head, getattr(lm_head, "quant_method", None))
+            and not getattr(processor, "use_fp32_lm_head", False) and not getattr(lm_head, "use_intel_amx_backend", False)
+            and getattr(processor, "rl_on_policy_target", None) is None):
+        packed = packed_weight(lm_head, weight)
+        if packed is not None:
+            STATS["packed_calls"] += 1
+            return linear(hidden_states.to(torch.bfloat16), packed, None)
+    return original(processor, hidden_states, lm_head, embedding_bias, *args, **kwargs)
+
+
 _installed = False
 
 
@@ -143,5 +168,6 @@ def install() -> bool:
 
     for target in sgl.UNQUANTIZED_APPLY_TARGETS:
         sgl.add_around_hook(target, around_apply)
+    sgl.add_around_hook(sgl.LM_HEAD_TARGET, around_lm_head)
     _installed = True
     return True

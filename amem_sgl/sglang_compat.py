@@ -11,6 +11,7 @@ import sglang
 from sglang.launch_server import run_server
 from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.layers.logits_processor import LogitsProcessor, should_apply_lm_head_quant_method
 from sglang.srt.layers.quantization.unquant import UnquantizedEmbeddingMethod, UnquantizedLinearMethod
 from sglang.srt.layers.rotary_embedding.factory import get_rope
 from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req
@@ -92,6 +93,10 @@ WORKER_FORWARD_TARGET = f"{TpModelWorker.__module__}.{TpModelWorker.__qualname__
 UNQUANTIZED_APPLY_TARGETS = tuple(
     f"{cls.__module__}.{cls.__qualname__}.apply" for cls in (UnquantizedLinearMethod, UnquantizedEmbeddingMethod)
 )
+# Dotted path of the logits processor's LM head matmul (``_compute_lm_head(hidden_states, lm_head,
+# embedding_bias=None, *, out=None)``): an unquantized LM head -- SmolLM2's tied embedding -- is a
+# plain ``torch.matmul(hidden, weight.T)`` there, not the embedding method's ``apply``.
+LM_HEAD_TARGET = f"{LogitsProcessor.__module__}.{LogitsProcessor.__qualname__}._compute_lm_head"
 # Dotted path of the tokenizer manager's per-request validation (HTTP process, before the scheduler):
 # where amem_sgl.server.validation checks token ids against the vocabulary. (Owned by the lead; keep.)
 TOKENIZER_VALIDATE_TARGET = (
@@ -189,6 +194,9 @@ __all__ = [
     "SamplingParams",
     "TOKENIZER_VALIDATE_TARGET",
     "UNQUANTIZED_APPLY_TARGETS",
+    "LM_HEAD_TARGET",
+    "LogitsProcessor",
+    "should_apply_lm_head_quant_method",
     "ATTENTION_BACKENDS",
     "register_attention_backend",
     "TorchNativeAttnBackend",

@@ -12,6 +12,7 @@ alternative on the same inputs in one run (interleaved, medians; ratios are what
   they are read from memory as in the server) at a decode step's, a memory turn's and a prefill's row
   counts, two threads: pre-packed oneDNN weights (amem_sgl.cpu_linear, ``amem.model.packed_linear``)
   vs ``F.linear``, outputs compared bit for bit;
+  and the LM head's one row (SGLang's ``torch.matmul`` vs the packed weight);
 * ``splice`` -- splice_kv of 780 chunk tokens in 4 chunks (one in place) over 30 layers of that
   pool, two threads: what a turn's splice costs (no alternative arm: for the record).
 
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 QUERY = "Where does Alice Johnson live now, and which city did she move from last spring?"
 POOL_SLOTS, LAYERS, KV_HEADS, HEADS, DIM = 131072, 30, 3, 9, 64  # SmolLM2-135M's KV layout
+VOCAB = 49152  # SmolLM2-135M's vocabulary (its LM head rows)
 
 
 def interleaved(arms: dict, repeats: int) -> dict[str, float]:
@@ -129,7 +131,18 @@ def bench_linear(repeats: int, gen: torch.Generator) -> dict:
             medians = interleaved({"packed": prepacked, "f_linear": plain}, repeats)
         rows[m] = {"packed_ms": medians["packed"] * 1e3, "f_linear_ms": medians["f_linear"] * 1e3,
                    "ratio": medians["f_linear"] / medians["packed"], "bit_identical": same}
-    return {"supported": True, "layers": LAYERS, "threads": 2, "rows": rows}
+    # The LM head (SmolLM2's tied 49152 x 576 embedding), one row as a turn's first token or a decode
+    # step computes it: SGLang's plain torch.matmul(hidden, weight.T) vs the packed weight.
+    head = (torch.randn(VOCAB, hidden, generator=gen) * 0.05).bfloat16()
+    head_packed = torch.ops.mkldnn._reorder_linear_weight(head)
+    x = torch.randn(1, hidden, generator=gen).bfloat16()
+    with torch.inference_mode():
+        medians = interleaved({"packed": lambda: linear(x, head_packed, None), "matmul": lambda: torch.matmul(x, head.T)},
+                              repeats)
+    lm_head = {"packed_ms": medians["packed"] * 1e3, "matmul_ms": medians["matmul"] * 1e3,
+               "ratio": medians["matmul"] / medians["packed"],
+               "bit_identical": bool(torch.equal(torch.matmul(x, head.T), linear(x, head_packed, None)))}
+    return {"supported": True, "layers": LAYERS, "threads": 2, "rows": rows, "lm_head": lm_head}
 
 
 def bench_splice(repeats: int, gen: torch.Generator) -> dict:
@@ -156,7 +169,10 @@ def linear_lines(lin: dict) -> list[str]:
         return ["| model linears | packed | not supported on this CPU/torch | | | |"]
     return [f"| model linears, {m} rows x 4 x {lin['layers']} layers (2 threads) | packed | {r['packed_ms']:.2f} | "
             f"F.linear | {r['f_linear_ms']:.2f} | {r['ratio']:.2f}x ({'bit-identical' if r['bit_identical'] else 'DIFFERENT'}) |"
-            for m, r in lin["rows"].items()]
+            for m, r in lin["rows"].items()] + [
+        f"| LM head, 1 row x {VOCAB} x {HEADS * DIM} (2 threads) | packed | {lin['lm_head']['packed_ms']:.2f} | "
+        f"torch.matmul | {lin['lm_head']['matmul_ms']:.2f} | {lin['lm_head']['ratio']:.2f}x "
+        f"({'bit-identical' if lin['lm_head']['bit_identical'] else 'DIFFERENT'}) |"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,6 +176,7 @@ def test_cpu_micro_quick_run_writes_its_report(tmp_path):
         assert set(linear["rows"]) == {str(m) for m in cpu_micro.LINEAR_ROWS}
         assert all(row["bit_identical"] for row in linear["rows"].values()), linear["rows"]
         assert data["embed"]["packed_active"] and data["embed"]["packed_identical"]  # the embedder's too
+        assert linear["lm_head"]["bit_identical"] and linear["lm_head"]["ratio"] > 0  # and the LM head's
     assert (tmp_path / report.name.replace(".json", ".md")).exists()
 
 

@@ -136,8 +136,35 @@ def test_the_served_model_runs_its_linears_on_packed_weights(amem_server):
         "text": "The capital of France is", "sampling_params": {"max_new_tokens": 3, "temperature": 0}})
     assert out.status_code == 200, out.text
     after = stats()
-    assert after["installed"] and after["packed_weights"] == 4 * 30, after
-    assert after["packed_calls"] >= before["packed_calls"] + 3 * 4 * 30, (before, after)  # 3 forwards
+    # 4 linears in each of the 30 layers, and the LM head (the tied embedding's weight)
+    assert after["installed"] and after["packed_weights"] == 4 * 30 + 1, after
+    assert after["packed_calls"] >= before["packed_calls"] + 3 * (4 * 30 + 1), (before, after)  # 3 forwards
+
+
+class Processor:
+    """What ``LogitsProcessor._compute_lm_head`` reads of its processor on a CPU bf16 model."""
+
+    def __init__(self, fp32: bool = False):
+        self.use_fp32_lm_head, self.use_fp32_lm_head_output, self.rl_on_policy_target = fp32, False, None
+
+
+@pytest.mark.parametrize("rows", [1, 4, 7])
+def test_the_lm_head_matmul_runs_packed_and_gives_sglangs_logits(rows):
+    """SGLang multiplies an unquantized LM head (SmolLM2's tied embedding) with a plain
+    ``torch.matmul``, not through the embedding method's ``apply``: the LM head hook serves that
+    branch from the packed weight, bit for bit (fresh random weight and hidden states)."""
+    head = Layer(49152, 576)
+    head.quant_method = UnquantizedEmbeddingMethod()
+    hidden = torch.randn(rows, 576, dtype=torch.bfloat16)
+    original = sgl.LogitsProcessor._compute_lm_head
+    calls = cpu_linear.STATS["packed_calls"]
+    with torch.inference_mode():
+        want = original(Processor(), hidden, head)
+        got = cpu_linear.around_lm_head(original, Processor(), hidden, head, None, out=None)
+    assert cpu_linear.STATS["packed_calls"] == calls + 1 and torch.equal(got, want) and got.dtype == torch.bfloat16
+    with torch.inference_mode():  # an fp32 LM head (--enable-fp32-lm-head) keeps SGLang's branch
+        fp32 = cpu_linear.around_lm_head(original, Processor(fp32=True), hidden, head, None)
+    assert fp32.dtype == torch.float32 and cpu_linear.STATS["packed_calls"] == calls + 1
 
 
 @pytest.mark.parametrize("shape", [(1, 384), (19, 384), (3, 17, 384)])
