@@ -17,6 +17,22 @@ from pathlib import Path
 import requests
 
 
+# Servers this process started and has not stopped (pid -> process), for :func:`kill_started`.
+_STARTED: dict[int, subprocess.Popen] = {}
+
+
+def kill_started() -> None:
+    """SIGKILL the process group of every server this process started and has not stopped: for a
+    signal handler that has no time for a graceful stop (a benchmark step past its timeout)."""
+    for proc in list(_STARTED.values()):
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    _STARTED.clear()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -45,6 +61,7 @@ class LocalServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=30)
+        _STARTED.pop(self.proc.pid, None)
 
     def __enter__(self) -> "LocalServer":
         return self
@@ -79,16 +96,20 @@ def start_server(command: str, *, port: int, log_path: Path, cwd: Path | None = 
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=child_env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    _STARTED[proc.pid] = proc
     server = LocalServer(f"http://127.0.0.1:{port}", Path(log_path), 0.0, proc)
-    while time.monotonic() - t0 < timeout_s:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-4000:]}")
-        try:
-            if requests.get(f"{server.url}/health", timeout=5).status_code == 200:
-                server.startup_s = time.monotonic() - t0
-                return server
-        except requests.RequestException:
-            pass
-        time.sleep(2)
-    server.stop()
-    raise TimeoutError(f"server not ready in {timeout_s:.0f}s:\n{server.log()[-4000:]}")
+    try:
+        while time.monotonic() - t0 < timeout_s:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-4000:]}")
+            try:
+                if requests.get(f"{server.url}/health", timeout=5).status_code == 200:
+                    server.startup_s = time.monotonic() - t0
+                    return server
+            except requests.RequestException:
+                pass
+            time.sleep(2)
+        raise TimeoutError(f"server not ready in {timeout_s:.0f}s:\n{server.log()[-4000:]}")
+    except BaseException:  # not ready, exited, or interrupted while starting: nothing left running
+        server.stop()
+        raise

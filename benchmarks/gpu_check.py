@@ -34,6 +34,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -95,9 +96,13 @@ def cuda_available() -> bool:
 
 
 def step_env() -> dict:
-    import sglang
     import torch
     import triton
+
+    try:  # the lent GPU's image has no SGLang: the kernels run without it
+        import sglang
+    except ImportError:
+        sglang = None
 
     smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,"
                           "clocks.mem,power.limit,temperature.gpu,compute_mode", "--format=csv"],
@@ -106,7 +111,7 @@ def step_env() -> dict:
     return {"gpu": torch.cuda.get_device_name(0), "capability": list(torch.cuda.get_device_capability(0)),
             "sm_count": props.multi_processor_count, "memory_GiB": props.total_memory / 2**30,
             "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-            "sglang": sglang.__version__, "nvidia_smi": smi.stdout.strip() or smi.stderr.strip()}
+            "sglang": getattr(sglang, "__version__", None), "nvidia_smi": smi.stdout.strip() or smi.stderr.strip()}
 
 
 # Relative-error bounds against float64 (METHOD.md): the output's own rounding dominates.
@@ -261,6 +266,16 @@ def step_server_ttft(*, cpu: bool = False, memory_tokens: int = MEMORY_TOKENS, l
         shutil.rmtree(work, ignore_errors=True)
 
 
+def missing_for(step: Step) -> str | None:
+    """Why ``step`` cannot run on this machine (it is then skipped, not failed), or None."""
+    import importlib.util
+
+    if step.name == "server-ttft" and importlib.util.find_spec("sglang") is None:
+        return ("sglang is not installed here (the lent GPU's image has none and cannot install it): "
+                "run this step on a CUDA machine after `bash install/install.sh --gpu`")
+    return None
+
+
 RUNNERS = {"env": step_env, "kernels": step_kernels, "bench-rope": step_bench_rope,
            "bench-blend": step_bench_blend, "server-ttft": step_server_ttft}
 
@@ -268,26 +283,48 @@ RUNNERS = {"env": step_env, "kernels": step_kernels, "bench-rope": step_bench_ro
 # ---------------------------------------------------------------------------------------- driver
 
 
-def run_step(step: Step, timeout_s: float) -> dict:
-    """One step in a child process; its JSON result, or what went wrong (exit code, timeout, tail)."""
+STOP_GRACE_S = 15  # a step past its timeout gets SIGTERM (it kills the server it started), then SIGKILL
+
+
+def run_step(step: Step, timeout_s: float, *, grace_s: float = STOP_GRACE_S, argv: list[str] | None = None) -> dict:
+    """One step in a child process; its JSON result, or what went wrong (exit code, timeout, tail).
+    A step past ``timeout_s`` is sent SIGTERM, on which it kills any server it started (in a process
+    group of its own, out of this one's reach) before it exits; SIGKILL after ``grace_s``."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "step.json"
         t0 = time.monotonic()
+        argv = argv or [sys.executable, "-m", "benchmarks.gpu_check", "--run-step", step.name]  # tests: argv
+        proc = subprocess.Popen(argv + ["--step-out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--run-step", step.name,
-                                   "--step-out", str(out)], cwd=ROOT, capture_output=True, text=True,
-                                  timeout=timeout_s, start_new_session=True)
-        except subprocess.TimeoutExpired as err:
-            tail = (err.stderr or b"")[-3000:]
+            _, stderr = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                _, stderr = proc.communicate(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                _, stderr = proc.communicate()
             return {"ok": False, "error": f"timed out after {timeout_s:.0f}s", "wall_s": time.monotonic() - t0,
-                    "stderr_tail": tail.decode(errors="replace") if isinstance(tail, bytes) else tail}
+                    "stderr_tail": (stderr or "")[-3000:]}
         wall = time.monotonic() - t0
         if proc.returncode != 0 or not out.exists():
             return {"ok": False, "error": f"exit {proc.returncode}", "wall_s": wall,
-                    "stderr_tail": proc.stderr[-3000:]}
+                    "stderr_tail": (stderr or "")[-3000:]}
         result = json.loads(out.read_text())
         result["wall_s"] = wall
         return result
+
+
+def _stop_on_sigterm() -> None:
+    """In a step's process: SIGTERM (its timeout) kills the servers it started, then exits 143."""
+    def stop(signum, frame):
+        from amem_sgl.local_server import kill_started
+
+        kill_started()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _fmt(v) -> str:
@@ -321,19 +358,23 @@ def plan_text(steps) -> str:
     for s in steps:
         lines.append(f"  {s.name:<12} timeout {s.timeout_s:>3} s  "
                      f"python -m benchmarks.gpu_check --run-step {s.name}   # {s.what}")
-    lines.append(f"  results -> {RESULTS}/<date>-<gpu>-gpu-check.{{json,md}}")
+    lines.append(f"  results -> {RESULTS}/<date>-<gpu>-gpu-check.{{json,md}}"
+                 + (f" and {os.environ['OUT']}/" if os.environ.get("OUT") else ""))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=[s.name for s in STEPS], help="run these steps only")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="results folder (default benchmarks/results; a copy also goes to $OUT when set, "
+                             "the folder a lent machine's files come back from)")
     parser.add_argument("--run-step", choices=list(RUNNERS), help=argparse.SUPPRESS)  # the child's entry
     parser.add_argument("--step-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compiled Triton on a GPU, never the interpreter
     if args.run_step:
+        _stop_on_sigterm()
         args.step_out.write_text(json.dumps(RUNNERS[args.run_step](), default=str))
         return 0
     steps = [s for s in STEPS if not args.only or s.name in args.only]
@@ -347,8 +388,10 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {"gpu": torch.cuda.get_device_name(0), "date": dt.date.today().isoformat(),
             "command": "bash benchmarks/gpu_check.sh" + (f" --only {' '.join(args.only)}" if args.only else "")}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{meta['date']}-{device_name()}-gpu-check"
+    name = f"{meta['date']}-{device_name()}-gpu-check"
+    folders = [args.out] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + TOTAL_BUDGET_S
     results: dict[str, dict] = {}
     for step in steps:
@@ -356,15 +399,28 @@ def main(argv: list[str] | None = None) -> int:
         if left < 10:
             results[step.name] = {"ok": False, "error": "skipped: the run's time budget is spent"}
             continue
+        missing = missing_for(step)
+        if missing:
+            results[step.name] = {"ok": None, "skipped": missing}
+            print(f"[gpu-check] {step.name}: skipped: {missing}", flush=True)
+            continue
         print(f"[gpu-check] {step.name} (timeout {min(step.timeout_s, left):.0f} s) ...", flush=True)
         results[step.name] = run_step(step, min(step.timeout_s, left))
         print(f"[gpu-check] {step.name}: ok={results[step.name].get('ok')} "
               f"{results[step.name].get('error', '')} ({results[step.name].get('wall_s', 0):.0f} s)", flush=True)
-        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "steps": results}, indent=2, default=str))
-        stem.with_suffix(".md").write_text(markdown(results, meta))
+        write_results(folders, name, meta, results)
+    write_results(folders, name, meta, results)
     print(markdown(results, meta))
-    print(f"written: {stem}.json, {stem}.md")
-    return 0 if all(r.get("ok") for r in results.values()) else 1
+    print("written: " + ", ".join(f"{folder / name}.{{json,md}}" for folder in folders))
+    # a step that cannot run on this machine (skipped, said so above) does not fail the run
+    return 0 if all(r.get("ok") or "skipped" in r for r in results.values()) else 1
+
+
+def write_results(folders: list[Path], name: str, meta: dict, results: dict) -> None:
+    """The run so far, rewritten after every step (a run cut short keeps what it measured)."""
+    for folder in folders:
+        (folder / f"{name}.json").write_text(json.dumps({"meta": meta, "steps": results}, indent=2, default=str))
+        (folder / f"{name}.md").write_text(markdown(results, meta))
 
 
 if __name__ == "__main__":

@@ -66,3 +66,79 @@ def test_the_dummy_model_folder_has_llama_3_8b_shapes_and_a_tokenizer(tmp_path):
 
     assert AutoConfig.from_pretrained(folder).num_key_value_heads == 8
     assert len(AutoTokenizer.from_pretrained(folder)("hello world").input_ids) > 0
+
+
+# A step that starts a "server" (answers /health) and then hangs, as a stuck server-ttft step would.
+HANGING_STEP = r'''
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[4])  # the repository root
+from benchmarks import gpu_check
+from amem_sgl.local_server import free_port, start_server
+
+gpu_check._stop_on_sigterm()
+port = free_port()
+server_py = ("import http.server as h\n"
+             "class H(h.BaseHTTPRequestHandler):\n"
+             "    def do_GET(self):\n"
+             "        self.send_response(200); self.end_headers(); self.wfile.write(b'ok')\n"
+             "    def log_message(self, *a): pass\n"
+             f"h.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n")
+Path(sys.argv[1]).write_text(server_py)
+with start_server(f"{sys.executable} {sys.argv[1]}", port=port, log_path=Path(sys.argv[2]), timeout_s=60) as server:
+    Path(sys.argv[3]).write_text(str(server.proc.pid))
+    time.sleep(600)
+'''
+
+
+def test_a_step_past_its_timeout_stops_the_server_it_started(tmp_path):
+    """run_step's timeout sends the step SIGTERM; the step kills the server it started (its own
+    process group, out of run_step's reach) before it exits, so a rerun finds the GPU free."""
+    import sys
+    import time
+
+    from benchmarks import gpu_check
+
+    script, pid_file = tmp_path / "step.py", tmp_path / "server.pid"
+    script.write_text(HANGING_STEP)
+    argv = [sys.executable, str(script), str(tmp_path / "server.py"), str(tmp_path / "server.log"), str(pid_file),
+            str(ROOT)]
+    result = gpu_check.run_step(gpu_check.STEPS[-1], 25, grace_s=15, argv=argv)
+    assert result["ok"] is False and result["error"].startswith("timed out"), result
+    pid = int(pid_file.read_text())
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.killpg(pid, 9)
+        raise AssertionError("the step's server outlived the step's timeout")
+
+
+def test_on_a_gpu_without_sglang_results_go_to_out_too_and_the_server_step_is_skipped(tmp_path, monkeypatch):
+    """The lent GPU's image has no SGLang and returns only $OUT: the server step is reported as
+    skipped (the run still passes on the steps that ran), and the report lands in --out and $OUT."""
+    import importlib.util
+
+    import torch
+
+    from benchmarks import gpu_check
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sglang" else real_find_spec(name, *a))
+    monkeypatch.setattr(gpu_check, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    ran = []
+    monkeypatch.setattr(gpu_check, "run_step", lambda step, timeout: ran.append(step.name) or {"ok": True})
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    assert gpu_check.main(["--only", "kernels", "server-ttft", "--out", str(tmp_path / "results")]) == 0
+    assert ran == ["kernels"]
+    for folder in ("results", "out"):
+        (report,) = (tmp_path / folder).glob("*-gpu-check.json")
+        steps = json.loads(report.read_text())["steps"]
+        assert steps["kernels"]["ok"] is True and "sglang is not installed" in steps["server-ttft"]["skipped"]
+        assert (tmp_path / folder / report.name.replace(".json", ".md")).exists()
+    monkeypatch.setattr(gpu_check, "run_step", lambda step, timeout: {"ok": False, "error": "exit 1"})
+    assert gpu_check.main(["--only", "kernels", "--out", str(tmp_path / "results")]) == 1  # a failure still fails
