@@ -144,14 +144,17 @@ def _dot_in_fp32(q, k_cache, v_cache) -> bool:
 def blend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, q_pos: torch.Tensor,
                     q_lens: torch.Tensor, kv_slots: torch.Tensor, kv_lens: torch.Tensor, *,
                     scale: float | None = None, backend: str = "auto", block_m: int = 64,
-                    block_n: int = 64) -> torch.Tensor:
+                    block_n: int = 64, check: bool = True, max_q_len: int | None = None) -> torch.Tensor:
     """Attention of ``q`` (sequences' query rows, concatenated) over each sequence's keys gathered by
     slot, query at position p seeing keys at positions <= p. Returns [n_queries, heads, head_dim].
 
     ``backend``: ``"triton"`` (compiled on CUDA, interpreter on CPU), ``"torch"`` (the reference),
-    ``"auto"`` (Triton on CUDA, torch elsewhere).
+    ``"auto"`` (Triton on CUDA, torch elsewhere). ``check=False`` skips the argument checks (three
+    device->host reads on CUDA) for a caller that checked the same arguments once; ``max_q_len``
+    (the longest sequence's query rows), when given, saves the grid's read of ``q_lens.max()``.
     """
-    _validate(q, k_cache, v_cache, q_pos, q_lens, kv_slots, kv_lens)
+    if check:
+        _validate(q, k_cache, v_cache, q_pos, q_lens, kv_slots, kv_lens)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "auto":
         backend = "triton" if q.is_cuda else "torch"
@@ -167,7 +170,8 @@ def blend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q_starts = torch.cumsum(q_lens64, 0) - q_lens64
     kv_starts = torch.cumsum(kv_lens64, 0) - kv_lens64
     heads, head_dim = q.shape[1], q.shape[2]
-    grid = (triton.cdiv(int(q_lens64.max()), block_m), heads, q_lens64.shape[0])
+    longest = int(q_lens64.max()) if max_q_len is None else int(max_q_len)
+    grid = (triton.cdiv(longest, block_m), heads, q_lens64.shape[0])
     _KERNEL.for_device(q.device)[grid](
         q, k_cache, v_cache, out, q_pos.to(**i64), q_starts, q_lens64, kv_slots.to(**i64), kv_starts, kv_lens64,
         scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),

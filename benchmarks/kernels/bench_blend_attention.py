@@ -7,11 +7,13 @@ random KV-pool slots. Two query sets:
 
 Compared in the same run, on the same logical problem:
 * ``sdpa``  -- torch's scaled_dot_product_attention over the same keys already gathered into
-  contiguous K/V, with the position mask (the dense-attention baseline; on CUDA it dispatches to its
-  memory-efficient kernel);
+  contiguous K/V with the KV heads expanded to the query heads (``enable_gqa`` with a mask would
+  leave CUDA only its math kernel), with the position mask (the dense-attention baseline; on CUDA
+  its memory-efficient kernel);
 * ``copy``  -- a contiguous device copy of the K+V bytes the kernel must read (the bandwidth ceiling).
 
-On CUDA the Triton kernel is timed with ``triton.testing.do_bench`` (median); on CPU the torch
+On CUDA the Triton kernel is timed with ``triton.testing.do_bench`` (median), its arguments checked
+once before (``check=False``, ``max_q_len`` given: no host reads inside the timed call); on CPU the torch
 reference (there is no compiled Triton) with a host clock. Every shape is checked against the
 reference on fresh random inputs first.
 
@@ -60,13 +62,16 @@ def run(keys: list[int], device: torch.device) -> list[dict]:
             got = blend_attention(*case, backend=backend).float()
             want = blend_attention_reference(*case).float()
             error = ((got - want).norm() / want.norm()).item()
-            k, v = k_cache[slots].transpose(0, 1)[None], v_cache[slots].transpose(0, 1)[None]
+            group = HEADS // KV_HEADS
+            k = k_cache[slots].repeat_interleave(group, dim=1).transpose(0, 1)[None]
+            v = v_cache[slots].repeat_interleave(group, dim=1).transpose(0, 1)[None]
             mask = torch.arange(n, device=device)[None, :] <= q_pos[:, None]
             qt = q.transpose(0, 1)[None]
             flat = torch.cat([k_cache[slots], v_cache[slots]]).contiguous()
             dst = torch.empty_like(flat)
-            t_kernel = measure(lambda: blend_attention(*case, backend=backend))
-            t_sdpa = measure(lambda: scaled_dot_product_attention(qt, k, v, attn_mask=mask, enable_gqa=True))
+            longest = int(q_lens.max())
+            t_kernel = measure(lambda: blend_attention(*case, backend=backend, check=False, max_q_len=longest))
+            t_sdpa = measure(lambda: scaled_dot_product_attention(qt, k, v, attn_mask=mask))
             t_copy = measure(lambda: dst.copy_(flat))
             kv_bytes = flat.numel() * flat.element_size()
             gbs = kv_bytes / t_kernel / 1e9

@@ -64,6 +64,19 @@ def test_triton_tail_queries_match_reference(rng):
                                **TOL[torch.float32])
 
 
+def test_unchecked_launch_with_a_given_longest_sequence_is_the_same_launch(rng):
+    """``check=False`` + ``max_q_len`` (a caller that checked once: no host reads per call) writes
+    what the checked launch writes; a ``max_q_len`` too small would leave rows unwritten, so the
+    grid really is taken from it."""
+    case = make_case(rng, kv_lens=[70, 130, 33], q_counts=[5, 64, 33], heads=4, kv_heads=2, head_dim=32,
+                     dtype=torch.float32)
+    checked = blend_attention(*case, backend="triton")
+    unchecked = blend_attention(*case, backend="triton", check=False, max_q_len=64)
+    assert torch.equal(checked, unchecked)
+    short = blend_attention(*case, backend="triton", check=False, max_q_len=1, block_m=16)
+    assert not torch.equal(short[5:69], checked[5:69])  # one block of 16 rows per sequence
+
+
 def test_reference_matches_causal_sdpa(rng):
     """With every position queried in order, blend attention is causal self-attention."""
     n, heads, kv_heads, d = 57, 6, 3, 32
