@@ -60,33 +60,39 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     parser = argparse.ArgumentParser(prog="amem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default=os.environ.get("AMEM_URL", "http://127.0.0.1:30000"))
+    parser.add_argument("--url", default=os.environ.get("AMEM_URL", "http://127.0.0.1:30000"),
+                        help="the amem server (default: $AMEM_URL or http://127.0.0.1:30000)")
     parser.add_argument("--api-key", default=os.environ.get("AMEM_API_KEY") or None,
                         help="API key sent as a bearer token (default: $AMEM_API_KEY)")
+    # The same two options after a client subcommand (`amem mcp --url U`, `amem ask ns q --url U`):
+    # SUPPRESS keeps the top-level value unless given there.
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--url", default=argparse.SUPPRESS, help="the amem server (as before the subcommand)")
+    client.add_argument("--api-key", default=argparse.SUPPRESS, help="API key (as before the subcommand)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="start the server (all sglang.launch_server flags)")
     sub.add_parser("bench", help="run a benchmark")
     sub.add_parser("proxy", help="the OpenAI/Anthropic proxy with recalled memory (amem proxy --help)")
-    p = sub.add_parser("remember", help="remember texts")
+    p = sub.add_parser("remember", help="remember texts", parents=[client])
     p.add_argument("namespace")
     p.add_argument("texts", nargs="*")
     p.add_argument("--file", action="append", default=[], help="a text file to remember (repeatable)")
     p.add_argument("--prefill", choices=("remember", "first_use"), default=None,
                    help="compute the chunks' KV now or in the first turn that recalls them (default: the server's)")
-    p = sub.add_parser("ask", help="ask with a namespace's memory")
+    p = sub.add_parser("ask", help="ask with a namespace's memory", parents=[client])
     p.add_argument("namespace")
     p.add_argument("question")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--fidelity", choices=("exact", "guarded", "fast"), default=None,
                    help="how far the turn may depart from a full prefill (default: the server's amem.blend.fidelity)")
-    p = sub.add_parser("search", help="recall only")
+    p = sub.add_parser("search", help="recall only", parents=[client])
     p.add_argument("namespace")
     p.add_argument("query")
     p.add_argument("-k", type=int, default=4)
-    p = sub.add_parser("forget", help="forget a chunk or a namespace")
+    p = sub.add_parser("forget", help="forget a chunk or a namespace", parents=[client])
     p.add_argument("namespace")
     p.add_argument("chunk_id", nargs="?")
-    sub.add_parser("mcp", help="MCP stdio server for a running amem server")
+    sub.add_parser("mcp", help="MCP stdio server for a running amem server", parents=[client])
     p = sub.add_parser("keys", help="API keys scoped to namespaces (the server's amem.auth.keys_file)")
     keys_sub = p.add_subparsers(dest="keys_command", required=True)
     p = keys_sub.add_parser("add", help="create a key; prints it once, stores only its hash in FILE")

@@ -148,6 +148,27 @@ def test_the_cli_says_a_bad_argument_in_one_line_and_exits_2(capsys, monkeypatch
     assert all(url.startswith(closed) for url in sent) and bool(sent) == unreachable, sent
 
 
+@pytest.mark.parametrize("command", [["search", "alice", "q"], ["ask", "alice", "q"], ["remember", "alice", "x"],
+                                     ["forget", "alice"]])
+def test_url_and_api_key_work_after_the_subcommand_too(monkeypatch, capsys, command):
+    """`amem ask ns q --url U --api-key K` (as the MCP docstring shows `amem mcp --url U`) is the
+    same request as `amem --url U --api-key K ask ns q`: sent to U with K, not an argparse error."""
+    closed = _closed_port_url()
+    sent = []
+
+    def request(method, url, **kwargs):
+        sent.append((url, (kwargs.get("headers") or {}).get("Authorization")))
+        raise requests.ConnectionError("refused")
+
+    monkeypatch.setattr(sdk.requests, "request", request)
+    assert cli.main([*command, "--url", closed, "--api-key", "k-after"]) == 2  # cannot reach: one line
+    after = list(sent)
+    sent.clear()
+    assert cli.main(["--url", closed, "--api-key", "k-after", *command]) == 2
+    assert after and after == sent and after[0][0].startswith(closed) and after[0][1] == "Bearer k-after"
+    assert "unrecognized arguments" not in capsys.readouterr().err
+
+
 def test_the_cli_exits_2_without_a_traceback_as_a_process():
     done = subprocess.run([sys.executable, "-m", "amem_sgl.cli", "--url", "not-a-url", "search", "alice", "q"],
                           capture_output=True, text=True, timeout=120)
