@@ -185,9 +185,14 @@ class AmemAttnBackend:
             from kernels.blend_attention import blend_attention
 
             slots = ctx.row_slots(req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens)
+            # The pass's rows, positions and slots are those of every layer: checked (host reads) once.
+            first = ctx.triton_checked is None
             out = blend_attention(query, k_buffer, v_buffer, forward_batch.positions.to(torch.int64),
                                   forward_batch.extend_seq_lens, slots, forward_batch.seq_lens,
-                                  scale=layer.scaling, backend="triton")
+                                  scale=layer.scaling, backend="triton", check=first,
+                                  max_q_len=ctx.triton_checked)
+            if first:
+                ctx.triton_checked = int(forward_batch.extend_seq_lens.max())
             out_rows = out.reshape(q.shape[0], heads * head_dim)
         else:
             extend_attention(query, out_rows.view(-1, heads, head_dim), k_buffer, v_buffer, req_to_token, *rows,

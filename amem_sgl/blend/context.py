@@ -94,6 +94,7 @@ class BlendContext:
     fold: "FoldRows | None" = None  # folded blend pass: the batch's own extend also recomputes the plan tokens
     ape: list | None = None  # APE: per sequence served, None or (temperature, scale, spans)
     extend_plan: tuple | None = None  # (forward batch key, attention.ExtendPlan): made at the first layer
+    triton_checked: int | None = None  # CUDA: blend_attention's arguments checked at the first layer; longest q
 
     def layers_run(self) -> int | None:
         """How many decoder layers this forward runs (None: all)."""
