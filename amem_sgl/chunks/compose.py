@@ -99,37 +99,83 @@ class Composer:
         before, after = self.around(messages)
         return tuple(self.encode(before)), tuple(self.encode(after))
 
-    def split_text(self, text: str, limit: int) -> list[str]:
-        """Sentence-boundary chunks of at most ``limit`` tokens (a longer sentence is cut by tokens)."""
+    def split_text(self, text: str, limit: int, suffix: str = "") -> list[str]:
+        """Sentence-boundary chunks, each at most ``limit`` tokens **as stored**: ``chunk + suffix``
+        tokenized alone (the memory layer stores a chunk's ids with a newline after it, so it passes
+        ``suffix="\\n"``). A sentence longer than a chunk -- one long word too -- is cut by tokens.
+
+        Sentences are packed by an estimate (each one's ``sentence + " "`` ids); every chunk is then
+        checked on its exact text, so the estimate (or the separator's token) can never push a chunk
+        past ``limit``: a group that does not fit as one text gives back its last sentences."""
         if type(limit) is not int or limit < 1:
             raise ValueError(f"chunk size must be a positive number of tokens, got {limit!r}")
         sentences = [s.strip() for s in _SENTENCE.split(text) if s and s.strip()]
-        chunks, current, size = [], [], 0
+        chunks: list[str] = []
+        current: list[str] = []
+        size = 0
         for sentence in sentences:
             n = len(self.encode(sentence + " "))
             ids = self.encode(sentence) if n > limit else []
-            # One sentence longer than a chunk: cut it by tokens. Each pass consumes ``limit`` of its
-            # ids (sliced, not re-encoded from the decoded rest, whose token count need not shrink),
-            # so the loop ends.
+            # One sentence longer than a chunk: cut it by tokens. Each pass consumes at least one of
+            # its ids (sliced, not re-encoded from the decoded rest, whose token count need not
+            # shrink), so the loop ends.
             # The rest is decoded and re-counted only once it is near a chunk's size: a rest of more
             # than twice ``limit`` ids is longer than a chunk either way (re-encoding does not halve
             # it), and re-encoding it every pass made a long unpunctuated text quadratic.
             while n > limit and ids:
-                head, ids = ids[:limit], ids[limit:]
                 if current:
-                    chunks.append(" ".join(current))
+                    self._pack(current, limit, suffix, chunks)
                     current, size = [], 0
-                chunks.append(self.decode(head).strip())
+                head, ids = self._head(ids, limit, suffix)
+                chunks.append(head)
                 if len(ids) > 2 * limit:
                     n = len(ids) + 1
                     continue
                 sentence = self.decode(ids)
                 n = len(self.encode(sentence + " "))
             if size + n > limit and current:
-                chunks.append(" ".join(current))
+                self._pack(current, limit, suffix, chunks)
                 current, size = [], 0
             current.append(sentence)
             size += n
         if current:
-            chunks.append(" ".join(current))
+            self._pack(current, limit, suffix, chunks)
         return [c for c in chunks if c]
+
+    def _fits(self, chunk: str, limit: int, suffix: str) -> bool:
+        return len(self.encode(chunk + suffix)) <= limit
+
+    def _head(self, ids: Sequence[int], limit: int, suffix: str) -> tuple[str, Sequence[int]]:
+        """A cut of a long sentence: the text of its longest id prefix that fits a chunk with
+        ``suffix`` (the suffix's own ids reserved first; fewer ids while the decoded text re-encodes
+        longer, or ends inside a character -- a byte-level token can hold part of one, and the cut
+        would leave U+FFFD on both sides), and the ids left."""
+        k = min(len(ids), max(1, limit - (len(self.encode(suffix)) if suffix else 0)))
+        while True:
+            head = self.decode(ids[:k])
+            if k > 1 and k < len(ids) and head.endswith("\ufffd"):
+                k -= 1
+                continue
+            head = head.strip()
+            if self._fits(head, limit, suffix):
+                return head, ids[k:]
+            if k == 1:
+                raise ValueError(f"a chunk of {limit} tokens cannot hold one token and the chunk's end {suffix!r}")
+            k -= 1
+
+    def _pack(self, group: list[str], limit: int, suffix: str, chunks: list[str]) -> None:
+        """``group``'s sentences (their estimate fits one chunk) appended to ``chunks`` as chunks that
+        fit exactly: as many leading sentences as fit joined, the rest again; a sentence that does not
+        fit alone is cut by tokens."""
+        while group:
+            j = len(group)
+            while j > 1 and not self._fits(" ".join(group[:j]), limit, suffix):
+                j -= 1
+            if j > 1 or self._fits(group[0], limit, suffix):
+                chunks.append(" ".join(group[:j]))
+            else:
+                ids = self.encode(group[0])
+                while ids:
+                    head, ids = self._head(ids, limit, suffix)
+                    chunks.append(head)
+            group = group[j:]

@@ -46,6 +46,9 @@ from amem_sgl.memory.turns import Plan, Session, embedding_threads, message_dict
 
 logger = logging.getLogger(__name__)
 
+# What follows every chunk's text in its token ids (chunks read apart in a prompt); counted in chunk_tokens.
+CHUNK_END = "\n"
+
 ACTIVE: "MemoryLayer | None" = None
 
 
@@ -90,8 +93,17 @@ class MemoryLayer:
         return self.composer.preamble(self.config.system_prompt)
 
     def split(self, text: str) -> list[str]:
-        """Sentence-boundary chunks of at most ``chunk_tokens`` tokens (a longer sentence is cut)."""
-        return self.composer.split_text(text, self.config.chunk_tokens)
+        """Sentence-boundary chunks of at most ``chunk_tokens`` tokens as stored -- each chunk's ids
+        are its text and :data:`CHUNK_END` tokenized alone (:meth:`chunk_ids`) -- a longer sentence
+        is cut."""
+        try:
+            return self.composer.split_text(text, self.config.chunk_tokens, suffix=CHUNK_END)
+        except ValueError as err:
+            raise MemoryError_(400, f"{err} (amem.memory.chunk_tokens)") from None
+
+    def chunk_ids(self, piece: str) -> list[int]:
+        """A chunk's token ids, as registered and stored: its text and :data:`CHUNK_END`, tokenized alone."""
+        return self.encode(piece + CHUNK_END)
 
     # ------------------------------------------------------------------ remember / forget
 
@@ -135,7 +147,7 @@ class MemoryLayer:
                                f"{self.config.max_chunks_per_request} (amem.memory.max_chunks_per_request)")
         unique: dict[str, tuple[tuple[str, dict], list[int]]] = {}
         for piece in pieces:
-            tokens = self.encode(piece[0] + "\n")
+            tokens = self.chunk_ids(piece[0])
             unique.setdefault(chunk_id(namespace, self.model_id, tokens), (piece, tokens))
         ids = list(unique)
         pieces, token_ids = [p for p, _ in unique.values()], [t for _, t in unique.values()]
