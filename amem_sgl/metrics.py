@@ -32,11 +32,15 @@ class AmemMetrics:
 
 
 def merge_usage(reports: list) -> dict | None:
-    """One usage record from the per-request reports of a (possibly n>1) OpenAI response."""
+    """One usage record from the per-request reports of a (possibly n>1) OpenAI response: token
+    counts summed over them (what the server did, as the /metrics counters count it)."""
     reports = [r for rep in reports if rep for r in (rep if isinstance(rep, list) else [rep]) if isinstance(r, dict)]
     if not reports:
         return None
-    merged: dict = {"namespace": reports[0].get("namespace"), "blend_policy": reports[0].get("blend_policy")}
+    # n > 1: one sub-request spliced (the prefix request); the copies' records say "none".
+    policies = [r.get("blend_policy") for r in reports]
+    policy = next((p for p in policies if p not in (None, "none")), policies[0])
+    merged: dict = {"namespace": reports[0].get("namespace"), "blend_policy": policy}
     for key in ("spliced_tokens", "recomputed_tokens", "probed_tokens", "extended_tokens", "loaded_tokens",
                 "gap_tokens", "in_place_tokens"):
         merged[key] = sum(int(r.get(key, 0)) for r in reports)

@@ -131,20 +131,30 @@ def _request_level_usage(original, streamer, key: str) -> bool:
 
 def _response_usage(original, *args, **kwargs):
     """AROUND hook for the OpenAI routes' usage: adds ``usage.amem`` (spliced / recomputed / probed /
-    extended tokens, namespace, policy) when the request used chunk KV."""
+    extended tokens, namespace, policy) when the request used chunk KV.
+
+    A memory turn with n > 1 is SGLang's parallel sampling: a prefix request (its response never
+    reaches the route) and n copies with rids of their own. Its ``usage.amem`` sums the records of
+    all of them as the HTTP process kept them under the turn (amem_sgl.memory.timings): what the
+    server did for the turn (the /metrics counters), the prompt counted once as ``prompt_tokens``."""
     from amem_sgl.metrics import merge_usage
 
+    from amem_sgl.memory import timings
     from amem_sgl.memory.openai_routes import memory_usage, turn_timings
 
     usage = original(*args, **kwargs)
     responses = kwargs.get("responses", args[0] if args else [])
     n = kwargs.get("n_choices", args[1] if len(args) > 1 else 1) or 1
-    merged = merge_usage([responses[i]["meta_info"].get(USAGE_KEY) for i in range(0, len(responses), n)])
-    rid = responses[0]["meta_info"].get("id") if responses else None
+    records = [responses[i]["meta_info"].get(USAGE_KEY) for i in range(0, len(responses), n)]
+    rid = timings.turn_rid(responses[0]["meta_info"].get("id")) if responses else None
     recalled = memory_usage(rid)
     if recalled is not None:
-        merged = {**(merged or {"spliced_tokens": 0, "recomputed_tokens": 0}), "memory": recalled,
-                  "timings": turn_timings(rid, responses[0]["meta_info"].get(USAGE_KEY))}
+        kept = timings.records_for(rid)
+        records = kept if kept is not None else [r for rec in records if rec for r in rec]
+        merged = {**(merge_usage([records]) or {"spliced_tokens": 0, "recomputed_tokens": 0}),
+                  "memory": recalled, "timings": turn_timings(rid, records)}
+    else:
+        merged = merge_usage(records)
     if merged is not None:
         usage.amem = merged
     return usage

@@ -30,12 +30,19 @@ one subtract. Streamed responses carry no meta_info: the records are kept here p
 the tokenizer manager receives them (:func:`around_update_meta_info`), and the streamed usage
 chunk gets ``usage.amem`` from them (:func:`around_streaming_usage`, the request found by the
 context variable the OpenAI memory middleware sets).
+
+A turn with ``n > 1`` is several scheduler requests (SGLang's parallel sampling: a prefix request
+with ``max_new_tokens=0`` -- the one that splices or prefills the prompt -- then ``n`` copies, each
+with a fresh uuid rid regenerated from the turn's suffixed ``<rid>_<i>``). :func:`around_regenerate_rid`
+maps those rids back to the turn's, so every sub-request's record is kept under the turn
+(:func:`turn_records`), the prefix request's first: its response never reaches the OpenAI route.
 """
 
 from __future__ import annotations
 
 import collections
 import contextvars
+import re
 import threading
 import time
 
@@ -51,18 +58,23 @@ PHASES = ("ingress_s", "convert_s", "recall_s", "compose_s", "guard_s", "plan_s"
           "schedule_s", "blend_probe_s", "blend_s", "blend_fold_s", "extend_s", "total_s", "output_s")
 
 CURRENT_RID: contextvars.ContextVar[str | None] = contextvars.ContextVar("amem_rid", default=None)
-_records: collections.OrderedDict[str, list] = collections.OrderedDict()
+# turn rid -> {sub-request rid: its usage records}, in the order the sub-requests reported
+_records: collections.OrderedDict[str, dict] = collections.OrderedDict()
+_parents: collections.OrderedDict[str, str] = collections.OrderedDict()  # sub-request rid -> turn rid
 _stamps: collections.OrderedDict[str, dict] = collections.OrderedDict()  # rid -> received_at, output_at
 _lock = threading.Lock()
 
 STREAMING_USAGE_TARGET = f"{sgl.UsageProcessor.__module__}.{sgl.UsageProcessor.__qualname__}.calculate_streaming_usage"
 META_INFO_TARGET = f"{sgl.TokenizerManager.__module__}.{sgl.TokenizerManager.__qualname__}.update_request_meta_info"
+# Where SGLang gives each parallel-sampling sub-request (n > 1) its own rid (HTTP process).
+REGENERATE_RID_TARGET = "sglang.srt.managers.io_struct.GenerateReqInput.regenerate_rid"
+_SUFFIX = re.compile(r"^(.+)_\d+$")  # SGLang's batch normalisation: rid -> rid_0 .. rid_{n-1}
 
 
 def merge(http: dict, records) -> dict:
     """One turn's timings from its plan's HTTP phases (with ``started_at``/``sent_at`` stamps) and
     the scheduler usage records of its response (``meta_info["amem"]``; several for n > 1: the
-    first one's, the phases of one prompt)."""
+    first one's -- the prefix request's, which spliced or prefilled the prompt once)."""
     out = {k: http[k] for k in HTTP_PHASES if k in http}
     if "started_at" in http and "sent_at" in http:
         out["plan_s"] = max(http["sent_at"] - http["started_at"] - sum(out.values()), 0.0)
@@ -85,11 +97,18 @@ def merge(http: dict, records) -> dict:
     return {k: round(out[k], DIGITS) for k in PHASES if k in out}
 
 
-def keep_records(rid: str, records) -> None:
+def keep_records(rid: str, records, sub_rid: str | None = None) -> None:
+    """Keep the usage records of sub-request ``sub_rid`` (default: ``rid`` itself) of turn ``rid``."""
     with _lock:
-        _records[rid] = records
+        _records.setdefault(rid, {})[sub_rid or rid] = records
         while len(_records) > 4096:
             _records.popitem(last=False)
+
+
+def turn_rid(rid: str | None) -> str | None:
+    """The memory turn's rid of (sub-)request ``rid``: itself unless it is a parallel-sampling copy."""
+    with _lock:
+        return _parents.get(rid, rid) if rid else rid
 
 
 def stamp(rid: str, name: str, at: float) -> None:
@@ -106,8 +125,42 @@ def stamps(rid: str) -> dict:
 
 
 def records_for(rid: str) -> list | None:
+    """All usage records kept for turn ``rid`` (its sub-requests', prefix request first), once."""
     with _lock:
-        return _records.pop(rid, None)
+        kept = _records.pop(rid, None)
+    if kept is None:
+        return None
+    return [r for records in kept.values() for r in (records if isinstance(records, list) else [records])]
+
+
+def _plan_rid(rid) -> str | None:
+    """The memory turn ``rid`` belongs to (itself, a mapped sub-request, or SGLang's ``<rid>_<i>``)."""
+    from amem_sgl.memory import layer as memory
+
+    layer = memory.ACTIVE
+    if layer is None or not isinstance(rid, str):
+        return None
+    rid = turn_rid(rid)
+    if layer.plan_for(rid) is not None:
+        return rid
+    suffixed = _SUFFIX.match(rid)
+    return suffixed.group(1) if suffixed and layer.plan_for(suffixed.group(1)) is not None else None
+
+
+def around_regenerate_rid(original, obj, *args, **kwargs):
+    """AROUND hook for ``GenerateReqInput.regenerate_rid`` (HTTP process): a memory turn's
+    parallel-sampling sub-request (n > 1) gets a fresh rid; remember whose turn it is."""
+    before = obj.rid
+    result = original(obj, *args, **kwargs)
+    pairs = zip(before, obj.rid) if isinstance(before, list) and isinstance(obj.rid, list) else [(before, obj.rid)]
+    for old, new in pairs:
+        turn = _plan_rid(old)
+        if turn is not None and isinstance(new, str):
+            with _lock:
+                _parents[new] = turn
+                while len(_parents) > 16384:
+                    _parents.popitem(last=False)
+    return result
 
 
 def around_update_meta_info(original, manager, meta_info, state, *args, **kwargs):
@@ -116,11 +169,12 @@ def around_update_meta_info(original, manager, meta_info, state, *args, **kwargs
     result = original(manager, meta_info, state, *args, **kwargs)
     from amem_sgl.memory import layer as memory
 
-    rid = meta_info.get("id")
+    sub_rid = meta_info.get("id")
+    rid = turn_rid(sub_rid)
     if USAGE_KEY in meta_info and memory.ACTIVE is not None and memory.ACTIVE.plan_for(rid) is not None:
         if getattr(getattr(state, "obj", None), "stream", False) and "output_at" not in stamps(rid):
             stamp(rid, "output_at", time.perf_counter())  # streamed: it came with the first output
-        keep_records(rid, meta_info[USAGE_KEY])
+        keep_records(rid, meta_info[USAGE_KEY], sub_rid)
     return result
 
 
@@ -143,7 +197,8 @@ def around_streaming_usage(original, *args, **kwargs):
 
 
 def install_hooks() -> None:
-    """Register the two hooks in this (HTTP) process; applied with SGLang's other late hooks."""
+    """Register the hooks in this (HTTP) process; applied with SGLang's other late hooks."""
+    sgl.add_around_hook(REGENERATE_RID_TARGET, around_regenerate_rid)
     sgl.add_around_hook(META_INFO_TARGET, around_update_meta_info)
     sgl.add_around_hook(STREAMING_USAGE_TARGET, around_streaming_usage)
     sgl.apply_hooks()
