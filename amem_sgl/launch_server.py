@@ -261,11 +261,11 @@ def _start_residency(amem: AmemConfig):
     config = amem.residency
     if not config.enabled:
         return None
+    from amem_sgl.residency.keys import private_dir
     from amem_sgl.residency.service import default_shm_dir
     from amem_sgl.residency.supervisor import Supervisor
 
-    root = config.resolved_dir()
-    root.mkdir(parents=True, exist_ok=True)
+    root = private_dir(config.resolved_dir())  # the disk tier's chunk KV: 0700, ours (DiskStore checks it too)
     run_dir = tempfile.mkdtemp(prefix="amem-residency-")
     shm_dir = default_shm_dir() / os.path.basename(run_dir)
     supervisor = Supervisor(root=root, address=f"ipc://{run_dir}/residency.sock", cpu_bytes=config.cpu_bytes,

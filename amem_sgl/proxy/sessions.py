@@ -18,6 +18,8 @@ import re
 import time
 from pathlib import Path
 
+from amem_sgl.residency.keys import private_dir, write_private_file
+
 _SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
 
 
@@ -57,8 +59,9 @@ class Session:
 
 class SessionStore:
     def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root).expanduser() / "sessions"
-        self.root.mkdir(parents=True, exist_ok=True)
+        # Session files hold recalled memory text (block_text, turns): the state dir and its sessions/
+        # folder 0700 and ours, each file 0600 (amem_sgl.residency.keys.private_dir).
+        self.root = private_dir(private_dir(Path(root).expanduser()) / "sessions")
         self._open: dict[str, Session] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -79,8 +82,9 @@ class SessionStore:
     def save(self, session: Session) -> None:
         session.updated = time.time()
         path = self.root / f"{session.key}.json"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(session.to_json()))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)  # one a crash left behind
+        write_private_file(tmp, json.dumps(session.to_json()).encode("utf-8"))
         os.replace(tmp, path)
 
     def drop_namespace(self, namespace: str) -> None:

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from amem_sgl.residency.keys import LAYOUT_FIELDS, StoreKey, private_dir
+from amem_sgl.residency.keys import LAYOUT_FIELDS, StoreKey, private_dir, write_private_file
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class DiskStore:
         return target
 
     def _quarantine(self, path: Path, err: Exception) -> None:
-        self.quarantine_dir.mkdir(exist_ok=True)
+        private_dir(self.quarantine_dir)
         target = self.quarantine_dir / f"{path.name}.{time.time_ns()}"
         try:
             os.replace(path, target)
@@ -208,10 +208,7 @@ class DiskStore:
         rename, fsync of the folder."""
         path = self._path(name)
         tmp = self.root / f"{TMP_PREFIX}{name}-{os.getpid()}-{time.monotonic_ns()}"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write_private_file(tmp, data)  # chunk KV: 0600, like its folder
         os.replace(tmp, path)
         self._fsync_dir()
         return path

@@ -14,10 +14,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import stat
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 LAYOUT_FIELDS = ("dtype", "layers", "kv_heads", "head_dim")
 
@@ -75,15 +79,48 @@ class StoreKey:
         return layout is None or all(str(layout.get(f, getattr(self, f))) == getattr(self, f) for f in LAYOUT_FIELDS)
 
 
+_WARNED: set[str] = set()
+
+
 def private_dir(path: str | os.PathLike) -> Path:
-    """``path`` as a directory other local users cannot read: created 0700 where it is missing (its
-    parents as usual); an existing one must belong to this user (a folder someone else made at a
-    predictable path -- /dev/shm/amem-<uid> -- is refused, never written into)."""
+    """``path`` as a directory other local users cannot read: created 0700 where it is missing
+    (exactly 0700, whatever the umask, and so is each missing parent it creates); an existing one
+    must belong to this user (a folder someone else made at a predictable path --
+    /dev/shm/amem-<uid> -- is refused, never written into). An existing folder of this user's keeps
+    its mode -- the user chose it (a group-shared folder) -- and one that others may read is said in
+    a warning."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    missing = [p for p in (path, *path.parents) if not p.exists()][::-1]  # top-down
+    created = False
+    for folder in missing:
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:  # made meanwhile (another process): checked below if it is ``path``
+            continue
+        os.chmod(folder, 0o700)
+        created = folder == path
     info = path.stat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise NotADirectoryError(f"{path} exists and is not a directory")
     if info.st_uid != os.getuid():
         raise PermissionError(f"{path} belongs to uid {info.st_uid}, not this user ({os.getuid()}): "
                               "refusing to keep memory or KV there")
+    if not created and stat.S_IMODE(info.st_mode) & 0o077 and str(path) not in _WARNED:
+        _WARNED.add(str(path))
+        logger.warning("%s already existed with mode %o: other local users may read the memory or KV kept "
+                       "there; it is kept as it is (chmod 700 it to make it private)", path, stat.S_IMODE(info.st_mode))
     return path
 
+
+def write_private_file(path: str | os.PathLike, data: bytes) -> None:
+    """``data`` as ``path`` readable by its owner only (0600, whatever the umask), fsynced; the
+    caller renames it into place (a new file: an existing one is an error)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
