@@ -44,4 +44,7 @@ def merge_usage(reports: list) -> dict | None:
     for key in ("spliced_tokens", "recomputed_tokens", "probed_tokens", "extended_tokens", "loaded_tokens",
                 "gap_tokens", "in_place_tokens"):
         merged[key] = sum(int(r.get(key, 0)) for r in reports)
+    known = [int(r["computed_chunk_tokens"]) for r in reports if "computed_chunk_tokens" in r]
+    if known:  # absent: the server did not say (reused_kv then stays False)
+        merged["computed_chunk_tokens"] = sum(known)
     return merged

@@ -68,8 +68,11 @@ class Answer:
 
     @property
     def reused_kv(self) -> bool:
-        """Every memory chunk came from reused KV (spliced, or a prefix hit) with nothing recomputed."""
-        return bool(self.chunk_ids) and self.usage.get("recomputed_tokens", 0) == 0 and self.cached_tokens > 0
+        """Every memory chunk came from reused KV (spliced, or a prefix hit) with nothing recomputed:
+        the server reports no chunk token prefilled in this turn (``computed_chunk_tokens`` 0; a
+        server that does not report it: False) and no blend recompute."""
+        return (bool(self.chunk_ids) and self.usage.get("computed_chunk_tokens") == 0
+                and self.usage.get("recomputed_tokens", 0) == 0)
 
     @property
     def spliced_tokens(self) -> int:
