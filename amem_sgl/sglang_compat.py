@@ -14,6 +14,7 @@ from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBack
 from sglang.srt.layers.logits_processor import LogitsProcessor, should_apply_lm_head_quant_method
 from sglang.srt.layers.quantization.unquant import UnquantizedEmbeddingMethod, UnquantizedLinearMethod
 from sglang.srt.layers.rotary_embedding.factory import get_rope
+from sglang.srt.managers.io_struct import GenerateReqInput
 from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req
 from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
 from sglang.srt.entrypoints.openai import protocol as _openai_protocol
@@ -97,6 +98,9 @@ UNQUANTIZED_APPLY_TARGETS = tuple(
 # embedding_bias=None, *, out=None)``): an unquantized LM head -- SmolLM2's tied embedding -- is a
 # plain ``torch.matmul(hidden, weight.T)`` there, not the embedding method's ``apply``.
 LM_HEAD_TARGET = f"{LogitsProcessor.__module__}.{LogitsProcessor.__qualname__}._compute_lm_head"
+# Dotted path of ``GenerateReqInput.regenerate_rid`` (HTTP process): parallel sampling (n > 1) gives
+# the prefix request and every copy a fresh rid there; amem_sgl.memory.timings maps them to the turn.
+REGENERATE_RID_TARGET = f"{GenerateReqInput.__module__}.{GenerateReqInput.__qualname__}.regenerate_rid"
 # Dotted path of the tokenizer manager's per-request validation (HTTP process, before the scheduler):
 # where amem_sgl.server.validation checks token ids against the vocabulary. (Owned by the lead; keep.)
 TOKENIZER_VALIDATE_TARGET = (
@@ -195,6 +199,7 @@ __all__ = [
     "TOKENIZER_VALIDATE_TARGET",
     "UNQUANTIZED_APPLY_TARGETS",
     "LM_HEAD_TARGET",
+    "REGENERATE_RID_TARGET",
     "LogitsProcessor",
     "should_apply_lm_head_quant_method",
     "ATTENTION_BACKENDS",

@@ -41,7 +41,10 @@ def test_a_chunk_request_admitted_without_a_splice_gets_its_phases_only():
     cache.timing_record(req)  # what the forward hook does before the batch's forward
     cache.timing_record(req)  # once: a later chunk of a chunked prefill keeps the record
     usage = usage_of(req)
-    assert set(usage) == {"namespace", "blend_policy", "timings"} and usage["namespace"] == "alice"
+    assert set(usage) == {"namespace", "blend_policy", "timings", "computed_chunk_tokens"}
+    assert usage["namespace"] == "alice"
+    # B's tokens past the cached preamble are this request's to prefill (tests/test_sdk_reused.py)
+    assert usage["computed_chunk_tokens"] == spans[0][1] - max(spans[0][0], req.prefix_len) > 0
     assert {"match_s", "queue_s", "recv_at"} == set(usage["timings"]) and usage["timings"]["queue_s"] >= 0
     add_timing(req, "extend_s", 0.5)  # the forward hook adds to it as to a spliced request's
     assert usage_of(req)["timings"]["extend_s"] == 0.5

@@ -93,9 +93,8 @@ class MemoryLayer:
         return self.composer.preamble(self.config.system_prompt)
 
     def split(self, text: str) -> list[str]:
-        """Sentence-boundary chunks of at most ``chunk_tokens`` tokens as stored -- each chunk's ids
-        are its text and :data:`CHUNK_END` tokenized alone (:meth:`chunk_ids`) -- a longer sentence
-        is cut."""
+        """Sentence-boundary chunks of at most ``chunk_tokens`` tokens as stored (:meth:`chunk_ids`);
+        a longer sentence is cut."""
         try:
             return self.composer.split_text(text, self.config.chunk_tokens, suffix=CHUNK_END)
         except ValueError as err:

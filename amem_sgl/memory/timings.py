@@ -67,7 +67,7 @@ _lock = threading.Lock()
 STREAMING_USAGE_TARGET = f"{sgl.UsageProcessor.__module__}.{sgl.UsageProcessor.__qualname__}.calculate_streaming_usage"
 META_INFO_TARGET = f"{sgl.TokenizerManager.__module__}.{sgl.TokenizerManager.__qualname__}.update_request_meta_info"
 # Where SGLang gives each parallel-sampling sub-request (n > 1) its own rid (HTTP process).
-REGENERATE_RID_TARGET = "sglang.srt.managers.io_struct.GenerateReqInput.regenerate_rid"
+REGENERATE_RID_TARGET = sgl.REGENERATE_RID_TARGET
 _SUFFIX = re.compile(r"^(.+)_\d+$")  # SGLang's batch normalisation: rid -> rid_0 .. rid_{n-1}
 
 
