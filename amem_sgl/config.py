@@ -38,11 +38,10 @@ class ModelConfig:
     embedded: str = "smollm2"
     # Where converted models are kept; $AMEM_SGL_CACHE_DIR overrides it.
     cache_dir: str = "~/.cache/amem_sgl/models"
-    # CPU bf16 linears run on weights pre-packed once for oneDNN (amem_sgl.cpu_linear): the same
-    # values as F.linear; SmolLM2's 30 layers of linears 1.45-1.8x faster at 1-74 rows, 1.04x at 800
-    # (benchmarks/cpu_micro), served 1.05x per decoded token and 1.09x for a short extend
-    # (benchmarks/packed_linear); one more copy of the linear weights in host memory (~180 MB for
-    # SmolLM2-135M). Servers started by amem's launcher only.
+    # CPU bf16 linears and the LM head run on weights pre-packed once for oneDNN (amem_sgl.cpu_linear):
+    # the same values SGLang computes, faster (benchmarks/cpu_micro, benchmarks/packed_linear: README,
+    # "Picking another model, device or setting"); one more copy of those weights in host memory
+    # (~270 MB for SmolLM2-135M). Servers started by amem's launcher only.
     packed_linear: bool = True
 
     def resolved_cache_dir(self) -> Path:
