@@ -113,7 +113,7 @@ def test_blend_all_reproduces_the_full_prefill_and_sink_recomputes_k_per_chunk(c
             "namespace": namespace, "spliced_tokens": prompt.chunk_tokens, "recomputed_tokens": expected,
             "probed_tokens": 0, "probe_layers": 0, "blend_policy": policy.label,
             "extended_tokens": len(prompt.input_ids) - prompt.spans[-1][1], "loaded_tokens": 0, "gap_tokens": 0,
-            "in_place_tokens": in_place}
+            "in_place_tokens": in_place, "computed_chunk_tokens": 0}  # every chunk spliced: none prefilled
         assert after["blend_passes"] - before["blend_passes"] == 1
     full = client.generate(prompts["all"], max_new_tokens=24, isolated=True)
     assert results["all"].output_ids == full.output_ids

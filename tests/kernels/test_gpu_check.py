@@ -133,6 +133,8 @@ def test_on_a_gpu_without_sglang_results_go_to_out_too_and_the_server_step_is_sk
     ran = []
     monkeypatch.setattr(gpu_check, "run_step", lambda step, timeout: ran.append(step.name) or {"ok": True})
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    # main() drops TRITON_INTERPRET (compiled Triton on a GPU): restored for the rest of the session
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
     assert gpu_check.main(["--only", "kernels", "server-ttft", "--out", str(tmp_path / "results")]) == 0
     assert ran == ["kernels"]
     for folder in ("results", "out"):
