@@ -175,7 +175,7 @@ class ChunkRadixCache(RadixCache):
                                  len(req.origin_input_ids) - splice.plan.end)
         if plan is not None:
             self.blend_plans[req.rid] = plan
-        attach_usage(req, usage, self.metrics)
+        attach_usage(req, usage, splice.request, self.metrics)
         base = self.path_device_indices(req.last_node)[: splice.plan.base]
         return torch.cat([base.to(torch.int64), splice.slots])
 
@@ -205,7 +205,7 @@ class ChunkRadixCache(RadixCache):
         timings = {"match_s": round(self._match_s.pop(req.rid, 0.0), 6)}
         if recv_at > 0:
             timings.update(queue_s=round(clock() - recv_at, 6), recv_at=recv_at)
-        attach_usage(req, {"namespace": request.namespace, "blend_policy": "none", "timings": timings})
+        attach_usage(req, {"namespace": request.namespace, "blend_policy": "none", "timings": timings}, request)
 
     def take_blend_plans(self, reqs) -> list[tuple[int, BlendPlan]]:
         """(index in ``reqs``, plan) for every request of a batch that was handed a blend plan at

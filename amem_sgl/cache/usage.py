@@ -116,31 +116,20 @@ def splice_usage(*, namespace: str, spliced: int, recomputed: int, probed: int, 
 COMPUTED_CHUNKS_KEY = "computed_chunk_tokens"
 
 
-def computed_chunk_tokens(req) -> int | None:
-    """Tokens of ``req``'s declared chunk spans at or past its cached prefix (``req.prefix_len``: the
-    radix hit and what was spliced, at admission): the chunk tokens its own prefill computes (a blend
-    pass's recompute of spliced tokens is ``recomputed_tokens``). None: no chunk spans known."""
-    envelope = getattr(req, "kv_hints", None)
-    if envelope is None:
-        return None
-    from amem_sgl.chunks.hints import parse_kv_hints
-
-    try:
-        request = parse_kv_hints(envelope)
-    except ValueError:
-        return None
-    if request is None or request.forget is not None:
-        return None
+def computed_chunk_tokens(req, request) -> int:
+    """Tokens of ``request``'s chunk spans (``req``'s parsed chunk action) at or past ``req``'s
+    cached prefix (``req.prefix_len``: the radix hit and what was spliced, at admission): the chunk
+    tokens its own prefill computes (a blend pass's recompute of spliced tokens is
+    ``recomputed_tokens``)."""
     prefix = int(getattr(req, "prefix_len", 0) or 0)
     return sum(max(0, s.end - max(s.start, prefix)) for s in request.spans)
 
 
-def attach_usage(req, usage: dict, metrics=None) -> None:
+def attach_usage(req, usage: dict, request, metrics=None) -> None:
     """Report ``usage`` once in the response's meta_info["amem"] (and the metrics, when on), with
-    the chunk tokens this request computes itself (:func:`computed_chunk_tokens`)."""
-    computed = computed_chunk_tokens(req)
-    if computed is not None:
-        usage = {**usage, COMPUTED_CHUNKS_KEY: computed}
+    the chunk tokens this request computes itself (:func:`computed_chunk_tokens` of ``request``,
+    the chunk action the cache parsed for it)."""
+    usage = {**usage, COMPUTED_CHUNKS_KEY: computed_chunk_tokens(req, request)}
     req.customized_info = {**(req.customized_info or {}), USAGE_KEY: [usage]}
     if metrics is not None:
         metrics.record(usage)
