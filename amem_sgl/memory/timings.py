@@ -66,8 +66,6 @@ _lock = threading.Lock()
 
 STREAMING_USAGE_TARGET = f"{sgl.UsageProcessor.__module__}.{sgl.UsageProcessor.__qualname__}.calculate_streaming_usage"
 META_INFO_TARGET = f"{sgl.TokenizerManager.__module__}.{sgl.TokenizerManager.__qualname__}.update_request_meta_info"
-# Where SGLang gives each parallel-sampling sub-request (n > 1) its own rid (HTTP process).
-REGENERATE_RID_TARGET = sgl.REGENERATE_RID_TARGET
 _SUFFIX = re.compile(r"^(.+)_\d+$")  # SGLang's batch normalisation: rid -> rid_0 .. rid_{n-1}
 
 
@@ -198,7 +196,7 @@ def around_streaming_usage(original, *args, **kwargs):
 
 def install_hooks() -> None:
     """Register the hooks in this (HTTP) process; applied with SGLang's other late hooks."""
-    sgl.add_around_hook(REGENERATE_RID_TARGET, around_regenerate_rid)
+    sgl.add_around_hook(sgl.REGENERATE_RID_TARGET, around_regenerate_rid)
     sgl.add_around_hook(META_INFO_TARGET, around_update_meta_info)
     sgl.add_around_hook(STREAMING_USAGE_TARGET, around_streaming_usage)
     sgl.apply_hooks()

@@ -210,6 +210,14 @@ def record(scope: dict, principal: Principal | None) -> dict:
     return {**scope, "state": {**(scope.get("state") or {}), STATE_KEY: principal}}
 
 
+def bearer_token(value: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header value (None: none given)."""
+    if not value:
+        return None
+    scheme, _, token = value.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
 def request_denial(raw_request, namespaces: Iterable[str]) -> tuple[int, str] | None:
     """:func:`denial_for` the principal the guard recorded on ``raw_request`` (a Starlette Request or
     a shim with ``headers``/``state``). Nothing recorded -- a request that did not pass the guard --
@@ -219,10 +227,8 @@ def request_denial(raw_request, namespaces: Iterable[str]) -> tuple[int, str] | 
     principal = getattr(getattr(raw_request, "state", None), STATE_KEY, _NOT_SET)
     if principal is _NOT_SET:
         headers = getattr(raw_request, "headers", None) or {}
-        value = next((v for k, v in headers.items() if k.lower() == "authorization"), None)
-        scheme, _, token = (value or "").partition(" ")
-        if scheme.lower() == "bearer" and token.strip() and secrets.compare_digest(token.strip(),
-                                                                                   ACTIVE.internal_token):
+        token = bearer_token(next((v for k, v in headers.items() if k.lower() == "authorization"), None))
+        if token and secrets.compare_digest(token, ACTIVE.internal_token):
             principal = Principal("amem-internal", admin=True)
     return denial_for(principal, namespaces)
 

@@ -261,7 +261,7 @@ class AuthGuard:
         for k, v in scope.get("headers") or ():
             headers.setdefault(k.lower(), []).append(v.decode("latin-1"))
         try:
-            principal, unavailable = self.auth.resolve(_bearer((headers.get(b"authorization") or [None])[0])), None
+            principal, unavailable = self.auth.resolve(_auth.bearer_token((headers.get(b"authorization") or [None])[0])), None
         except _auth.AuthUnavailable as err:
             principal, unavailable = None, str(err)
         guarded = path == MEMORY_PREFIX or path.startswith(MEMORY_PREFIX + "/")
@@ -313,13 +313,6 @@ class AuthGuard:
     async def _deny(send, path: str, status: int, message: str) -> None:
         extra = [(b"www-authenticate", b"Bearer")] if status == 401 else []
         await _send_json(send, status, denial_response(path, status, message), extra)
-
-
-def _bearer(value: str | None) -> str | None:
-    if not value:
-        return None
-    scheme, _, token = value.partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else None
 
 
 def install_outermost(app, cls, **kwargs) -> None:
