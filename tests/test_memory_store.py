@@ -161,3 +161,26 @@ def test_a_namespace_differing_only_in_case_never_reaches_anothers_folder(tmp_pa
         store.add("Alice", [("b" * 64, "Bob's note.", [4, 5], {})])
     assert not store.has_namespace("Alice") and store.has_namespace("alice")
     assert [c.text for c in store.list("alice")] == ["Alice's PIN is 7391."]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_texts_vector_is_encodes_bit_for_bit(dtype):
+    """A recall query (one text) is embedded by the model's forward alone, without
+    SentenceTransformer.encode's per-call bookkeeping: the very vector encode gives, for short,
+    long and odd texts, at both dtypes (packed linears on for bf16); batches still go through
+    encode, and a text's vector does not depend on which path embedded it."""
+    import numpy as np
+    import torch
+
+    from amem_sgl.memory.store import Embedder
+
+    embedder = Embedder(dtype=dtype)
+    texts = ["x", "Where does Alice's sister live now?", "Zürich — 3 items; ünïcode & emoji 🚀 " * 3,
+             "A long fact about a cat named Miso who lives in Porto and likes sardines. " * 20]
+    for text in texts:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=embedder.bf16):
+            want = embedder.model.encode([text], convert_to_tensor=True, show_progress_bar=False)
+        want = torch.nn.functional.normalize(want.float(), dim=-1).numpy()
+        assert np.array_equal(embedder.encode([text]), want), text[:40]
+    batch = embedder.encode(texts[:2])
+    assert batch.shape == (2, embedder.dim) and np.allclose(batch[1], embedder.encode([texts[1]])[0], atol=1e-3)
