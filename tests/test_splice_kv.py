@@ -1,6 +1,7 @@
-"""splice_kv's CPU path (cos/sin gathered once per splice, one gather + index_copy_ per layer)
-against the kernel's torch reference applied layer by layer, on fresh random KV: the same values,
-bit for bit, for bf16 and fp32 pools, both RoPE layouts, partial rotary dims and negative deltas."""
+"""splice_kv's CPU path (cos/sin gathered once per splice; slice copies for runs of consecutive
+slots, else one gather + index_copy_ per layer; keys of delta-0 rows copied, not rotated) against
+the kernel's torch reference applied layer by layer, on fresh random KV: the same values, bit for
+bit, for bf16 and fp32 pools, both RoPE layouts, partial rotary dims and negative deltas."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import types
 import pytest
 import torch
 
-from amem_sgl.cache.splice import RopeSpec, splice_kv
+from amem_sgl.cache.splice import RopeSpec, splice_kv, splice_runs
 from kernels.rope_rerotate import rope_rerotate_reference
 
 
@@ -26,18 +27,47 @@ def _table(positions: int, rotary_dim: int, mscale: float = 1.0) -> torch.Tensor
     return (torch.cat([freqs.cos(), freqs.sin()], dim=-1) * mscale).contiguous()
 
 
+def _chunks(gen, slots: int, deltas: list[int]):
+    """Rows as a splice of chunks makes them: each chunk's consecutive source slots into
+    consecutive fresh slots, one delta per chunk (random lengths and places, disjoint)."""
+    lengths = torch.randint(5, 40, (len(deltas),), generator=gen).tolist()
+    starts = torch.randperm(slots // 100 - 1, generator=gen)[: 2 * len(deltas)] * 100
+    src = torch.cat([torch.arange(int(s), int(s) + n) for s, n in zip(starts[: len(deltas)], lengths)])
+    base = int(starts[len(deltas)])
+    dst = torch.arange(base, base + sum(lengths)) if base + sum(lengths) <= slots else None
+    if dst is None or bool(torch.isin(dst, src).any()):
+        dst = torch.arange(slots - sum(lengths), slots)
+        assert not bool(torch.isin(dst, src).any())
+    delta = torch.cat([torch.full((n,), d, dtype=torch.int64) for n, d in zip(lengths, deltas)])
+    return src, dst, delta
+
+
+def _rows(layout: str, gen, slots: int, n: int):
+    if layout == "chunks":  # a few runs, one of them in place (delta 0): slice copies
+        return _chunks(gen, slots, [0, 17, -5, 290])
+    perm = torch.randperm(slots, generator=gen)
+    src, dst = perm[:n].contiguous(), perm[n: 2 * n].contiguous()
+    delta = torch.randint(-200, 200, (n,), generator=gen)
+    if layout == "scattered-some-zero":  # no runs, a third of the rows not rotated
+        delta[torch.randperm(n, generator=gen)[: n // 3]] = 0
+    elif layout == "scattered-all-zero":
+        delta.zero_()
+    return src, dst, delta
+
+
+@pytest.mark.parametrize("layout", ["scattered", "chunks", "scattered-some-zero", "scattered-all-zero"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("is_neox,rotary_dim,mscale", [(True, 64, 1.0), (False, 64, 1.0), (True, 32, 1.3)])
-def test_splice_kv_matches_the_reference_layer_by_layer(dtype, is_neox, rotary_dim, mscale):
-    gen = torch.Generator().manual_seed(rotary_dim + int(is_neox) + (dtype == torch.float32))
+def test_splice_kv_matches_the_reference_layer_by_layer(dtype, is_neox, rotary_dim, mscale, layout):
+    gen = torch.Generator().manual_seed(rotary_dim + int(is_neox) + (dtype == torch.float32) + 10 * len(layout))
     layers, slots, heads, head_dim, n = 5, 600, 3, 64, 150
     pool = _pool(layers, slots, heads, head_dim, dtype, gen)
     want = _pool(layers, slots, heads, head_dim, dtype, gen)
     for i in range(layers):  # the same starting KV
         want.k[i].copy_(pool.k[i]), want.v[i].copy_(pool.v[i])
-    perm = torch.randperm(slots, generator=gen)
-    src, dst = perm[:n].contiguous(), perm[n: 2 * n].contiguous()
-    delta = torch.randint(-200, 200, (n,), generator=gen)
+    src, dst, delta = _rows(layout, gen, slots, n)
+    runs = splice_runs(src, dst, delta)
+    assert (runs is not None and len(runs) == 4) if layout == "chunks" else runs is None
     table = _table(512, rotary_dim, mscale)
     rope = RopeSpec(torch.nn.Identity(), table, rotary_dim, head_dim, is_neox)
     splice_kv(pool, src, dst, delta, rope)
@@ -46,7 +76,9 @@ def test_splice_kv_matches_the_reference_layer_by_layer(dtype, is_neox, rotary_d
         want.v[i][dst] = want.v[i][src]
         assert torch.equal(pool.k[i], want.k[i]) and torch.equal(pool.v[i], want.v[i])
     # The check can fail: the spliced slots did change (keys rotated, values copied).
-    assert not torch.equal(pool.k[0][dst], pool.k[0][src]) and torch.equal(pool.v[0][dst], pool.v[0][src])
+    moved = delta != 0
+    assert torch.equal(pool.v[0][dst], pool.v[0][src]) and torch.equal(pool.k[0][dst[~moved]], pool.k[0][src[~moved]])
+    assert not moved.any() or not torch.equal(pool.k[0][dst[moved]], pool.k[0][src[moved]])
 
 
 def test_splice_kv_rejects_bad_indices_before_moving_anything():

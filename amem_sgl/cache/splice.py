@@ -91,28 +91,75 @@ def copy_kv(kv_pool, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
         v[dst_slots] = v[src_slots]
 
 
+# A splice whose (source, destination, delta) rows form at most this many runs -- consecutive
+# sources, consecutive destinations, one delta: a chunk spliced into freshly allocated slots -- moves
+# them as slices (V by memcpy, in-place runs' K too); else one index gather and scatter per layer.
+MAX_SPLICE_RUNS = 32
+
+
+def splice_runs(src_slots: torch.Tensor, dst_slots: torch.Tensor, delta: torch.Tensor,
+                max_runs: int = MAX_SPLICE_RUNS) -> list[tuple[int, int, int, int]] | None:
+    """(first source, first destination, count, delta) runs of the rows, or None when they break
+    into more than ``max_runs`` (or live on a device)."""
+    if src_slots.device.type != "cpu" or src_slots.numel() == 0:
+        return None
+    breaks = ((src_slots[1:] - src_slots[:-1] != 1) | (dst_slots[1:] - dst_slots[:-1] != 1)
+              | (delta[1:] != delta[:-1]))
+    starts = [0] + (torch.nonzero(breaks).flatten() + 1).tolist()
+    if len(starts) > max_runs:
+        return None
+    ends = starts[1:] + [src_slots.numel()]
+    firsts = torch.stack([src_slots[starts], dst_slots[starts], delta[starts]]).tolist()
+    return [(s, d, end - start, dl) for s, d, dl, start, end in zip(*firsts, starts, ends)]
+
+
 def splice_kv(kv_pool, src_slots: torch.Tensor, dst_slots: torch.Tensor, delta: torch.Tensor,
               rope: RopeSpec) -> None:
     """Copy every layer's KV from ``src_slots`` to ``dst_slots``, keys rotated by ``delta``. The
     index values are checked once for all layers (every layer's K buffer has the pool's slot count):
     per layer they cost a sort and a device->host read each (30 of them for SmolLM2).
 
-    On CPU the rotation's cos/sin rows are gathered once for all layers (:class:`Rotation`), and
-    each layer is one gather, the rotation, one ``index_copy_`` for K and one for V: the same
-    values as ``rope_rerotate``'s torch path layer by layer, 2.5x faster (30 layers, 750 tokens,
-    one thread). On CUDA each layer is one launch of the Triton kernel."""
+    On CPU the rotation's cos/sin rows are gathered once for all layers (:class:`Rotation`), for
+    the rows whose delta is not 0 (rotating by 0 changes no bit: an in-place chunk's keys are
+    copied). When the rows form few runs (:func:`splice_runs`, a chunk into fresh slots) V and the
+    unrotated keys move as slice copies, else by one index gather and ``index_copy_``; the rotated
+    keys are one gather, the rotation and one ``index_copy_`` a layer. The same values as
+    ``rope_rerotate``'s torch path layer by layer (tests/test_splice_kv.py); 780 tokens in 4 chunks
+    (one in place) over 30 layers, 2 threads: ``python -m benchmarks.cpu_micro``. On CUDA each layer
+    is one launch of the Triton kernel."""
     layers = pool_layers(kv_pool)
     if not len(layers) or src_slots.numel() == 0:
         return
     k = kv_pool.get_key_buffer(layers[0])
     check_rerotate_indices(src_slots, dst_slots, delta, src_num_slots=k.shape[0],
                            table_positions=rope.table.shape[0], in_place=True)
-    rotation = Rotation(delta, rope.table, rope.rotary_dim, rope.is_neox) if k.device.type != "cuda" else None
-    for layer in layers:
-        k, v = kv_pool.get_key_buffer(layer), kv_pool.get_value_buffer(layer)
-        if rotation is None:
+    if k.device.type == "cuda":
+        for layer in layers:
+            k, v = kv_pool.get_key_buffer(layer), kv_pool.get_value_buffer(layer)
             rope_rerotate(k, src_slots, dst_slots, delta, rope.table, rotary_dim=rope.rotary_dim,
                           is_neox=rope.is_neox, check=False)
+            v.index_copy_(0, dst_slots, v.index_select(0, src_slots))
+        return
+    runs = splice_runs(src_slots, dst_slots, delta, MAX_SPLICE_RUNS)
+    moved = delta != 0
+    rotation = rot_src = rot_dst = None
+    if bool(moved.any()):
+        rot_src, rot_dst = src_slots[moved], dst_slots[moved]
+        rotation = Rotation(delta[moved], rope.table, rope.rotary_dim, rope.is_neox)
+    still = [(s, d, n) for s, d, n, dl in runs if dl == 0] if runs is not None else None
+    unmoved = None if still is not None or rotation is None else (src_slots[~moved], dst_slots[~moved])
+    for layer in layers:
+        k, v = kv_pool.get_key_buffer(layer), kv_pool.get_value_buffer(layer)
+        if rotation is not None:
+            k.index_copy_(0, rot_dst, rotation(k.index_select(0, rot_src)))
+        if runs is not None:
+            for s, d, n, _ in runs:
+                v[d: d + n].copy_(v[s: s + n])
+            for s, d, n in still:
+                k[d: d + n].copy_(k[s: s + n])
         else:
-            k.index_copy_(0, dst_slots, rotation(k.index_select(0, src_slots)))
-        v.index_copy_(0, dst_slots, v.index_select(0, src_slots))
+            v.index_copy_(0, dst_slots, v.index_select(0, src_slots))
+            if rotation is None:
+                k.index_copy_(0, dst_slots, k.index_select(0, src_slots))
+            elif unmoved is not None and unmoved[0].numel():
+                k.index_copy_(0, unmoved[1], k.index_select(0, unmoved[0]))
