@@ -97,18 +97,72 @@ def test_scattered_query_positions_attend_causally_by_position():
 
 
 def _one_call_per_sequence(query, k_cache, v_cache, req_to_token, rows, kv_lens, positions, scale):
-    """The plain form: every sequence's rows in one masked SDPA call over all its keys."""
+    """The plain form: every sequence's rows in one masked SDPA call over all its keys (rows at
+    scattered positions: one call per key group, over the keys its last row sees)."""
+    from amem_sgl.blend.attention import key_groups
+
     out, start = [], 0
     for row, kv_len, q_pos in zip(rows, kv_lens, positions):
-        slots = req_to_token[row, :kv_len].long()
-        k, v = k_cache[slots].movedim(0, -2), v_cache[slots].movedim(0, -2)
-        q = query[start: start + len(q_pos)].movedim(0, -2)
-        mask = torch.arange(kv_len)[None, :] <= q_pos[:, None]
-        o = torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
-                                                             scale=scale, enable_gqa=True)
-        out.append(o[0].movedim(-2, 0))
+        scattered = len(q_pos) >= 4 and bool((q_pos[1:] - q_pos[:-1] != 1).any())
+        groups = key_groups((q_pos + 1).tolist()) if scattered else [(0, len(q_pos), kv_len)]
+        for first, n, keys in groups:
+            slots = req_to_token[row, :keys].long()
+            k, v = k_cache[slots].movedim(0, -2), v_cache[slots].movedim(0, -2)
+            q = query[start + first: start + first + n].movedim(0, -2)
+            mask = torch.arange(keys)[None, :] <= q_pos[first: first + n, None]
+            o = torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
+                                                                 scale=scale, enable_gqa=True)
+            out.append(o[0].movedim(-2, 0))
         start += len(q_pos)
     return torch.cat(out)
+
+
+def test_key_groups_cover_the_rows_in_order_over_what_each_last_row_sees():
+    """Scattered rows are split where it saves attention work: the groups cover every row once, in
+    order; each attends over exactly the keys its last row sees; the rows x keys plus the call cost
+    never exceed one call over all keys; and rows that all see nearly everything stay whole."""
+    from amem_sgl.blend.attention import GROUP_CALL_COST, key_groups
+
+    gen = torch.Generator().manual_seed(torch.seed())
+    for _ in range(50):
+        n = int(torch.randint(1, 300, (1,), generator=gen))
+        visible = (torch.randperm(4000, generator=gen)[:n].sort().values + 1).tolist()
+        groups = key_groups(visible)
+        assert [g[0] for g in groups] == [0] + [sum(g[1] for g in groups[:i + 1]) for i in range(len(groups) - 1)]
+        assert sum(g[1] for g in groups) == n and all(keys == visible[a + m - 1] for a, m, keys in groups)
+        assert 1 <= len(groups) <= 3
+        work = sum(m * keys for _, m, keys in groups) + GROUP_CALL_COST * (len(groups) - 1)
+        assert work <= n * visible[-1]
+    spread = list(range(1, 1601, 40))  # 40 rows spread over 1,600 keys: split
+    assert len(key_groups(spread)) > 1
+    assert key_groups(list(range(1560, 1600))) == [(0, 40, 1599)]  # all near the end: one call
+
+
+def test_grouped_scattered_rows_match_the_fp64_reference():
+    """Enough scattered rows over enough keys that the plan splits them into key groups: every row
+    still attends causally by position over exactly its keys (fp32 within 1e-5 of fp64)."""
+    from amem_sgl.blend.attention import plan_extend
+
+    gen = torch.Generator().manual_seed(torch.seed())
+    kv_len = 1500
+    picked = torch.randperm(kv_len, generator=gen)[:60].sort().values
+    k_cache = torch.randn(2048, KV_HEADS, DIM, generator=gen)
+    v_cache = torch.randn(2048, KV_HEADS, DIM, generator=gen)
+    row = torch.randperm(2047, generator=gen)[:kv_len] + 1
+    req_to_token = torch.zeros(2, 2048, dtype=torch.int32)
+    req_to_token[1, :kv_len] = row.int()
+    q = torch.randn(len(picked), HEADS, DIM, generator=gen)
+    args = (req_to_token, torch.tensor([1]), torch.tensor([kv_len]), torch.tensor([kv_len - len(picked)]),
+            torch.tensor([len(picked)]))
+    assert len(plan_extend(*args, picked, torch.device("cpu")).seqs) > 1  # the grouped path
+    out = extend_attention(q, torch.full_like(q, float("nan")), k_cache, v_cache, *args, scaling=DIM ** -0.5,
+                           enable_gqa=True, positions=picked)
+    k = k_cache[row.long()].double().repeat_interleave(HEADS // KV_HEADS, dim=1)
+    v = v_cache[row.long()].double().repeat_interleave(HEADS // KV_HEADS, dim=1)
+    for i, p in enumerate(picked.tolist()):
+        scores = torch.einsum("hd,khd->hk", q[i].double(), k[: p + 1]) * DIM ** -0.5
+        want = torch.einsum("hk,khd->hd", scores.softmax(-1), v[: p + 1])
+        torch.testing.assert_close(out[i].double(), want, rtol=1e-5, atol=1e-5, msg=f"position {p}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -154,7 +208,8 @@ def test_a_plan_made_once_serves_every_layer_bit_for_bit(seed):
     args = (req_to_token, torch.tensor([0, 0, 1]), torch.tensor([end, kv, 64]), torch.tensor([end - 40, kv - 20, 0]),
             torch.tensor([40, 20, 64]))
     plan = plan_extend(*args, positions, torch.device("cpu"))
-    assert [m is None for *_, m in plan.seqs] == [False, False, True]  # the fresh prefill: causal SDPA
+    # the fresh prefill (last): causal SDPA; the scattered rows (first) may be split into key groups
+    assert [m is None for *_, m in plan.seqs][-3:] == [False, False, True] and all(m is not None for *_, m in plan.seqs[:-1])
     for _layer in range(3):
         k_cache = (torch.randn(slots, KV_HEADS, DIM, generator=gen) * 2).bfloat16()
         v_cache = torch.randn(slots, KV_HEADS, DIM, generator=gen).bfloat16()

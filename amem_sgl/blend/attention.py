@@ -55,6 +55,35 @@ def slot_stretches(slots: torch.Tensor, max_runs: int = MAX_KEY_RUNS) -> list[tu
     return [(int(first), end - start) for first, start, end in zip(firsts, starts, ends)]
 
 
+# Rows at scattered positions (a blend pass's recomputed tokens) see only the keys up to their own
+# position: attended in up to MAX_KEY_GROUPS groups of consecutive rows, each over the keys its last
+# row sees, when that saves more rows x keys than GROUP_CALL_COST per extra SDPA call (CPU, 2 threads:
+# a call costs about what 3,000 rows x keys do; ``python -m benchmarks.cpu_micro``).
+MAX_KEY_GROUPS = 3
+GROUP_CALL_COST = 3000
+
+
+def key_groups(visible: list[int], call_cost: int = GROUP_CALL_COST,
+               max_groups: int = MAX_KEY_GROUPS) -> list[tuple[int, int, int]]:
+    """(first row, rows, keys) groups for rows that see ``visible[i]`` keys (non-decreasing): the
+    split among a few candidate cuts with the fewest rows x keys (+ ``call_cost`` per extra group)."""
+    n = len(visible)
+    whole = [(0, n, visible[-1])] if n else []
+    if n < 4 or max_groups < 2:
+        return whole
+    cuts = sorted({n * j // 8 for j in range(1, 8)} - {0, n})
+    cost = lambda bounds: sum((b - a) * visible[b - 1] for a, b in zip(bounds, bounds[1:]))  # noqa: E731
+    best, best_cost = [0, n], cost([0, n])
+    options = [[0, c, n] for c in cuts]
+    if max_groups >= 3:
+        options += [[0, c, d, n] for i, c in enumerate(cuts) for d in cuts[i + 1:]]
+    for bounds in options:
+        c = cost(bounds) + call_cost * (len(bounds) - 2)
+        if c < best_cost:
+            best, best_cost = bounds, c
+    return [(a, b - a, visible[b - 1]) for a, b in zip(best, best[1:])]
+
+
 def plan_extend(req_to_token, req_pool_indices, seq_lens, extend_prefix_lens, extend_seq_lens,
                 positions: torch.Tensor | None, device) -> ExtendPlan:
     """The plan of one :func:`extend_attention` call (arguments as there; ``device``: the query's)."""
@@ -73,7 +102,12 @@ def plan_extend(req_to_token, req_pool_indices, seq_lens, extend_prefix_lens, ex
             if q_pos is None:
                 q_pos = torch.arange(prefix, prefix + q_len, device=device)
             mask = torch.arange(kv_len, device=device)[None, :] <= q_pos.to(device)[:, None]
-        seqs.append((row, start, q_len, kv_len, mask))
+        if mask is not None and not contiguous and q_len >= 4 and bool((q_pos[1:] > q_pos[:-1]).all()):
+            # scattered rows: each group of them over the keys its last row sees
+            for first, rows_n, keys in key_groups((q_pos.clamp(max=kv_len - 1) + 1).tolist()):
+                seqs.append((row, start + first, rows_n, keys, mask[first: first + rows_n, :keys].contiguous()))
+        else:
+            seqs.append((row, start, q_len, kv_len, mask))
         start += q_len
     slots = {row: req_to_token[row, :n] for row, n in longest.items()}
     return ExtendPlan(tuple(seqs), slots, {row: slot_stretches(row_slots) for row, row_slots in slots.items()})
@@ -92,8 +126,10 @@ def extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_ind
     :func:`plan_extend` of these arguments, made once for all layers of a forward (None: made here).
 
     Sequences of one row (a folded blend pass: its recomputed tokens, then its extend) share one
-    gather of that row's keys. (Cutting a sequence's keys short for rows that see only the first
-    ones, even at the CPU flash kernel's 512-key blocks, changes the last bits of some rows: not done.)
+    gather of that row's keys. A sequence at scattered positions (recomputed tokens) is attended in
+    the plan's key groups (:func:`key_groups`): each group over the keys its last row sees, which
+    changes the last bits of some of those rows against one call over all keys (the flash kernel's
+    blocks differ) -- never of contiguous rows (an extend, policy ``all``, exact mode).
     """
     if plan is None:
         plan = plan_extend(req_to_token, req_pool_indices, seq_lens, extend_prefix_lens, extend_seq_lens,
