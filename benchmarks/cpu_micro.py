@@ -4,17 +4,20 @@ alternative on the same inputs in one run (interleaved, medians; ratios are what
 * ``embed`` -- the recall query's embedding (MiniLM, one thread, as the server embeds it):
   ``amem.memory.embed_dtype`` float32 vs bfloat16 (autocast), and the two vectors' cosine; and
   bfloat16 with the embedder's linears on weights packed once (the default) vs plain autocast,
-  vectors compared bit for bit;
+  vectors compared bit for bit; and the one-text path (the model's forward, the default) vs
+  ``SentenceTransformer.encode``, bit for bit;
 * ``keys`` -- one layer's extend attention over a memory turn's shape (74 query rows, ~830 keys whose
   slots come in 3 stretches of a 131K-slot pool, as a spliced request's do), keys read as slices vs
-  one index gather (amem_sgl.blend.attention), two threads, times 30 layers;
+  one index gather (amem_sgl.blend.attention), two threads, times 30 layers; and a folded blend
+  pass's shape (48 recomputed rows at scattered positions over the first 820 keys, then 31 extend
+  rows over all 830): the recomputed rows in key groups (the default) vs one call over all keys;
 * ``linear`` -- the model's linears (SmolLM2-135M's four per layer, 30 layers of distinct weights, so
   they are read from memory as in the server) at a decode step's, a memory turn's and a prefill's row
   counts, two threads: pre-packed oneDNN weights (amem_sgl.cpu_linear, ``amem.model.packed_linear``)
   vs ``F.linear``, outputs compared bit for bit;
   and the LM head's one row (SGLang's ``torch.matmul`` vs the packed weight);
 * ``splice`` -- splice_kv of 780 chunk tokens in 4 chunks (one in place) over 30 layers of that
-  pool, two threads: what a turn's splice costs (no alternative arm: for the record).
+  pool, two threads: the rows moved as runs of slices (the default) vs index gathers.
 
     python -m benchmarks.cpu_micro            # ~1 min on 2 cores
     python -m benchmarks.cpu_micro --quick    # a smoke run (few repeats)
@@ -62,13 +65,23 @@ def bench_embed(repeats: int) -> dict:
     torch.set_num_threads(1)
     arms = {"float32": Embedder(dtype="float32"), "bfloat16": Embedder(dtype="bfloat16", packed=False),
             "packed": Embedder(dtype="bfloat16")}
-    medians = interleaved({d: (lambda e=e: e.encode([QUERY])) for d, e in arms.items()}, repeats)
-    vectors = {d: e.encode([QUERY]) for d, e in arms.items()}
+    packed = arms["packed"]
+
+    def through_encode():  # the packed embedder's vector by SentenceTransformer.encode (batches' path)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            vector = packed.model.encode([QUERY], convert_to_tensor=True, show_progress_bar=False)
+        return torch.nn.functional.normalize(vector.float(), dim=-1).numpy()
+
+    calls = {d: (lambda e=e: e.encode([QUERY])) for d, e in arms.items()} | {"encode": through_encode}
+    medians = interleaved(calls, repeats)
+    vectors = {d: f() for d, f in calls.items()}
     cosine = float((vectors["float32"] * vectors["bfloat16"]).sum())
     return {"float32_ms": medians["float32"] * 1e3, "bfloat16_ms": medians["bfloat16"] * 1e3,
             "ratio": medians["float32"] / medians["bfloat16"], "cosine": cosine, "threads": 1,
             "packed_ms": medians["packed"] * 1e3, "packed_ratio": medians["bfloat16"] / medians["packed"],
-            "packed_identical": bool((vectors["packed"] == vectors["bfloat16"]).all()), "packed_active": arms["packed"].packed}
+            "packed_identical": bool((vectors["packed"] == vectors["bfloat16"]).all()), "packed_active": packed.packed,
+            "encode_ms": medians["encode"] * 1e3, "direct_ratio": medians["encode"] / medians["packed"],
+            "direct_identical": bool((vectors["packed"] == vectors["encode"]).all())}
 
 
 def bench_keys(repeats: int, gen: torch.Generator) -> dict:
@@ -93,7 +106,40 @@ def bench_keys(repeats: int, gen: torch.Generator) -> dict:
 
     medians = interleaved({"slices": lambda: layers(sliced), "gather": lambda: layers(gathered)}, repeats)
     return {"keys": kv, "query_rows": rows, "stretches": len(sliced.runs[0]), "slices_ms": medians["slices"] * 1e3,
-            "gather_ms": medians["gather"] * 1e3, "ratio": medians["gather"] / medians["slices"], "threads": 2}
+            "gather_ms": medians["gather"] * 1e3, "ratio": medians["gather"] / medians["slices"], "threads": 2,
+            "groups": bench_key_groups(repeats, k_cache, v_cache, req_to_token, kv, gen)}
+
+
+def bench_key_groups(repeats: int, k_cache, v_cache, req_to_token, kv: int, gen: torch.Generator) -> dict:
+    """A folded blend pass's attention: edges:8 rows of 3 spliced chunks (48, scattered over the first
+    820 keys), then 31 extend rows over all ``kv``; recomputed rows in key groups vs one call."""
+    from amem_sgl.blend import attention
+
+    chunks = [(40, 195), (235, 195), (430, 195), (625, 195)]  # the first in place: not recomputed
+    picked = sorted(p for s, n in chunks[1:] for p in [*range(s, s + 8), *range(s + n - 8, s + n)])
+    end, tail = 820, 31
+    positions = torch.cat([torch.tensor(picked), torch.arange(kv - tail, kv)])
+    args = (req_to_token, torch.tensor([0, 0]), torch.tensor([end, kv]), torch.tensor([end - len(picked), kv - tail]),
+            torch.tensor([len(picked), tail]))
+    grouped = attention.plan_extend(*args, positions, torch.device("cpu"))
+    keep, attention.key_groups = attention.key_groups, lambda visible, **_: [(0, len(visible), visible[-1])]
+    try:
+        whole = attention.plan_extend(*args, positions, torch.device("cpu"))
+    finally:
+        attention.key_groups = keep
+    query = torch.randn(len(positions), HEADS, DIM, generator=gen).bfloat16()
+    out = torch.empty_like(query)
+
+    def layers(plan):
+        for _ in range(LAYERS):
+            attention.extend_attention(query, out, k_cache, v_cache, *args, scaling=0.125, enable_gqa=True,
+                                       positions=positions, plan=plan)
+
+    medians = interleaved({"groups": lambda: layers(grouped), "whole": lambda: layers(whole)}, repeats)
+    return {"recomputed_rows": len(picked), "extend_rows": tail, "keys": kv,
+            "groups": [(n, keys) for _, _, n, keys, _ in grouped.seqs[:-1]],
+            "groups_ms": medians["groups"] * 1e3, "whole_ms": medians["whole"] * 1e3,
+            "ratio": medians["whole"] / medians["groups"]}
 
 
 LINEAR_ROWS = (1, 4, 26, 74, 800)  # decode step, session turn, query turn, blend pass, prefill
@@ -160,8 +206,18 @@ def bench_splice(repeats: int, gen: torch.Generator) -> dict:
     src = torch.cat([torch.arange(s, s + n) for s, _, n, _ in pieces])
     dst = torch.cat([torch.arange(d, d + n) for _, d, n, _ in pieces])
     delta = torch.cat([torch.full((n,), dl, dtype=torch.int64) for _, _, n, dl in pieces])
-    medians = interleaved({"splice": lambda: splice_kv(pool, src, dst, delta, rope)}, repeats)
-    return {"tokens": int(src.numel()), "layers": LAYERS, "splice_ms": medians["splice"] * 1e3, "threads": 2}
+    from amem_sgl.cache import splice
+
+    def by_index():  # every row by index gathers (as rows that form no runs are moved)
+        keep, splice.MAX_SPLICE_RUNS = splice.MAX_SPLICE_RUNS, 0
+        try:
+            splice_kv(pool, src, dst, delta, rope)
+        finally:
+            splice.MAX_SPLICE_RUNS = keep
+
+    medians = interleaved({"splice": lambda: splice_kv(pool, src, dst, delta, rope), "index": by_index}, repeats)
+    return {"tokens": int(src.numel()), "layers": LAYERS, "splice_ms": medians["splice"] * 1e3, "threads": 2,
+            "index_ms": medians["index"] * 1e3, "ratio": medians["index"] / medians["splice"]}
 
 
 def linear_lines(lin: dict) -> list[str]:
@@ -190,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             "splice": bench_splice(repeats, gen)}
     data["meta"]["seconds"] = round(time.monotonic() - started, 1)
     e, k, s = data["embed"], data["keys"], data["splice"]
+    g = k["groups"]
     lines = [f"# CPU pieces of a memory turn ({device_name()})", "",
              f"Command: `python -m benchmarks.cpu_micro{' --quick' if args.quick else ''}`  ",
              f"Date: {data['meta']['date']}, {data['meta']['seconds']} s; medians of {repeats}, arms interleaved", "",
@@ -199,10 +256,17 @@ def main(argv: list[str] | None = None) -> int:
              f"| recall query embedding (1 thread) | bfloat16, packed linears | {e['packed_ms']:.2f} | bfloat16 | "
              f"{e['bfloat16_ms']:.2f} | {e['packed_ratio']:.2f}x ({'bit-identical' if e['packed_identical'] else 'DIFFERENT'}"
              f"{'' if e['packed_active'] else ', NOT PACKED: this CPU cannot'}) |",
+             f"| recall query embedding (1 thread) | one text: the model's forward | {e['packed_ms']:.2f} | "
+             f"SentenceTransformer.encode | {e['encode_ms']:.2f} | {e['direct_ratio']:.2f}x "
+             f"({'bit-identical' if e['direct_identical'] else 'DIFFERENT'}) |",
              f"| extend attention, {k['query_rows']} rows x {k['keys']} keys in {k['stretches']} stretches, "
              f"30 layers (2 threads) | slices | {k['slices_ms']:.2f} | gather | {k['gather_ms']:.2f} | {k['ratio']:.2f}x |",
+             f"| {g['recomputed_rows']} recomputed rows at scattered positions + {g['extend_rows']} extend rows, "
+             f"{g['keys']} keys, 30 layers (2 threads) | key groups {g['groups']} | {g['groups_ms']:.2f} | one call | "
+             f"{g['whole_ms']:.2f} | {g['ratio']:.2f}x |",
              *linear_lines(data["linear"]),
-             f"| splice_kv, {s['tokens']} tokens x {s['layers']} layers (2 threads) | -- | {s['splice_ms']:.2f} | | | |", ""]
+             f"| splice_kv, {s['tokens']} tokens in 4 chunks x {s['layers']} layers (2 threads) | runs of slices | "
+             f"{s['splice_ms']:.2f} | index gathers | {s['index_ms']:.2f} | {s['ratio']:.2f}x |", ""]
     write_run(args.out, "cpu-micro", args.quick, data, lines)
     return 0
 

@@ -170,7 +170,10 @@ def test_cpu_micro_quick_run_writes_its_report(tmp_path):
     (report,) = tmp_path.glob("*-cpu-micro-quick.json")
     data = json.loads(report.read_text())
     assert data["embed"]["cosine"] > 0.999 and data["keys"]["stretches"] == 3
-    assert all(data[k]["ratio"] > 0 for k in ("embed", "keys")) and data["splice"]["splice_ms"] > 0
+    assert all(data[k]["ratio"] > 0 for k in ("embed", "keys", "splice")) and data["splice"]["splice_ms"] > 0
+    assert data["embed"]["direct_identical"]  # the one-text path gives encode's vector bit for bit
+    groups = data["keys"]["groups"]  # the folded pass's recomputed rows, split into key groups
+    assert len(groups["groups"]) > 1 and sum(n for n, _ in groups["groups"]) == groups["recomputed_rows"]
     linear = data["linear"]
     if linear["supported"]:  # the packed linears give F.linear's values at every row count measured
         assert set(linear["rows"]) == {str(m) for m in cpu_micro.LINEAR_ROWS}
