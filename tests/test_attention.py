@@ -74,28 +74,6 @@ def test_other_attention_kinds_go_to_the_original(kwargs):
     assert len(calls) == 1 and all(calls[0][k] == v for k, v in args.items())
 
 
-def test_scattered_query_positions_attend_causally_by_position():
-    """The blend pass's shape: queries for a few positions inside a 40-token sequence."""
-    gen = torch.Generator().manual_seed(torch.seed())
-    kv_len, picked = 40, [0, 3, 17, 18, 39]
-    k_cache = torch.randn(64, KV_HEADS, DIM, generator=gen)
-    v_cache = torch.randn(64, KV_HEADS, DIM, generator=gen)
-    row = torch.randperm(63, generator=gen)[:kv_len] + 1
-    req_to_token = torch.zeros(2, 64, dtype=torch.int32)
-    req_to_token[1, :kv_len] = row.int()
-    q = torch.randn(len(picked), HEADS, DIM, generator=gen)
-    out = extend_attention(q, torch.empty_like(q), k_cache, v_cache, req_to_token, torch.tensor([1]),
-                           torch.tensor([kv_len]), torch.tensor([kv_len - len(picked)]),
-                           torch.tensor([len(picked)]), scaling=DIM ** -0.5, enable_gqa=True,
-                           positions=torch.tensor(picked))
-    k = k_cache[row.long()].double().repeat_interleave(HEADS // KV_HEADS, dim=1)
-    v = v_cache[row.long()].double().repeat_interleave(HEADS // KV_HEADS, dim=1)
-    for i, p in enumerate(picked):
-        scores = torch.einsum("hd,khd->hk", q[i].double(), k[: p + 1]) * DIM ** -0.5
-        want = torch.einsum("hk,khd->hd", scores.softmax(-1), v[: p + 1])
-        torch.testing.assert_close(out[i].double(), want, rtol=1e-5, atol=1e-5, msg=f"position {p}")
-
-
 def _one_call_per_sequence(query, k_cache, v_cache, req_to_token, rows, kv_lens, positions, scale):
     """The plain form: every sequence's rows in one masked SDPA call over all its keys (rows at
     scattered positions: one call per key group, over the keys its last row sees)."""
@@ -138,23 +116,27 @@ def test_key_groups_cover_the_rows_in_order_over_what_each_last_row_sees():
     assert key_groups(list(range(1560, 1600))) == [(0, 40, 1599)]  # all near the end: one call
 
 
-def test_grouped_scattered_rows_match_the_fp64_reference():
-    """Enough scattered rows over enough keys that the plan splits them into key groups: every row
-    still attends causally by position over exactly its keys (fp32 within 1e-5 of fp64)."""
+@pytest.mark.parametrize("kv_len,rows", [(40, None), (1500, 60)], ids=["few-rows", "key-groups"])
+def test_scattered_query_positions_attend_causally_by_position(kv_len, rows):
+    """The blend pass's shape: queries for a few positions inside a 40-token sequence; and enough
+    scattered rows over enough keys that the plan splits them into key groups. Every row attends
+    causally by position over exactly its keys (fp32 within 1e-5 of fp64)."""
     from amem_sgl.blend.attention import plan_extend
 
     gen = torch.Generator().manual_seed(torch.seed())
-    kv_len = 1500
-    picked = torch.randperm(kv_len, generator=gen)[:60].sort().values
-    k_cache = torch.randn(2048, KV_HEADS, DIM, generator=gen)
-    v_cache = torch.randn(2048, KV_HEADS, DIM, generator=gen)
-    row = torch.randperm(2047, generator=gen)[:kv_len] + 1
-    req_to_token = torch.zeros(2, 2048, dtype=torch.int32)
+    slots = 64 if rows is None else 2048
+    picked = (torch.tensor([0, 3, 17, 18, 39]) if rows is None
+              else torch.randperm(kv_len, generator=gen)[:rows].sort().values)
+    k_cache = torch.randn(slots, KV_HEADS, DIM, generator=gen)
+    v_cache = torch.randn(slots, KV_HEADS, DIM, generator=gen)
+    row = torch.randperm(slots - 1, generator=gen)[:kv_len] + 1
+    req_to_token = torch.zeros(2, slots, dtype=torch.int32)
     req_to_token[1, :kv_len] = row.int()
     q = torch.randn(len(picked), HEADS, DIM, generator=gen)
     args = (req_to_token, torch.tensor([1]), torch.tensor([kv_len]), torch.tensor([kv_len - len(picked)]),
             torch.tensor([len(picked)]))
-    assert len(plan_extend(*args, picked, torch.device("cpu")).seqs) > 1  # the grouped path
+    groups = len(plan_extend(*args, picked, torch.device("cpu")).seqs)
+    assert groups == 1 if rows is None else groups > 1  # the grouped path, where it should be
     out = extend_attention(q, torch.full_like(q, float("nan")), k_cache, v_cache, *args, scaling=DIM ** -0.5,
                            enable_gqa=True, positions=picked)
     k = k_cache[row.long()].double().repeat_interleave(HEADS // KV_HEADS, dim=1)
