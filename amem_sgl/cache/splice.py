@@ -53,8 +53,24 @@ class SelfCheck:
     detail: str
 
 
+def model_rotary(module: torch.nn.Module, positions: torch.Tensor, query: torch.Tensor,
+                 key: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """``key`` rotated at ``positions`` by the rotary the model runs on this device: the module's
+    dispatched forward (SGLang picks the CUDA kernel on a GPU, ``forward_native`` on this CPU), or
+    ``forward_native`` where that forward cannot run outside a model forward (the reason is
+    returned). The keys are the model's own only if this is what its layers call."""
+    pristine = query.clone(), key.clone()  # the dispatched kernel may rotate in place before failing
+    try:
+        _, rotated = module(positions, query, key)
+        return rotated, "forward"
+    except Exception as exc:  # noqa: BLE001 -- any failure of the dispatched kernel: the native formula
+        _, rotated = module.forward_native(positions, *pristine)
+        return rotated, f"forward_native ({type(exc).__name__}: {exc})"
+
+
 def self_check(rope: RopeSpec | None, dtype: torch.dtype, num_heads: int, seed: int = 0) -> SelfCheck:
-    """Keys rotated by the model at positions p, re-rotated by delta, against the model at p+delta."""
+    """Keys rotated by the model at positions p, re-rotated by delta, against the model at p+delta
+    (both by the model's own dispatched rotary, :func:`model_rotary`)."""
     if rope is None:
         return SelfCheck(False, float("inf"), 0.0, "no rotary embedding found in the model")
     device = rope.table.device
@@ -65,8 +81,8 @@ def self_check(rope: RopeSpec | None, dtype: torch.dtype, num_heads: int, seed: 
     old = torch.randint(0, max_pos // 2, (n,), generator=gen).to(device)
     new = torch.randint(0, max_pos // 2, (n,), generator=gen).to(device)
     with torch.no_grad():
-        _, k_old = rope.module.forward_native(old, torch.zeros_like(raw), raw.clone())
-        _, k_new = rope.module.forward_native(new, torch.zeros_like(raw), raw.clone())
+        k_old, how = model_rotary(rope.module, old, torch.zeros_like(raw), raw.clone())
+        k_new, _ = model_rotary(rope.module, new, torch.zeros_like(raw), raw.clone())
     idx = torch.arange(n, device=device)
     moved = rope_rerotate(k_old.reshape(n, num_heads, rope.head_size).clone(), idx, idx, new - old, rope.table,
                           rotary_dim=rope.rotary_dim, is_neox=rope.is_neox)
@@ -75,7 +91,7 @@ def self_check(rope: RopeSpec | None, dtype: torch.dtype, num_heads: int, seed: 
     tolerance = SELF_CHECK_TOLERANCE.get(dtype, 1e-4)
     return SelfCheck(error <= tolerance, error, tolerance,
                      f"{type(rope.module).__name__} rotary_dim={rope.rotary_dim} neox={rope.is_neox} "
-                     f"dtype={dtype}")
+                     f"dtype={dtype} via {how}")
 
 
 def pool_layers(kv_pool) -> range:
