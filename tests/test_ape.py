@@ -336,7 +336,8 @@ QUESTION = "Which city does Alice's sister live in?"
 def test_served_ape_runs_the_extend_through_the_seam(amem_server):
     """The real server (SmolLM2-135M, the session's amem server): ape:1:1 answers exactly like pure
     splicing, with and without logprobs (the folded extend; the extend served on its own), recomputes
-    nothing and fails no blend pass; ape:0.5:0.5 moves the first token's log-probabilities."""
+    nothing and fails no blend pass; ape:0.5:0.5 moves the first token's log-probabilities (by
+    more than one bf16 step of the logits)."""
     from amem_sgl.chunks.client import ChunkClient
 
     client = ChunkClient(amem_server.url)
@@ -362,6 +363,11 @@ def test_served_ape_runs_the_extend_through_the_seam(amem_server):
     top, same = first_top(plain_lp), first_top(same_lp)
     moved = first_top(ask("ape:0.5:0.5", "moved-lp", logprobs))
     # T = S = 1 adds a zero correction onto the seam's plain extend: the same log-probabilities
-    best = max(top, key=top.get)
-    assert same == top and abs(moved.get(best, -99.0) - top[best]) > 0.2
+    assert same == top
+    # ape:0.5:0.5 moves them: compared over the tokens in both top-5 lists, by more than the bf16
+    # logits' quantum near their magnitude (0.125 between 16 and 32), so last-bit changes of the plain
+    # extend (one bf16 step of one logit) cannot pass or fail it. The top token alone moved by 0.28 at
+    # one commit and 0.12 at the next, when key groups changed only the last bits of the plain extend.
+    shared = set(top) & set(moved)
+    assert len(shared) >= 3 and max(abs(moved[t] - top[t]) for t in shared) > 0.3, (top, moved)
     assert amem_server.amem_state()["stats"]["blend_failures"] == before["blend_failures"]
