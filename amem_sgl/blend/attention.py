@@ -129,7 +129,11 @@ def extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_ind
     gather of that row's keys. A sequence at scattered positions (recomputed tokens) is attended in
     the plan's key groups (:func:`key_groups`): each group over the keys its last row sees, which
     changes the last bits of some of those rows against one call over all keys (the flash kernel's
-    blocks differ) -- never of contiguous rows (an extend, policy ``all``, exact mode).
+    blocks differ) -- never of an ordinary extend's rows (contiguous up to the end of the sequence: a
+    prefix hit's new tokens, exact mode). A blend pass's rows are grouped whatever its policy: ``all``
+    (the preamble and the chunks around an in-place one) and a preamble computed as a gap at 0..p-1
+    are at positions that do not run to the sequence's end, so ``all`` matches a full prefill up to
+    these last bits, as the masked call it replaced did (not by construction).
     """
     if plan is None:
         plan = plan_extend(req_to_token, req_pool_indices, seq_lens, extend_prefix_lens, extend_seq_lens,
