@@ -46,3 +46,20 @@ def test_a_dispatched_forward_that_cannot_run_falls_back_to_the_native_formula()
     rope.forward = broken
     check = self_check(find_rope(rope), torch.float32, num_heads=3)
     assert check.passed and "forward_native (RuntimeError: no kernel for this device)" in check.detail, check
+
+
+def test_a_forward_that_fails_on_one_side_only_is_named_for_both():
+    """The old positions rotated by the dispatched forward, the new ones by the fallback: the detail
+    names both, not only the first side's."""
+    rope = _rope()
+    calls = []
+
+    def flaky(positions, query, key, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("second call fails")
+        return rope.forward_native(positions, query, key)
+
+    rope.forward = flaky
+    check = self_check(find_rope(rope), torch.float32, num_heads=3)
+    assert "forward at the old positions, forward_native (RuntimeError: second call fails) at the new" in check.detail, check
