@@ -166,8 +166,8 @@ def test_a_blend_pass_folded_into_the_extend_writes_the_same_kv_and_logits(worke
     cache.evict(sgl.EvictParams(num_tokens=10_000))  # the folded run splices afresh
     req_f, logits_f, _ = spliced(worker, cache, BlendPolicy.parse(policy), fold=True)
     assert cache.stats.blend_passes == 2 * passes and cache.stats.recomputed_tokens == 2 * recomputed
-    assert max_diff(row_kv(worker, req_f, len(prompt)), separate) < 1e-6
-    torch.testing.assert_close(logits_f, logits_s, rtol=1e-6, atol=1e-6)
+    assert max_diff(row_kv(worker, req_f, len(prompt)), separate) < 1e-5  # fp32 rounding, 1e-2 below a bug
+    torch.testing.assert_close(logits_f, logits_s, rtol=1e-5, atol=1e-5)
     release(cache, req_f)
     # The comparison can fail: without the blend pass the KV and logits differ.
     cache.evict(sgl.EvictParams(num_tokens=10_000))

@@ -7,6 +7,7 @@ import requests
 
 from amem_sgl.chunks import build_kv_hints
 from amem_sgl.chunks.client import AmemRequestError, ChunkClient, ComposedPrompt, error_message
+from tests.greedy import TOP2, assert_same_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -34,13 +35,15 @@ def test_chunks_registered_once_are_spliced_in_another_order_and_answer_like_a_f
     first = client.layout.compose([c.token_ids for c in chunks], QUESTION)
     client.generate(first, "e2e-alice", max_new_tokens=24, blend=pure)
     second = client.layout.compose([chunks[i].token_ids for i in (2, 0, 1)], QUESTION)
-    spliced = client.generate(second, "e2e-alice", max_new_tokens=24, blend=pure)
-    full = client.generate(second, max_new_tokens=24, isolated=True)
+    spliced = client.generate(second, "e2e-alice", max_new_tokens=24, blend=pure, extra=TOP2)
+    full = client.generate(second, max_new_tokens=24, isolated=True, extra=TOP2)
 
     preamble = len(client.layout.preamble)
     assert spliced.cached_tokens >= preamble + second.chunk_tokens  # every chunk token from the cache
     assert full.cached_tokens == 0  # the reference really prefilled everything
-    assert spliced.output_ids == full.output_ids and "Denver" in spliced.text
+    # Pure splicing is not a full prefill (two chunks rotated, blind to the chunks before them): the
+    # same greedy answer up to a near-tie of either, not the same bits.
+    assert assert_same_greedy(spliced, full) >= 4 and "Denver" in spliced.text
     # The response reports what the cache did for this request (meta_info["amem"]).
     assert spliced.amem["namespace"] == "e2e-alice" and spliced.amem["recomputed_tokens"] == 0
     assert 0 < spliced.amem["spliced_tokens"] <= second.chunk_tokens and full.amem == {}

@@ -183,4 +183,6 @@ def test_one_texts_vector_is_encodes_bit_for_bit(dtype):
         want = torch.nn.functional.normalize(want.float(), dim=-1).numpy()
         assert np.array_equal(embedder.encode([text]), want), text[:40]
     batch = embedder.encode(texts[:2])
-    assert batch.shape == (2, embedder.dim) and np.allclose(batch[1], embedder.encode([texts[1]])[0], atol=1e-3)
+    # A padded batch is another computation (in bf16 its components move by a few ulps): the same
+    # direction, not the same bits; a wrong pooling or prompt lands far below this cosine.
+    assert batch.shape == (2, embedder.dim) and float(batch[1] @ embedder.encode([texts[1]])[0]) > 0.9999

