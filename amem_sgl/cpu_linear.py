@@ -8,8 +8,9 @@ time its layer runs, with ``torch.ops.mkldnn._reorder_linear_weight``, and later
 output is bit-for-bit that of ``F.linear`` (tests/test_cpu_linear.py, fresh random inputs).
 ``python -m benchmarks.cpu_micro`` measures it against ``F.linear`` in one run (SmolLM2-135M's 30
 layers, 2 threads: 1.45-1.8x at 1-74 rows, 1.04x at 800); ``python -m benchmarks.packed_linear``
-serves both side by side (identical greedy outputs; 1.05x per decoded token, 1.09x for a short
-extend, 1.01x for a cold prefill: the linears are a fifth of a short forward on this CPU).
+serves both side by side (identical greedy outputs; 2026-12-04, the LM head packed too: 1.27x per
+decoded token, 1.05x for a short extend, 1.11x for a cold prefill: the linears are a fifth of a
+short forward on this CPU).
 
 SGLang multiplies an unquantized LM head (SmolLM2's tied embedding) by a plain ``torch.matmul`` in
 ``LogitsProcessor._compute_lm_head``, not through the embedding method's ``apply``; that branch is
