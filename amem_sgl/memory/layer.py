@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -50,6 +51,18 @@ logger = logging.getLogger(__name__)
 CHUNK_END = "\n"
 
 ACTIVE: "MemoryLayer | None" = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FittedPlan(Plan):
+    """A :class:`Plan` that fits the model's context: ``dropped_chunks`` recalled chunks (the
+    lowest-scored) were left out so the composed prompt plus the tokens the request will generate
+    fit; reported in ``usage.amem.memory``."""
+
+    dropped_chunks: int = 0
+
+    def report(self) -> dict:
+        return {**super().report(), "dropped_chunks": self.dropped_chunks}
 
 
 class MemoryLayer:
@@ -210,10 +223,50 @@ class MemoryLayer:
     def exact_max_tokens(self) -> int:  # amem.memory.exact_working_set_tokens, when configured
         return int(getattr(self.config, "exact_working_set_tokens", DEFAULT_MAX_TOKENS))
 
+    def fit(self, chunks: Sequence[MemoryChunk], scores: Sequence[float], compose, reserve_tokens: int = 0):
+        """(chunks, scores, composed, dropped): the turn's chunks that fit the model's context, in
+        their order, and ``compose(chunks)`` of them; None when no chunk fits (a plain turn).
+
+        The composed prompt plus ``reserve_tokens`` (what the request will generate; at least one
+        token, as SGLang counts) must fit :attr:`context_tokens`: the lowest-scored chunks are dropped
+        until it does (equal scores: the later one in the prompt first, so the prefix before it stays
+        the same). With no served context length (outside a server) nothing is dropped."""
+        chunks, scores = list(chunks), list(scores)
+        composed = compose(chunks)
+        limit = self.context_tokens
+        need = max(int(reserve_tokens or 0), 1)
+        if limit is None or not chunks or len(composed[0]) + need <= limit:
+            return chunks, scores, composed, 0
+        total, dropped = len(composed[0]), set()
+        # Chunks sit in the prompt as their own ids (amem_sgl.chunks.compose.place): leaving one out
+        # shortens it by its length.
+        for i in sorted(range(len(chunks)), key=lambda i: (scores[i], -i)):
+            if total + need <= limit:
+                break
+            dropped.add(i)
+            total -= len(chunks[i].token_ids)
+        while True:
+            kept = [i for i in range(len(chunks)) if i not in dropped]
+            if not kept or total + need > limit:
+                logger.info("amem memory: no recalled chunk fits the model's context (%d tokens) beside this turn "
+                            "and %d reserved tokens: a plain turn", limit, need)
+                return None
+            composed = compose([chunks[i] for i in kept])
+            if len(composed[0]) + need <= limit:
+                break
+            worst = min(kept, key=lambda i: (scores[i], -i))  # a composer that is not additive: drop one more
+            dropped.add(worst)
+            total = len(composed[0]) - len(chunks[worst].token_ids)
+        logger.info("amem memory: %d of %d recalled chunks left out so the prompt (%d tokens) and %d reserved tokens "
+                    "fit the model's context (%d tokens)", len(dropped), len(chunks), len(composed[0]), need, limit)
+        return [chunks[i] for i in kept], [scores[i] for i in kept], composed, len(dropped)
+
     def plan_chat(self, namespace: str | None, messages: Sequence[dict], session_id: str | None,
-                  fidelity: str | None = None) -> Plan | None:
+                  fidelity: str | None = None, *, reserve_tokens: int = 0) -> Plan | None:
         """The memory plan of a chat turn, or None (no memory: plain SGLang). ``fidelity="exact"``
-        (or a session started with it) makes it an exact-mode turn (amem_sgl.memory.exact)."""
+        (or a session started with it) makes it an exact-mode turn (amem_sgl.memory.exact).
+        ``reserve_tokens`` (the tokens the request will generate, its ``max_tokens``) is kept free of
+        the model's context: recalled chunks that would not fit are dropped (:meth:`fit`)."""
         session = self._session(session_id) if session_id else None
         if session is not None:
             namespace = session.namespace
@@ -223,7 +276,7 @@ class MemoryLayer:
         if not self.store.has_namespace(namespace):
             return None  # nothing remembered for this user: a plain turn
         if (_fidelity(fidelity) or (session.fidelity if session is not None else None)) == "exact":
-            return self._plan_exact(namespace, messages, session)
+            return self._plan_exact(namespace, messages, session, reserve_tokens)
         started = time.perf_counter()
         if session is not None:
             chunks, scores = self._session_chunks(session), [1.0] * len(session.chunk_ids)
@@ -235,12 +288,16 @@ class MemoryLayer:
         if not chunks:
             return None
         recalled = time.perf_counter()
-        ids, spans = self.compose(namespace, messages, chunks)
-        return Plan(ids, self.hints(namespace, spans), namespace, [c.chunk_id for c in chunks], scores,
-                    session.session_id if session else None,
-                    timings=phases(started, recalled, time.perf_counter()))
+        fitted = self.fit(chunks, scores, lambda cs: self.compose(namespace, messages, cs), reserve_tokens)
+        if fitted is None:
+            return None
+        chunks, scores, (ids, spans), dropped = fitted
+        return FittedPlan(ids, self.hints(namespace, spans), namespace, [c.chunk_id for c in chunks], scores,
+                          session.session_id if session else None,
+                          timings=phases(started, recalled, time.perf_counter()), dropped_chunks=dropped)
 
-    def _plan_exact(self, namespace: str, messages: Sequence[dict], session: Session | None) -> Plan | None:
+    def _plan_exact(self, namespace: str, messages: Sequence[dict], session: Session | None,
+                    reserve_tokens: int = 0) -> Plan | None:
         """An exact-mode turn (amem_sgl.memory.exact): its spans sent ``exact`` (nothing spliced or
         blended, the namespace's exact salt) with ``capture`` (chunks computed here become nodes)."""
         started = time.perf_counter()
@@ -255,14 +312,22 @@ class MemoryLayer:
         if not chunks:
             return None
         scores, recalled = {c.chunk_id: s for c, s in hits}, time.perf_counter()
-        ids, spans = self.compose(namespace, messages, chunks)
-        return Plan(ids, self.hints(namespace, spans, exact=True), namespace, [c.chunk_id for c in chunks],
-                    [scores.get(c.chunk_id, 1.0) for c in chunks], session.session_id if session else None,
-                    "exact", tuple(new), timings=phases(started, recalled, time.perf_counter()))
+        # Fitting the context drops chunks from this turn only: the session's working set stays whole.
+        fitted = self.fit(chunks, [scores.get(c.chunk_id, 1.0) for c in chunks],
+                          lambda cs: self.compose(namespace, messages, cs), reserve_tokens)
+        if fitted is None:
+            return None
+        chunks, turn_scores, (ids, spans), dropped = fitted
+        return FittedPlan(ids, self.hints(namespace, spans, exact=True), namespace, [c.chunk_id for c in chunks],
+                          turn_scores, session.session_id if session else None,
+                          "exact", tuple(new), timings=phases(started, recalled, time.perf_counter()),
+                          dropped_chunks=dropped)
 
-    def plan_completion(self, namespace: str | None, prompt: str, session_id: str | None = None) -> Plan | None:
+    def plan_completion(self, namespace: str | None, prompt: str, session_id: str | None = None, *,
+                        reserve_tokens: int = 0) -> Plan | None:
         """A text completion's memory plan: the chunks recalled for its prompt, or a session's working
-        set (``session_id``, as on the chat route: the session's namespace wins)."""
+        set (``session_id``, as on the chat route: the session's namespace wins). ``reserve_tokens``:
+        as for :meth:`plan_chat`."""
         session = self._session(session_id) if session_id else None
         if session is not None:
             namespace = session.namespace
@@ -277,10 +342,18 @@ class MemoryLayer:
         if not hits:
             return None
         recalled = time.perf_counter()
-        composed = self.composer.completion(self.config.system_prompt, [c.token_ids for c, _ in hits], prompt)
-        return Plan(composed.input_ids, self.hints(namespace, composed.spans), namespace,
-                    [c.chunk_id for c, _ in hits], [s for _, s in hits], session.session_id if session else None,
-                    timings=phases(started, recalled, time.perf_counter()))
+
+        def compose(chunks):
+            composed = self.composer.completion(self.config.system_prompt, [c.token_ids for c in chunks], prompt)
+            return composed.input_ids, composed.spans
+
+        fitted = self.fit([c for c, _ in hits], [s for _, s in hits], compose, reserve_tokens)
+        if fitted is None:
+            return None
+        chunks, scores, (ids, spans), dropped = fitted
+        return FittedPlan(ids, self.hints(namespace, spans), namespace, [c.chunk_id for c in chunks], scores,
+                          session.session_id if session else None,
+                          timings=phases(started, recalled, time.perf_counter()), dropped_chunks=dropped)
 
     def remember_plan(self, rid: str, plan: Plan) -> None:
         with self._lock:
