@@ -98,3 +98,65 @@ def test_exact_mode_per_plan_without_a_session_sends_no_spans(layer):
 
     with pytest.raises(MemoryError_):
         layer.plan_chat("exactns", [{"role": "user", "content": "x"}], None, fidelity="exactly")
+
+
+@pytest.fixture(scope="module")
+def local_layer(tmp_path_factory):
+    """A memory layer that sends nothing (chunks remembered ``first_use``): planning turns only."""
+    from amem_sgl.memory.layer import MemoryLayer
+    from amem_sgl.models import ensure_embedded_model
+
+    config = AmemConfig()
+    config = dataclasses.replace(config, memory=dataclasses.replace(
+        config.memory, dir=str(tmp_path_factory.mktemp("override-memory")), top_k=2))
+    layer = MemoryLayer(config, base_url="http://unused", model_id="override-test",
+                        tokenizer_path=str(ensure_embedded_model()))
+    asyncio.run(layer.remember("overridens", [(f, {}) for f in FACTS], prefill="first_use"))
+    return layer
+
+
+@pytest.mark.parametrize("own", ["fast", "guarded", None])
+def test_an_exact_override_serves_a_sessions_pinned_set_exactly_and_leaves_it_pinned(local_layer, own):
+    import time
+
+    from amem_sgl.memory.turns import Session
+
+    layer = local_layer
+    pinned = [c.chunk_id for c in layer.store.list("overridens") if "Tomas" in c.text]
+    now = time.time()
+    session = Session(f"override-{own}", "overridens", list(pinned), now, now, fidelity=own)
+    layer.sessions[session.session_id] = session
+    try:
+        ask = [{"role": "user", "content": "Where does Mira Okafor live, and what is her dog called?"}]
+        fast = layer.plan_chat(None, ask, session.session_id, fidelity="fast")
+        assert fast.chunk_ids == pinned and not parse_kv_hints(fast.kv_hints).exact
+        # One turn with X-Amem-Fidelity: exact: the pinned set, exactly (nothing recalled, nothing appended).
+        exact = layer.plan_chat(None, ask, session.session_id, fidelity="exact")
+        hints = parse_kv_hints(exact.kv_hints)
+        assert exact.chunk_ids == pinned and exact.fidelity == "exact" and exact.new_chunk_ids == ()
+        assert hints.exact and hints.capture and len(hints.spans) == len(pinned)
+        assert exact.input_ids == fast.input_ids  # the same prompt, only sent exactly
+        assert session.chunk_ids == pinned and session.rebases == 0
+        # Every later turn of the session still uses its pinned chunks.
+        later = layer.plan_chat(None, ask, session.session_id, fidelity="fast")
+        assert later.chunk_ids == pinned and session.chunk_ids == pinned and session.turns == 3
+    finally:
+        layer.sessions.pop(session.session_id, None)
+
+
+def test_an_exact_session_still_grows_its_working_set(local_layer):
+    import time
+
+    from amem_sgl.memory.turns import Session
+
+    layer = local_layer
+    pinned = [c.chunk_id for c in layer.store.list("overridens") if "Tomas" in c.text]
+    now = time.time()
+    session = Session("own-exact", "overridens", list(pinned), now, now, fidelity="exact")
+    layer.sessions[session.session_id] = session
+    try:
+        plan = layer.plan_chat(None, [{"role": "user", "content": "Where does Mira Okafor live?"}], session.session_id)
+        assert plan.chunk_ids[:1] == pinned and len(plan.chunk_ids) > 1 and plan.new_chunk_ids
+        assert session.chunk_ids == plan.chunk_ids
+    finally:
+        layer.sessions.pop(session.session_id, None)

@@ -299,16 +299,26 @@ class MemoryLayer:
     def _plan_exact(self, namespace: str, messages: Sequence[dict], session: Session | None,
                     reserve_tokens: int = 0) -> Plan | None:
         """An exact-mode turn (amem_sgl.memory.exact): its spans sent ``exact`` (nothing spliced or
-        blended, the namespace's exact salt) with ``capture`` (chunks computed here become nodes)."""
+        blended, the namespace's exact salt) with ``capture`` (chunks computed here become nodes).
+
+        Only a session whose own fidelity is exact grows its working set; an exact turn (the
+        ``X-Amem-Fidelity: exact`` override) of any other session serves that session's pinned
+        working set exactly -- nothing recalled, ``session.chunk_ids`` unchanged."""
         started = time.perf_counter()
-        query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        hits = sorted(self.recall(namespace, query), key=lambda h: h[0].created)
-        with self._lock:
-            chunks, new, rebased = exact_turn(self.store, namespace, hits, session.chunk_ids if session else None,
-                                              self.exact_max_tokens)
-            if session is not None:
-                session.chunk_ids = [c.chunk_id for c in chunks]
-                session.turns, session.rebases = session.turns + 1, session.rebases + rebased
+        if session is not None and session.fidelity != "exact":
+            hits = [(c, 1.0) for c in self._session_chunks(session)]
+            with self._lock:
+                session.turns += 1
+            chunks, new = [c for c, _ in hits], []
+        else:
+            query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+            hits = sorted(self.recall(namespace, query), key=lambda h: h[0].created)
+            with self._lock:
+                chunks, new, rebased = exact_turn(self.store, namespace, hits, session.chunk_ids if session else None,
+                                                  self.exact_max_tokens)
+                if session is not None:
+                    session.chunk_ids = [c.chunk_id for c in chunks]
+                    session.turns, session.rebases = session.turns + 1, session.rebases + rebased
         if not chunks:
             return None
         scores, recalled = {c.chunk_id: s for c, s in hits}, time.perf_counter()
