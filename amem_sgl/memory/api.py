@@ -23,6 +23,7 @@ shows only covered ones). The OpenAI routes answer in SGLang's OpenAI shape: an 
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any, Literal, Optional
 
 from fastapi import APIRouter, FastAPI, Request
@@ -85,6 +86,44 @@ def _layer() -> memory.MemoryLayer:
     return memory.ACTIVE
 
 
+def _non_finite(value, where: str) -> str | None:
+    """The path of the first NaN or Infinity in ``value`` (JSON has neither), else None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else where
+    if isinstance(value, dict):
+        return next((p for k, v in value.items() if (p := _non_finite(v, f"{where}.{k}")) is not None), None)
+    if isinstance(value, (list, tuple)):
+        return next((p for i, v in enumerate(value) if (p := _non_finite(v, f"{where}[{i}]")) is not None), None)
+    return None
+
+
+def _check_metadata(body: "RememberRequest") -> None:
+    """Metadata is stored and served as JSON: a NaN or Infinity (Python's JSON parser reads NaN,
+    Infinity and 1e999) is refused before anything is stored, naming where it is."""
+    fields = [(body.metadata, "metadata")]
+    fields += [(d.metadata, f"documents[{i}].metadata") for i, d in enumerate(body.documents or [])]
+    for value, where in fields:
+        bad = _non_finite(value, where)
+        if bad is not None:
+            raise memory.MemoryError_(400, f"{bad}: metadata must be JSON: no NaN or Infinity")
+
+
+def _json_safe(value):
+    """``value`` with every NaN or Infinity as None: chunks an older version stored with them are
+    still listed and searched (a JSON response cannot carry them)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _chunk_json(chunk) -> dict:
+    return _json_safe(chunk.to_json())
+
+
 def _check_ids(ids) -> None:
     bad = [i for i in ids if not is_chunk_id(i)]
     if bad:
@@ -97,6 +136,7 @@ router = APIRouter(prefix="/amem/v1", tags=["amem memory"], route_class=MemoryRo
 @router.post("/remember", summary="Remember texts or documents in a namespace")
 async def remember(body: RememberRequest):
     _authorize(body.namespace)
+    _check_metadata(body)
     docs = [(t, dict(body.metadata)) for t in body.texts or []]
     docs += [(d.text, {**body.metadata, **d.metadata}) for d in body.documents or []]
     if not docs:
@@ -113,14 +153,14 @@ async def namespaces():
 
 @router.get("/namespaces/{namespace}/chunks", summary="List a namespace's chunks")
 async def list_chunks(namespace: str):
-    return {"namespace": namespace, "chunks": [c.to_json() for c in _layer().store.list(_authorize(namespace))]}
+    return {"namespace": namespace, "chunks": [_chunk_json(c) for c in _layer().store.list(_authorize(namespace))]}
 
 
 @router.get("/namespaces/{namespace}/chunks/{chunk_id}", summary="One chunk")
 async def get_chunk(namespace: str, chunk_id: str):
     _authorize(namespace)
     _check_ids([chunk_id])
-    return _layer().store.get(namespace, chunk_id).to_json()
+    return _chunk_json(_layer().store.get(namespace, chunk_id))
 
 
 @router.delete("/namespaces/{namespace}/chunks/{chunk_id}", summary="Forget one chunk (text, index, KV)")
@@ -139,7 +179,7 @@ async def forget_namespace(namespace: str):
 async def search(body: SearchRequest):
     # embedding the query (and the first use's tokenizer load) off the event loop
     hits = await asyncio.to_thread(_layer().recall, _authorize(body.namespace), body.query, body.k)
-    return {"namespace": body.namespace, "results": [{**c.to_json(), "score": s} for c, s in hits]}
+    return {"namespace": body.namespace, "results": [{**_chunk_json(c), "score": _json_safe(s)} for c, s in hits]}
 
 
 @router.post("/sessions", summary="Start a session: pin and warm a working set")
