@@ -1,10 +1,10 @@
 """The OpenAI integration of the memory layer: ``user`` (or the ``X-Amem-Namespace`` header) names
 the memory namespace, ``X-Amem-Session`` a session (amem_sgl.memory.api serves the memory routes).
 
-The middleware gives a memory turn its request id and reports the recalled chunks in the
-``X-Amem-Chunks`` response header; the conversion hooks (SGLang's chat/completion request
-conversion) compose the turn's prompt from recalled chunks; ``memory_usage``/``turn_timings`` feed
-``usage.amem``. Errors answer in SGLang's OpenAI shape: an unknown or expired ``X-Amem-Session``
+The middleware gives a memory turn a fresh request id (a client's ``rid`` only its prefix) and
+reports the recalled chunks in the ``X-Amem-Chunks`` response header; the conversion hooks
+(SGLang's chat/completion request conversion) compose the turn's prompt from recalled chunks;
+``memory_usage``/``turn_timings`` feed ``usage.amem``, of the request's own plan only. Errors answer in SGLang's OpenAI shape: an unknown or expired ``X-Amem-Session``
 404 (chat and completions alike); ``amem_fidelity`` in the body wins over the ``X-Amem-Fidelity``
 header.
 """
@@ -12,6 +12,7 @@ header.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import time
 import uuid
@@ -29,6 +30,13 @@ from amem_sgl.server.limits import _read_body, _replay, _send_json, error_body
 NAMESPACE_HEADER = "x-amem-namespace"
 SESSION_HEADER = "x-amem-session"
 CHUNKS_HEADER = "x-amem-chunks"
+# The rid the middleware gave a memory turn, in its ASGI state (``raw_request.state``): the conversion
+# hook, in an executor thread the context variables below do not reach, keeps a plan only under it.
+RID_STATE_KEY = "amem_rid"
+# (rid, namespace) of the OpenAI request being served, set by the middleware for every request it
+# passes on ((None, None): not a memory turn); unset outside it (direct callers).
+CURRENT_TURN: contextvars.ContextVar[tuple[str | None, str | None] | None] = contextvars.ContextVar(
+    "amem_turn", default=None)
 
 
 def session_namespace(session_id: str) -> str | None:
@@ -40,10 +48,12 @@ def session_namespace(session_id: str) -> str | None:
 
 class OpenAIMemoryMiddleware:
     """For OpenAI chat/completions requests that name a namespace (``user`` or header) or a session:
-    gives the request an id (so the conversion hook's plan can be found again) and reports the
-    recalled chunks in the ``X-Amem-Chunks`` response header (streaming included)."""
+    gives the request a fresh, unguessable id of its own -- never the client's ``rid``, which only
+    stays its prefix -- so the conversion hook's plan is found again by this request alone, and
+    reports the recalled chunks in the ``X-Amem-Chunks`` response header (streaming included)."""
 
-    PATHS = ("/v1/chat/completions", "/v1/completions")
+    # /invocations: SGLang's SageMaker route, served by the chat handler (its conversion hook too)
+    PATHS = ("/v1/chat/completions", "/v1/completions", "/invocations")
 
     def __init__(self, app) -> None:
         self.app = app
@@ -90,12 +100,15 @@ class OpenAIMemoryMiddleware:
         if SESSION_HEADER in headers and memory.ACTIVE is not None and session_namespace(headers[SESSION_HEADER]) is None:
             message = f"unknown or expired session {headers[SESSION_HEADER]!r}"  # 404 as on the session routes
             return await _send_json(send, 404, error_body(message, 404, "NotFoundError"))
+        namespace = None
         if isinstance(data, dict) and (data.get("user") or NAMESPACE_HEADER in headers or SESSION_HEADER in headers):
-            rid = data.get("rid") if isinstance(data.get("rid"), str) else None
-            if rid is None:
-                rid = f"amem-{uuid.uuid4().hex}"
-                data["rid"] = rid
-                rewritten = True
+            # A fresh rid of its own, never the client's: plans are kept by rid, and a client may send
+            # any rid -- another turn's in flight, or a finished one's (its response ``id``).
+            rid = fresh_rid(data.get("rid"))
+            data["rid"] = rid
+            rewritten = True
+            namespace = turn_namespace(scope.get("headers", []), data)
+            scope = dict(scope, state={**(scope.get("state") or {}), RID_STATE_KEY: rid})
             timings.stamp(rid, "received_at", received)
         if rewritten:
             body = json.dumps(data).encode()
@@ -114,10 +127,37 @@ class OpenAIMemoryMiddleware:
         scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"] + [
             (b"content-length", str(len(body)).encode())]
         token = timings.CURRENT_RID.set(rid)  # the streamed usage chunk finds its turn by it
+        turn = CURRENT_TURN.set((rid, namespace))  # the only plan this request may report (_own_plan)
         try:
             await self.app(scope, _replay(body, receive), send_with_chunks)
         finally:
+            CURRENT_TURN.reset(turn)
             timings.CURRENT_RID.reset(token)
+
+
+def fresh_rid(client_rid=None) -> str:
+    """A memory turn's request id: unguessable, and new for every turn (a client's string rid stays
+    its prefix, for tracing)."""
+    suffix = f"amem-{uuid.uuid4().hex}"
+    return f"{client_rid}.{suffix}" if isinstance(client_rid, str) and client_rid else suffix
+
+
+def _first_header(raw_headers, name: str) -> str | None:
+    """A header's first value, as the conversion hook reads it (Starlette's ``headers.get``)."""
+    for key, value in raw_headers:
+        if key.decode("latin-1").lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def turn_namespace(raw_headers, data: dict) -> str | None:
+    """The namespace a memory turn's plan must have, read as the conversion hook reads it: the
+    session's (it wins in the memory layer), else ``X-Amem-Namespace``, else the body's ``user``."""
+    session = _first_header(raw_headers, SESSION_HEADER)
+    if session:
+        return session_namespace(session)
+    user = data.get("user")
+    return _first_header(raw_headers, NAMESPACE_HEADER) or (user if isinstance(user, str) else None)
 
 
 def around_chat_conversion(original, serving, request, raw_request=None):
@@ -144,7 +184,7 @@ def around_chat_conversion(original, serving, request, raw_request=None):
                                fidelity=level)
     if plan is not None:
         plan.timings.update(started_at=started, convert_s=converted - started)
-        _apply(adapted, plan, layer, headers, requested)
+        _apply(adapted, plan, layer, headers, requested, raw_request)
     return adapted, processed
 
 
@@ -167,7 +207,7 @@ def around_completion_conversion(original, serving, request, raw_request=None):
     if plan is not None:
         plan.timings.update(started_at=started, convert_s=converted - started)
         requested = requested_fidelity(headers.get(FIDELITY_HEADER), layer.sessions.get(session) if session else None)
-        _apply(adapted, plan, layer, headers, requested)
+        _apply(adapted, plan, layer, headers, requested, raw_request)
     return adapted, processed
 
 
@@ -204,10 +244,14 @@ def fidelity_control(layer: memory.MemoryLayer) -> FidelityControl:
     return _fidelity
 
 
-def _apply(adapted, plan: memory.Plan, layer: memory.MemoryLayer, headers, requested: str | None = None) -> None:
-    if adapted.rid is None:
-        adapted.rid = f"amem-{uuid.uuid4().hex}"
-    rid = adapted.rid if isinstance(adapted.rid, str) else adapted.rid[0]
+def _apply(adapted, plan: memory.Plan, layer: memory.MemoryLayer, headers, requested: str | None = None,
+           raw_request=None) -> None:
+    # The plan is kept under the rid the middleware minted for this turn; a request that reached the
+    # conversion without it (a client's own rid) gets a fresh one: never a rid a client chose.
+    minted = _minted_rid(raw_request)
+    if minted is None or adapted.rid != minted:
+        adapted.rid = fresh_rid(adapted.rid)
+    rid = adapted.rid
     adapted.text = None
     adapted.input_ids = plan.input_ids
     # exact / guarded / fast (amem_sgl.memory.fidelity); a guarded turn's probe runs here, in the
@@ -222,12 +266,26 @@ def _apply(adapted, plan: memory.Plan, layer: memory.MemoryLayer, headers, reque
     plan.timings["sent_at"] = time.perf_counter()
 
 
+def _minted_rid(raw_request) -> str | None:
+    state = getattr(raw_request, "scope", None)
+    state = state.get("state") if isinstance(state, dict) else None
+    rid = state.get(RID_STATE_KEY) if isinstance(state, dict) else None
+    return rid if isinstance(rid, str) else None
+
+
 def _own_plan(rid: str | None) -> memory.Plan | None:
-    """The memory plan stored under ``rid`` if the current request's key covers its namespace: a
-    client may send any ``rid``, also that of another tenant's finished memory turn."""
+    """The memory plan stored under ``rid`` if it is the current request's own: within an OpenAI
+    request, only the plan of the rid the middleware minted for it, of the namespace the request
+    names; and always only if the request's key covers its namespace. (Every memory turn's rid is
+    fresh, so a client sending another turn's rid -- in flight or finished -- finds nothing of it.)"""
     layer = memory.ACTIVE
     plan = layer.plan_for(rid) if layer is not None else None
-    return plan if plan is not None and auth.denial([plan.namespace]) is None else None
+    if plan is None:
+        return None
+    turn = CURRENT_TURN.get()
+    if turn is not None and (turn[0] is None or rid != turn[0] or plan.namespace != turn[1]):
+        return None
+    return plan if auth.denial([plan.namespace]) is None else None
 
 
 def turn_timings(rid: str | None, records) -> dict | None:
