@@ -156,3 +156,18 @@ def test_a_body_over_the_limit_is_a_413_in_the_apis_shape_declared_or_chunked(tm
     assert upstream.seen == []  # nothing over the limit went upstream
     small = client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     assert small.status_code == 400 and upstream.seen  # under it: forwarded (the stand-in's 400)
+
+
+def test_the_local_store_refuses_nan_metadata_and_still_lists_what_it_holds(tmp_path):
+    """As on the server's memory API: NaN or Infinity in metadata (Python's JSON parser reads them)
+    is a 400 naming the field, nothing stored; the namespace stays listable and searchable."""
+    client = _client(tmp_path)
+    assert client.post("/amem/v1/remember", json={"namespace": "ns1", "texts": ["Carol likes tea."]}).status_code == 200
+    for bad in (b'{"namespace": "ns1", "texts": ["Rex barks."], "metadata": {"score": NaN}}',
+                b'{"namespace": "ns1", "documents": [{"text": "Rex barks.", "metadata": {"s": [1e999]}}]}'):
+        message = _memory_error(client.post("/amem/v1/remember", content=bad,
+                                            headers={"content-type": "application/json"}), 400)
+        assert "NaN or Infinity" in message and "metadata" in message
+    listed = client.get("/amem/v1/namespaces/ns1/chunks")
+    assert listed.status_code == 200 and [c["text"] for c in listed.json()["chunks"]] == ["Carol likes tea."]
+    assert client.post("/amem/v1/search", json={"namespace": "ns1", "query": "tea"}).status_code == 200

@@ -97,7 +97,7 @@ def _non_finite(value, where: str) -> str | None:
     return None
 
 
-def _check_metadata(body: "RememberRequest") -> None:
+def check_metadata(body: "RememberRequest") -> None:
     """Metadata is stored and served as JSON: a NaN or Infinity (Python's JSON parser reads NaN,
     Infinity and 1e999) is refused before anything is stored, naming where it is."""
     fields = [(body.metadata, "metadata")]
@@ -108,20 +108,20 @@ def _check_metadata(body: "RememberRequest") -> None:
             raise memory.MemoryError_(400, f"{bad}: metadata must be JSON: no NaN or Infinity")
 
 
-def _json_safe(value):
+def json_safe(value):
     """``value`` with every NaN or Infinity as None: chunks an older version stored with them are
     still listed and searched (a JSON response cannot carry them)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
-def _chunk_json(chunk) -> dict:
-    return _json_safe(chunk.to_json())
+def chunk_json(chunk) -> dict:
+    return json_safe(chunk.to_json())
 
 
 def _check_ids(ids) -> None:
@@ -136,7 +136,7 @@ router = APIRouter(prefix="/amem/v1", tags=["amem memory"], route_class=MemoryRo
 @router.post("/remember", summary="Remember texts or documents in a namespace")
 async def remember(body: RememberRequest):
     _authorize(body.namespace)
-    _check_metadata(body)
+    check_metadata(body)
     docs = [(t, dict(body.metadata)) for t in body.texts or []]
     docs += [(d.text, {**body.metadata, **d.metadata}) for d in body.documents or []]
     if not docs:
@@ -153,14 +153,14 @@ async def namespaces():
 
 @router.get("/namespaces/{namespace}/chunks", summary="List a namespace's chunks")
 async def list_chunks(namespace: str):
-    return {"namespace": namespace, "chunks": [_chunk_json(c) for c in _layer().store.list(_authorize(namespace))]}
+    return {"namespace": namespace, "chunks": [chunk_json(c) for c in _layer().store.list(_authorize(namespace))]}
 
 
 @router.get("/namespaces/{namespace}/chunks/{chunk_id}", summary="One chunk")
 async def get_chunk(namespace: str, chunk_id: str):
     _authorize(namespace)
     _check_ids([chunk_id])
-    return _chunk_json(_layer().store.get(namespace, chunk_id))
+    return chunk_json(_layer().store.get(namespace, chunk_id))
 
 
 @router.delete("/namespaces/{namespace}/chunks/{chunk_id}", summary="Forget one chunk (text, index, KV)")
@@ -179,7 +179,7 @@ async def forget_namespace(namespace: str):
 async def search(body: SearchRequest):
     # embedding the query (and the first use's tokenizer load) off the event loop
     hits = await asyncio.to_thread(_layer().recall, _authorize(body.namespace), body.query, body.k)
-    return {"namespace": body.namespace, "results": [{**_chunk_json(c), "score": _json_safe(s)} for c, s in hits]}
+    return {"namespace": body.namespace, "results": [{**chunk_json(c), "score": json_safe(s)} for c, s in hits]}
 
 
 @router.post("/sessions", summary="Start a session: pin and warm a working set")

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from amem_sgl.memory.api import RememberRequest, SearchRequest
+from amem_sgl.memory.api import RememberRequest, SearchRequest, check_metadata, chunk_json, json_safe
 from amem_sgl.memory.errors import error
 from amem_sgl.memory.store import UnknownChunk, UnknownNamespace
 from amem_sgl.proxy import guard
@@ -168,6 +168,10 @@ def _local_routes(router: APIRouter, backend: LocalBackend, sessions) -> None:
     @router.post("/remember")
     async def remember(body: RememberRequest, request: Request):
         guard.authorize(request, body.namespace)
+        try:
+            check_metadata(body)  # the server's rule: metadata is JSON, no NaN or Infinity
+        except ValueError as err:  # memory's MemoryError_(400)
+            return error(400, str(err))
         docs = [(t, dict(body.metadata)) for t in body.texts or []]
         docs += [(d.text, {**body.metadata, **d.metadata}) for d in body.documents or []]
         if not docs:
@@ -185,7 +189,7 @@ def _local_routes(router: APIRouter, backend: LocalBackend, sessions) -> None:
 
         def run():
             hits = backend.search(body.namespace, body.query, body.k)
-            return {"namespace": body.namespace, "results": [{**c.to_json(), "score": s} for c, s in hits]}
+            return {"namespace": body.namespace, "results": [{**chunk_json(c), "score": json_safe(s)} for c, s in hits]}
         return await guarded(run)()
 
     @router.get("/namespaces")
@@ -195,12 +199,12 @@ def _local_routes(router: APIRouter, backend: LocalBackend, sessions) -> None:
     @router.get("/namespaces/{namespace}/chunks")
     async def list_chunks(namespace: str, request: Request):
         guard.authorize(request, namespace)
-        return await guarded(lambda: {"namespace": namespace, "chunks": [c.to_json() for c in store.list(namespace)]})()
+        return await guarded(lambda: {"namespace": namespace, "chunks": [chunk_json(c) for c in store.list(namespace)]})()
 
     @router.get("/namespaces/{namespace}/chunks/{chunk_id}")
     async def get_chunk(namespace: str, chunk_id: str, request: Request):
         guard.authorize(request, namespace)
-        return await guarded(lambda: store.get(namespace, chunk_id).to_json())()
+        return await guarded(lambda: chunk_json(store.get(namespace, chunk_id)))()
 
     @router.delete("/namespaces/{namespace}/chunks/{chunk_id}")
     async def forget_chunk(namespace: str, chunk_id: str, request: Request):
