@@ -1,6 +1,7 @@
 """The memory API's and the OpenAI route's edges: session size and lifetime, X-Amem-Session on
 /v1/completions, the fidelity field vs header, chunk ids, duplicate texts, unknown /amem/v1 paths,
-and heavy remembers off the event loop."""
+heavy remembers off the event loop, and a /v1/completions memory turn's prompt (one text: ``["text"]``
+is served as ``"text"``, several prompts or token ids are a 400)."""
 
 from __future__ import annotations
 
@@ -238,3 +239,94 @@ def test_a_large_remember_does_not_block_other_requests(amem_server, ines):
     assert done["finished"] - done["started"] > 2.0, done  # large enough to tell blocked from not
     # Answered while the remember still ran, in a small part of its time (blocked, it would wait it out).
     assert answered < done["finished"] and answered - asked < (done["finished"] - asked) / 3, (asked, answered, done)
+
+
+# ---------------------------------------------------------------- /v1/completions prompts on a memory turn
+
+REX = ["Rex is a grey wolfhound who sleeps under Tomas's piano.", "Tomas's piano is a black Bechstein."]
+
+
+@pytest.fixture(scope="module")
+def rex(amem_server):
+    name = f"oai-rex-{uuid.uuid4().hex[:8]}"
+    reply = requests.post(f"{amem_server.url}/amem/v1/remember", json={"namespace": name, "texts": REX}, timeout=300)
+    assert reply.status_code == 200, reply.text
+    return name, set(reply.json()["ids"])
+
+
+def amem_memory(reply: requests.Response) -> dict | None:
+    return ((reply.json().get("usage") or {}).get("amem") or {}).get("memory")
+
+
+def completion(url: str, namespace: str | None, prompt, **extra) -> requests.Response:
+    body = {"model": "default", "prompt": prompt, "max_tokens": 5, "temperature": 0, **extra}
+    if namespace:
+        body["user"] = namespace
+    return requests.post(f"{url}/v1/completions", json=body, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_one_element_prompt_list_is_served_as_that_text_with_memory(amem_server, rex):
+    url = amem_server.url
+    rex, rex_ids = rex
+    as_text = completion(url, rex, "Rex is a")
+    as_list = completion(url, rex, ["Rex is a"])
+    bare = completion(url, None, "Rex is a")
+    assert as_text.status_code == 200 and as_list.status_code == 200 and bare.status_code == 200, as_list.text
+    assert amem_memory(as_text) is not None
+    listed = amem_memory(as_list)
+    assert listed is not None and listed["namespace"] == rex and set(listed["chunks"]) <= rex_ids, as_list.json()
+    assert as_list.headers["x-amem-namespace"] == rex
+    # the same turn as the text prompt's: one request of the same composed prompt, one choice
+    assert as_list.json()["usage"]["prompt_tokens"] == as_text.json()["usage"]["prompt_tokens"]
+    assert as_list.json()["usage"]["prompt_tokens"] > bare.json()["usage"]["prompt_tokens"]
+    assert [c["text"] for c in as_list.json()["choices"]] == [c["text"] for c in as_text.json()["choices"]]
+
+
+@pytest.mark.slow
+def test_several_prompts_or_token_ids_on_a_memory_turn_are_a_400(amem_server, rex):
+    url = amem_server.url
+    rex, _ = rex
+    nobody = f"oai-nobody-{uuid.uuid4().hex[:8]}"
+    for prompt in (["Rex is a", "Tomas plays the"], [1, 2, 3], [[1, 2, 3]], [[1, 2], [3, 4]]):
+        reply = completion(url, rex, prompt)
+        assert reply.status_code == 400, (prompt, reply.status_code, reply.text)
+        error = reply.json()
+        assert "one text prompt" in error["message"] and error["code"] == 400, error
+        # the same through the X-Amem-Namespace header
+        reply = requests.post(f"{url}/v1/completions", headers={"X-Amem-Namespace": rex}, timeout=300,
+                              json={"model": "default", "prompt": prompt, "max_tokens": 3})
+        assert reply.status_code == 400 and "one text prompt" in reply.json()["message"], reply.text
+        # no memory in the namespace: a plain turn, as before
+        reply = completion(url, nobody, prompt)
+        assert reply.status_code == 200 and amem_memory(reply) is None, (prompt, reply.text)
+    # the server is still up, memory turns still served
+    assert amem_memory(completion(url, rex, "Rex is a")) is not None
+
+
+def test_a_one_element_prompt_list_becomes_one_request_after_the_plan(monkeypatch):
+    """The conversion hook with SGLang's own GenerateReqInput: ``["text"]`` is planned as ``"text"``
+    and the request it sends is a single one (flat input ids, one rid), not a batch of one."""
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    planned, kept = [], {}
+    plan = memory.Plan([1, 2, 3, 4], None, "rex", ["c1"], [1.0], None)
+    layer = types.SimpleNamespace(
+        sessions={}, plan_completion=lambda ns, prompt, session=None: planned.append(prompt) or plan,
+        remember_plan=lambda rid, p: kept.update({rid: p}), store=types.SimpleNamespace(has_namespace=lambda n: True))
+    monkeypatch.setattr(memory, "ACTIVE", layer)
+    control = types.SimpleNamespace(level=lambda requested: "fast", apply=lambda rid, ns, ids, hints, *a: hints)
+    monkeypatch.setattr(openai_routes, "fidelity_control", lambda _layer: control)
+    minted = "client.amem-1"  # what the middleware sent on (in the request's ASGI state too)
+    request = types.SimpleNamespace(user="rex", prompt=["Rex is a"], rid=minted)
+    raw = types.SimpleNamespace(headers={}, scope={"state": {openai_routes.RID_STATE_KEY: minted}})
+
+    def original(serving, req, raw_request):  # SGLang's choice of text vs input_ids, as it converts
+        return GenerateReqInput(text=req.prompt, rid=req.rid, sampling_params={"max_new_tokens": 5}), req
+
+    adapted, _ = openai_routes.around_completion_conversion(original, None, request, raw)
+    assert planned == ["Rex is a"]
+    assert adapted.text is None and adapted.input_ids == [1, 2, 3, 4] and adapted.rid == minted
+    assert kept == {minted: plan}
+    adapted.normalize_batch_and_arguments()
+    assert adapted.is_single and adapted.batch_size == 1 and adapted.rid == minted

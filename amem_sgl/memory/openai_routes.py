@@ -191,16 +191,28 @@ def around_chat_conversion(original, serving, request, raw_request=None):
 def around_completion_conversion(original, serving, request, raw_request=None):
     """AROUND hook for ``OpenAIServingCompletion._convert_to_internal_request`` (text prompts): a
     namespace's recalled chunks, or -- with ``X-Amem-Session``, as on the chat route -- the session's
-    working set (its namespace wins; its level applies unless the turn names its own)."""
+    working set (its namespace wins; its level applies unless the turn names its own).
+
+    A memory turn's prompt is one text: ``["text"]`` is served as ``"text"``; several prompts or
+    token ids are a 400 where the namespace (or session) has memory, a plain turn where it has none."""
     started = time.perf_counter()
-    adapted, processed = original(serving, request, raw_request)
-    converted = time.perf_counter()
     layer = memory.ACTIVE
     headers = raw_request.headers if raw_request is not None else {}
     namespace = headers.get(NAMESPACE_HEADER) or getattr(request, "user", None)
     session = headers.get(SESSION_HEADER)
-    if layer is None or not (namespace or session) or not isinstance(request.prompt, str):
-        return adapted, processed
+    if layer is None or not (namespace or session):
+        return original(serving, request, raw_request)
+    prompt = getattr(request, "prompt", None)
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        request.prompt = prompt = prompt[0]  # ["text"] is "text": one request, not a batch of one
+    if not isinstance(prompt, str):
+        _authorize(raw_request, namespace, session)  # before anything about the namespace is told
+        if _has_memory(layer, namespace, session):
+            raise HTTPException(status_code=400, detail="a memory turn takes one text prompt (a string, or a list "
+                                "of one string); got several prompts or token ids")
+        return original(serving, request, raw_request)  # nothing remembered: a plain turn, as before
+    adapted, processed = original(serving, request, raw_request)
+    converted = time.perf_counter()
     _authorize(raw_request, namespace, session)
     with _openai_status():
         plan = layer.plan_completion(namespace, request.prompt, session)
@@ -209,6 +221,24 @@ def around_completion_conversion(original, serving, request, raw_request=None):
         requested = requested_fidelity(headers.get(FIDELITY_HEADER), layer.sessions.get(session) if session else None)
         _apply(adapted, plan, layer, headers, requested, raw_request)
     return adapted, processed
+
+
+def _has_memory(layer: memory.MemoryLayer, namespace: str | None, session: str | None) -> bool:
+    """Whether a turn naming ``namespace`` or ``session`` would be a memory turn (the session's
+    namespace wins, as in the memory layer); an unknown or expired session is its 404, a bad
+    namespace name its 400."""
+    if session:
+        namespace = session_namespace(session)
+        if namespace is None:
+            raise HTTPException(status_code=404, detail=f"unknown or expired session {session!r}")
+    if not namespace:
+        return False
+    try:
+        memory.validate_namespace(namespace)
+    except ValueError as err:
+        raise HTTPException(status_code=400, detail=str(err)) from None
+    with _openai_status():
+        return layer.store.has_namespace(namespace)
 
 
 def _authorize(raw_request, namespace: str | None, session: str | None) -> None:
