@@ -330,3 +330,29 @@ def test_a_one_element_prompt_list_becomes_one_request_after_the_plan(monkeypatc
     assert kept == {minted: plan}
     adapted.normalize_batch_and_arguments()
     assert adapted.is_single and adapted.batch_size == 1 and adapted.rid == minted
+
+
+def test_the_conversion_hooks_leave_the_turns_max_tokens_free_when_memory_fits_the_context(monkeypatch):
+    """The tokens a turn asks to generate reach the memory layer's fitting (reserve_tokens):
+    max_completion_tokens, else max_tokens; 0 when neither is a positive integer."""
+    seen = []
+
+    class Recording:
+        sessions: dict = {}
+
+        def plan_chat(self, namespace, messages, session, fidelity=None, *, reserve_tokens=0):
+            seen.append(("chat", reserve_tokens))
+
+        def plan_completion(self, namespace, prompt, session=None, *, reserve_tokens=0):
+            seen.append(("completion", reserve_tokens))
+
+    monkeypatch.setattr(memory, "ACTIVE", Recording())
+    monkeypatch.setattr(openai_routes, "fidelity_control", lambda _layer: types.SimpleNamespace(level=lambda r: r or "fast"))
+    original = lambda serving, req, raw_request: (types.SimpleNamespace(rid=None), req)  # noqa: E731
+    raw = types.SimpleNamespace(headers={}, state=types.SimpleNamespace())
+    for fields, want in (({"max_tokens": 300}, 300), ({"max_tokens": 300, "max_completion_tokens": 40}, 40),
+                         ({"max_tokens": None}, 0), ({"max_tokens": True}, 0)):
+        request = types.SimpleNamespace(user="ns1", messages=[{"role": "user", "content": "hi"}], prompt="hi", **fields)
+        openai_routes.around_chat_conversion(original, None, request, raw)
+        openai_routes.around_completion_conversion(original, None, request, raw)
+        assert seen[-2:] == [("chat", want), ("completion", want)], (fields, seen)

@@ -181,7 +181,7 @@ def around_chat_conversion(original, serving, request, raw_request=None):
     level = fidelity_control(layer).level(requested)
     with _openai_status():
         plan = layer.plan_chat(namespace, memory.message_dicts(request.messages), session,
-                               fidelity=level)
+                               fidelity=level, reserve_tokens=_reserve(request))
     if plan is not None:
         plan.timings.update(started_at=started, convert_s=converted - started)
         _apply(adapted, plan, layer, headers, requested, raw_request)
@@ -215,7 +215,7 @@ def around_completion_conversion(original, serving, request, raw_request=None):
     converted = time.perf_counter()
     _authorize(raw_request, namespace, session)
     with _openai_status():
-        plan = layer.plan_completion(namespace, request.prompt, session)
+        plan = layer.plan_completion(namespace, request.prompt, session, reserve_tokens=_reserve(request))
     if plan is not None:
         plan.timings.update(started_at=started, convert_s=converted - started)
         requested = requested_fidelity(headers.get(FIDELITY_HEADER), layer.sessions.get(session) if session else None)
@@ -239,6 +239,16 @@ def _has_memory(layer: memory.MemoryLayer, namespace: str | None, session: str |
         raise HTTPException(status_code=400, detail=str(err)) from None
     with _openai_status():
         return layer.store.has_namespace(namespace)
+
+
+def _reserve(request) -> int:
+    """The tokens a turn asks to generate (``max_completion_tokens``, else ``max_tokens``): the
+    memory layer leaves them free when it fits recalled chunks into the context (0: unset)."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = getattr(request, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
 
 
 def _authorize(raw_request, namespace: str | None, session: str | None) -> None:
