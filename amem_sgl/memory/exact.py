@@ -21,7 +21,11 @@ curve's recall sequence an append-only set grows to ~16K tokens, past SmolLM2's 
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
+
+from amem_sgl.memory.fit import FittedPlan
+from amem_sgl.memory.turns import phases
 
 FIDELITY_MODES = ("exact", "guarded", "fast")
 # Tokens of chunks in an exact-mode working set before a new base is started (SmolLM2's context is
@@ -70,3 +74,41 @@ def exact_turn(store, namespace: str, hits, working: Sequence[str] | None, max_t
     order, new, rebased = extend_working_set(working, list(recalled), {cid: len(c.token_ids) for cid, c in known.items()},
                                              max_tokens)
     return [known[cid] for cid in order], new, rebased
+
+
+def plan_exact_turn(layer, namespace: str, messages: Sequence[dict], session, reserve_tokens: int = 0):
+    """An exact-mode turn of ``layer`` (a MemoryLayer): its spans sent ``exact`` (nothing spliced or
+    blended, the namespace's exact salt) with ``capture`` (chunks computed here become nodes); None
+    when it has no chunk (or none fits the context).
+
+    Only a session whose own fidelity is exact grows its working set; an exact turn (the
+    ``X-Amem-Fidelity: exact`` override) of any other session serves that session's pinned
+    working set exactly -- nothing recalled, ``session.chunk_ids`` unchanged."""
+    started = time.perf_counter()
+    if session is not None and session.fidelity != "exact":
+        hits = [(c, 1.0) for c in layer._session_chunks(session)]
+        with layer._lock:
+            session.turns += 1
+        chunks, new = [c for c, _ in hits], []
+    else:
+        query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        hits = sorted(layer.recall(namespace, query), key=lambda h: h[0].created)
+        with layer._lock:
+            chunks, new, rebased = exact_turn(layer.store, namespace, hits, session.chunk_ids if session else None,
+                                              layer.exact_max_tokens)
+            if session is not None:
+                session.chunk_ids = [c.chunk_id for c in chunks]
+                session.turns, session.rebases = session.turns + 1, session.rebases + rebased
+    if not chunks:
+        return None
+    scores, recalled = {c.chunk_id: s for c, s in hits}, time.perf_counter()
+    # Fitting the context drops chunks from this turn only: the session's working set stays whole.
+    fitted = layer.fit(chunks, [scores.get(c.chunk_id, 1.0) for c in chunks],
+                       lambda cs: layer.compose(namespace, messages, cs), reserve_tokens)
+    if fitted is None:
+        return None
+    chunks, turn_scores, (ids, spans), dropped = fitted
+    return FittedPlan(ids, layer.hints(namespace, spans, exact=True), namespace, [c.chunk_id for c in chunks],
+                      turn_scores, session.session_id if session else None,
+                      "exact", tuple(new), timings=phases(started, recalled, time.perf_counter()),
+                      dropped_chunks=dropped)

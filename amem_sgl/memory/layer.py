@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
 import threading
 import time
@@ -41,7 +40,8 @@ from amem_sgl.chunks.identity import check_text, chunk_id, validate_namespace
 from amem_sgl.config import AmemConfig
 from amem_sgl.memory import chunk_kv
 from amem_sgl.memory.chunk_kv import MemoryError_  # noqa: F401 -- re-exported (memory.layer.MemoryError_)
-from amem_sgl.memory.exact import DEFAULT_MAX_TOKENS, exact_turn, validate_fidelity
+from amem_sgl.memory.exact import DEFAULT_MAX_TOKENS, plan_exact_turn, validate_fidelity
+from amem_sgl.memory.fit import FittedPlan, fit_chunks
 from amem_sgl.memory.store import Embedder, MemoryChunk, MemoryStore, UnknownNamespace
 from amem_sgl.memory.turns import Plan, Session, embedding_threads, message_dicts, phases  # noqa: F401 -- re-exported
 
@@ -51,18 +51,6 @@ logger = logging.getLogger(__name__)
 CHUNK_END = "\n"
 
 ACTIVE: "MemoryLayer | None" = None
-
-
-@dataclasses.dataclass(frozen=True)
-class FittedPlan(Plan):
-    """A :class:`Plan` that fits the model's context: ``dropped_chunks`` recalled chunks (the
-    lowest-scored) were left out so the composed prompt plus the tokens the request will generate
-    fit; reported in ``usage.amem.memory``."""
-
-    dropped_chunks: int = 0
-
-    def report(self) -> dict:
-        return {**super().report(), "dropped_chunks": self.dropped_chunks}
 
 
 class MemoryLayer:
@@ -224,42 +212,8 @@ class MemoryLayer:
         return int(getattr(self.config, "exact_working_set_tokens", DEFAULT_MAX_TOKENS))
 
     def fit(self, chunks: Sequence[MemoryChunk], scores: Sequence[float], compose, reserve_tokens: int = 0):
-        """(chunks, scores, composed, dropped): the turn's chunks that fit the model's context, in
-        their order, and ``compose(chunks)`` of them; None when no chunk fits (a plain turn).
-
-        The composed prompt plus ``reserve_tokens`` (what the request will generate; at least one
-        token, as SGLang counts) must fit :attr:`context_tokens`: the lowest-scored chunks are dropped
-        until it does (equal scores: the later one in the prompt first, so the prefix before it stays
-        the same). With no served context length (outside a server) nothing is dropped."""
-        chunks, scores = list(chunks), list(scores)
-        composed = compose(chunks)
-        limit = self.context_tokens
-        need = max(int(reserve_tokens or 0), 1)
-        if limit is None or not chunks or len(composed[0]) + need <= limit:
-            return chunks, scores, composed, 0
-        total, dropped = len(composed[0]), set()
-        # Chunks sit in the prompt as their own ids (amem_sgl.chunks.compose.place): leaving one out
-        # shortens it by its length.
-        for i in sorted(range(len(chunks)), key=lambda i: (scores[i], -i)):
-            if total + need <= limit:
-                break
-            dropped.add(i)
-            total -= len(chunks[i].token_ids)
-        while True:
-            kept = [i for i in range(len(chunks)) if i not in dropped]
-            if not kept or total + need > limit:
-                logger.info("amem memory: no recalled chunk fits the model's context (%d tokens) beside this turn "
-                            "and %d reserved tokens: a plain turn", limit, need)
-                return None
-            composed = compose([chunks[i] for i in kept])
-            if len(composed[0]) + need <= limit:
-                break
-            worst = min(kept, key=lambda i: (scores[i], -i))  # a composer that is not additive: drop one more
-            dropped.add(worst)
-            total = len(composed[0]) - len(chunks[worst].token_ids)
-        logger.info("amem memory: %d of %d recalled chunks left out so the prompt (%d tokens) and %d reserved tokens "
-                    "fit the model's context (%d tokens)", len(dropped), len(chunks), len(composed[0]), need, limit)
-        return [chunks[i] for i in kept], [scores[i] for i in kept], composed, len(dropped)
+        """:func:`amem_sgl.memory.fit.fit_chunks` against the model's context as served."""
+        return fit_chunks(chunks, scores, compose, self.context_tokens, reserve_tokens)
 
     def plan_chat(self, namespace: str | None, messages: Sequence[dict], session_id: str | None,
                   fidelity: str | None = None, *, reserve_tokens: int = 0) -> Plan | None:
@@ -270,13 +224,10 @@ class MemoryLayer:
         session = self._session(session_id) if session_id else None
         if session is not None:
             namespace = session.namespace
-        if not namespace:
-            return None
-        validate_namespace(namespace)
-        if not self.store.has_namespace(namespace):
-            return None  # nothing remembered for this user: a plain turn
+        if not namespace or not self.store.has_namespace(validate_namespace(namespace)):
+            return None  # no namespace, or nothing remembered for this user: a plain turn
         if (_fidelity(fidelity) or (session.fidelity if session is not None else None)) == "exact":
-            return self._plan_exact(namespace, messages, session, reserve_tokens)
+            return plan_exact_turn(self, namespace, messages, session, reserve_tokens)
         started = time.perf_counter()
         if session is not None:
             chunks, scores = self._session_chunks(session), [1.0] * len(session.chunk_ids)
@@ -287,51 +238,8 @@ class MemoryLayer:
             chunks, scores = [c for c, _ in hits], [s for _, s in hits]
         if not chunks:
             return None
-        recalled = time.perf_counter()
-        fitted = self.fit(chunks, scores, lambda cs: self.compose(namespace, messages, cs), reserve_tokens)
-        if fitted is None:
-            return None
-        chunks, scores, (ids, spans), dropped = fitted
-        return FittedPlan(ids, self.hints(namespace, spans), namespace, [c.chunk_id for c in chunks], scores,
-                          session.session_id if session else None,
-                          timings=phases(started, recalled, time.perf_counter()), dropped_chunks=dropped)
-
-    def _plan_exact(self, namespace: str, messages: Sequence[dict], session: Session | None,
-                    reserve_tokens: int = 0) -> Plan | None:
-        """An exact-mode turn (amem_sgl.memory.exact): its spans sent ``exact`` (nothing spliced or
-        blended, the namespace's exact salt) with ``capture`` (chunks computed here become nodes).
-
-        Only a session whose own fidelity is exact grows its working set; an exact turn (the
-        ``X-Amem-Fidelity: exact`` override) of any other session serves that session's pinned
-        working set exactly -- nothing recalled, ``session.chunk_ids`` unchanged."""
-        started = time.perf_counter()
-        if session is not None and session.fidelity != "exact":
-            hits = [(c, 1.0) for c in self._session_chunks(session)]
-            with self._lock:
-                session.turns += 1
-            chunks, new = [c for c, _ in hits], []
-        else:
-            query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-            hits = sorted(self.recall(namespace, query), key=lambda h: h[0].created)
-            with self._lock:
-                chunks, new, rebased = exact_turn(self.store, namespace, hits, session.chunk_ids if session else None,
-                                                  self.exact_max_tokens)
-                if session is not None:
-                    session.chunk_ids = [c.chunk_id for c in chunks]
-                    session.turns, session.rebases = session.turns + 1, session.rebases + rebased
-        if not chunks:
-            return None
-        scores, recalled = {c.chunk_id: s for c, s in hits}, time.perf_counter()
-        # Fitting the context drops chunks from this turn only: the session's working set stays whole.
-        fitted = self.fit(chunks, [scores.get(c.chunk_id, 1.0) for c in chunks],
-                          lambda cs: self.compose(namespace, messages, cs), reserve_tokens)
-        if fitted is None:
-            return None
-        chunks, turn_scores, (ids, spans), dropped = fitted
-        return FittedPlan(ids, self.hints(namespace, spans, exact=True), namespace, [c.chunk_id for c in chunks],
-                          turn_scores, session.session_id if session else None,
-                          "exact", tuple(new), timings=phases(started, recalled, time.perf_counter()),
-                          dropped_chunks=dropped)
+        return self._fitted_plan(namespace, chunks, scores, lambda cs: self.compose(namespace, messages, cs),
+                                 reserve_tokens, session, started)
 
     def plan_completion(self, namespace: str | None, prompt: str, session_id: str | None = None, *,
                         reserve_tokens: int = 0) -> Plan | None:
@@ -351,13 +259,20 @@ class MemoryLayer:
             hits = sorted(self.recall(namespace, prompt), key=lambda h: h[0].created)
         if not hits:
             return None
-        recalled = time.perf_counter()
 
         def compose(chunks):
             composed = self.composer.completion(self.config.system_prompt, [c.token_ids for c in chunks], prompt)
             return composed.input_ids, composed.spans
 
-        fitted = self.fit([c for c, _ in hits], [s for _, s in hits], compose, reserve_tokens)
+        return self._fitted_plan(namespace, [c for c, _ in hits], [s for _, s in hits], compose, reserve_tokens,
+                                 session, started)
+
+    def _fitted_plan(self, namespace: str, chunks, scores, compose, reserve_tokens: int, session: Session | None,
+                     started: float) -> Plan | None:
+        """A splice turn's plan: its recalled ``chunks`` fitted to the context (:meth:`fit`), composed
+        by ``compose(chunks) -> (ids, spans)``; None when no chunk fits."""
+        recalled = time.perf_counter()
+        fitted = self.fit(chunks, scores, compose, reserve_tokens)
         if fitted is None:
             return None
         chunks, scores, (ids, spans), dropped = fitted
