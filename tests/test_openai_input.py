@@ -356,3 +356,15 @@ def test_the_conversion_hooks_leave_the_turns_max_tokens_free_when_memory_fits_t
         openai_routes.around_chat_conversion(original, None, request, raw)
         openai_routes.around_completion_conversion(original, None, request, raw)
         assert seen[-2:] == [("chat", want), ("completion", want)], (fields, seen)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_null_body_fidelity_field_means_no_level_of_its_own(monkeypatch, path):
+    """"amem_fidelity": null is the field left out (the session's or server's level), not a 400."""
+    monkeypatch.setattr(memory, "ACTIVE", None)
+    reply, seen = through_middleware(path, {"model": "default", "prompt": "hi", "amem_fidelity": None}, {})
+    assert reply.status_code == 200, reply.text
+    assert "x-amem-fidelity" not in seen[0]
+    reply, seen = through_middleware(path, {"model": "default", "prompt": "hi", "amem_fidelity": None},
+                                     {"X-Amem-Fidelity": "fast"})
+    assert reply.status_code == 200 and seen[0].getlist("x-amem-fidelity") == ["fast"]  # the header stands

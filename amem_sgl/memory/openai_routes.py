@@ -86,9 +86,10 @@ class OpenAIMemoryMiddleware:
             # body field wins (every later reader -- chat, completions, the guard -- sees one value).
             value = data.pop(FIDELITY_FIELD)
             rewritten = True
-            kept = [(k, v) for k, v in scope.get("headers", []) if k.lower() != FIDELITY_HEADER.encode()]
-            scope = dict(scope, headers=[*kept, (FIDELITY_HEADER.encode(), str(value).encode())])
-            headers[FIDELITY_HEADER] = str(value)
+            if value is not None:  # null: the field left out (the session's or the server's level)
+                kept = [(k, v) for k, v in scope.get("headers", []) if k.lower() != FIDELITY_HEADER.encode()]
+                scope = dict(scope, headers=[*kept, (FIDELITY_HEADER.encode(), str(value).encode())])
+                headers[FIDELITY_HEADER] = str(value)
         if FIDELITY_HEADER in headers or MARGIN_HEADER in headers:
             try:
                 if FIDELITY_HEADER in headers:
