@@ -25,6 +25,9 @@ def client():
     ("/amem/v1/remember", '{"namespace": 5, "texts": ["x"]}', 422, "namespace:"),
     ("/amem/v1/remember", '{"namespace": "zz", "texts": [', 400, "not valid JSON"),
     ("/amem/v1/search", '{"namespace": "zz", "query": "x", "k": 0}', 422, "k:"),
+    ("/amem/v1/search", '{"namespace": "zz", "query": "x", "k": true}', 422, "k:"),  # a bool is not a count
+    ("/amem/v1/search", '{"namespace": "zz", "query": "   "}', 422, "query:"),  # nothing to search for
+    ("/amem/v1/sessions", '{"namespace": "zz", "k": true}', 422, "k:"),
     ("/amem/v1/sessions", '{"namespace": "zz", "bogus": 1}', 422, "bogus: Extra inputs are not permitted"),
 ])
 def test_bad_bodies_get_the_memory_shape_without_internals(client, path, body, status, words):

@@ -27,7 +27,7 @@ import math
 from typing import Any, Literal, Optional
 
 from fastapi import APIRouter, FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 from amem_sgl.chunks.identity import is_chunk_id
 from amem_sgl.memory import layer as memory
@@ -60,7 +60,14 @@ class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     namespace: StrictStr
     query: StrictStr
-    k: int = Field(default=4, ge=1, le=100)
+    k: StrictInt = Field(default=4, ge=1, le=100)
+
+    @field_validator("query")
+    @classmethod
+    def _something_to_recall(cls, query: str) -> str:
+        if not query.strip():
+            raise ValueError("query must be non-empty text (it was empty or whitespace)")
+        return query
 
 
 class SessionRequest(BaseModel):
@@ -68,7 +75,7 @@ class SessionRequest(BaseModel):
     namespace: StrictStr
     query: Optional[StrictStr] = None
     chunk_ids: Optional[list[StrictStr]] = None
-    k: Optional[int] = Field(default=None, ge=1, le=100)
+    k: Optional[StrictInt] = Field(default=None, ge=1, le=100)
     fidelity: Optional[StrictStr] = None
 
 
