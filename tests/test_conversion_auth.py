@@ -32,11 +32,11 @@ class StubLayer:
     def live_session(self, session_id):
         return self.sessions.get(session_id)
 
-    def plan_chat(self, namespace, messages, session_id, fidelity=None):
+    def plan_chat(self, namespace, messages, session_id, fidelity=None, *, reserve_tokens=0):
         self.calls.append(("chat", namespace, session_id))
         return None
 
-    def plan_completion(self, namespace, prompt, session_id=None):
+    def plan_completion(self, namespace, prompt, session_id=None, *, reserve_tokens=0):
         self.calls.append(("completion", namespace, session_id))
         return None
 
