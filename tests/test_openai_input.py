@@ -312,7 +312,7 @@ def test_a_one_element_prompt_list_becomes_one_request_after_the_plan(monkeypatc
     planned, kept = [], {}
     plan = memory.Plan([1, 2, 3, 4], None, "rex", ["c1"], [1.0], None)
     layer = types.SimpleNamespace(
-        sessions={}, plan_completion=lambda ns, prompt, session=None: planned.append(prompt) or plan,
+        sessions={}, plan_completion=lambda ns, prompt, session=None, reserve_tokens=0: planned.append(prompt) or plan,
         remember_plan=lambda rid, p: kept.update({rid: p}), store=types.SimpleNamespace(has_namespace=lambda n: True))
     monkeypatch.setattr(memory, "ACTIVE", layer)
     control = types.SimpleNamespace(level=lambda requested: "fast", apply=lambda rid, ns, ids, hints, *a: hints)

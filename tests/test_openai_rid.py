@@ -179,7 +179,7 @@ def test_a_plan_is_never_kept_under_a_rid_the_middleware_did_not_mint(monkeypatc
 
     kept = {}
     plan = memory.Plan([1, 2, 3], None, "rex", ["c1"], [1.0], None)
-    layer = types.SimpleNamespace(sessions={}, plan_chat=lambda ns, messages, session, fidelity=None: plan,
+    layer = types.SimpleNamespace(sessions={}, plan_chat=lambda ns, messages, session, fidelity=None, reserve_tokens=0: plan,
                                   remember_plan=lambda rid, p: kept.update({rid: p}))
     monkeypatch.setattr(memory, "ACTIVE", layer)
     control = types.SimpleNamespace(level=lambda requested: "fast", apply=lambda rid, ns, ids, hints, *a: hints)
