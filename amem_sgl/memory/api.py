@@ -33,7 +33,7 @@ from amem_sgl.chunks.identity import is_chunk_id
 from amem_sgl.memory import layer as memory
 from amem_sgl.memory import timings
 from amem_sgl.memory.errors import MemoryRoute, error
-from amem_sgl.memory.store import UnknownChunk, UnknownNamespace
+from amem_sgl.memory.store import UnknownChunk, UnknownNamespace, json_safe
 from amem_sgl.server import auth
 from amem_sgl.memory.openai_routes import OpenAIMemoryMiddleware, fidelity_control, session_namespace
 
@@ -115,22 +115,6 @@ def check_metadata(body: "RememberRequest") -> None:
             raise memory.MemoryError_(400, f"{bad}: metadata must be JSON: no NaN or Infinity")
 
 
-def json_safe(value):
-    """``value`` with every NaN or Infinity as None: chunks an older version stored with them are
-    still listed and searched (a JSON response cannot carry them)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def chunk_json(chunk) -> dict:
-    return json_safe(chunk.to_json())
-
-
 def _check_ids(ids) -> None:
     bad = [i for i in ids if not is_chunk_id(i)]
     if bad:
@@ -160,14 +144,14 @@ async def namespaces():
 
 @router.get("/namespaces/{namespace}/chunks", summary="List a namespace's chunks")
 async def list_chunks(namespace: str):
-    return {"namespace": namespace, "chunks": [chunk_json(c) for c in _layer().store.list(_authorize(namespace))]}
+    return {"namespace": namespace, "chunks": [c.to_json() for c in _layer().store.list(_authorize(namespace))]}
 
 
 @router.get("/namespaces/{namespace}/chunks/{chunk_id}", summary="One chunk")
 async def get_chunk(namespace: str, chunk_id: str):
     _authorize(namespace)
     _check_ids([chunk_id])
-    return chunk_json(_layer().store.get(namespace, chunk_id))
+    return _layer().store.get(namespace, chunk_id).to_json()
 
 
 @router.delete("/namespaces/{namespace}/chunks/{chunk_id}", summary="Forget one chunk (text, index, KV)")
@@ -186,7 +170,7 @@ async def forget_namespace(namespace: str):
 async def search(body: SearchRequest):
     # embedding the query (and the first use's tokenizer load) off the event loop
     hits = await asyncio.to_thread(_layer().recall, _authorize(body.namespace), body.query, body.k)
-    return {"namespace": body.namespace, "results": [{**chunk_json(c), "score": json_safe(s)} for c, s in hits]}
+    return {"namespace": body.namespace, "results": [{**c.to_json(), "score": json_safe(s)} for c, s in hits]}
 
 
 @router.post("/sessions", summary="Start a session: pin and warm a working set")

@@ -134,7 +134,19 @@ class MemoryChunk:
 
     def to_json(self) -> dict:
         return {"id": self.chunk_id, "namespace": self.namespace, "text": self.text, "tokens": self.tokens,
-                "metadata": self.metadata, "created": self.created}
+                "metadata": json_safe(self.metadata), "created": self.created}
+
+
+def json_safe(value):
+    """``value`` with every NaN or Infinity as None: chunks an older version stored with them in
+    their metadata are still listed and searched (a JSON response cannot carry them)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _write_json(path: Path, data) -> None:

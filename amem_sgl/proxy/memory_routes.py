@@ -24,9 +24,9 @@ from collections import OrderedDict
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from amem_sgl.memory.api import RememberRequest, SearchRequest, check_metadata, chunk_json, json_safe
+from amem_sgl.memory.api import RememberRequest, SearchRequest, check_metadata
 from amem_sgl.memory.errors import error
-from amem_sgl.memory.store import UnknownChunk, UnknownNamespace
+from amem_sgl.memory.store import UnknownChunk, UnknownNamespace, json_safe
 from amem_sgl.proxy import guard
 from amem_sgl.proxy.backend import BackendError, LocalBackend, RemoteBackend
 
@@ -189,7 +189,7 @@ def _local_routes(router: APIRouter, backend: LocalBackend, sessions) -> None:
 
         def run():
             hits = backend.search(body.namespace, body.query, body.k)
-            return {"namespace": body.namespace, "results": [{**chunk_json(c), "score": json_safe(s)} for c, s in hits]}
+            return {"namespace": body.namespace, "results": [{**c.to_json(), "score": json_safe(s)} for c, s in hits]}
         return await guarded(run)()
 
     @router.get("/namespaces")
@@ -199,12 +199,12 @@ def _local_routes(router: APIRouter, backend: LocalBackend, sessions) -> None:
     @router.get("/namespaces/{namespace}/chunks")
     async def list_chunks(namespace: str, request: Request):
         guard.authorize(request, namespace)
-        return await guarded(lambda: {"namespace": namespace, "chunks": [chunk_json(c) for c in store.list(namespace)]})()
+        return await guarded(lambda: {"namespace": namespace, "chunks": [c.to_json() for c in store.list(namespace)]})()
 
     @router.get("/namespaces/{namespace}/chunks/{chunk_id}")
     async def get_chunk(namespace: str, chunk_id: str, request: Request):
         guard.authorize(request, namespace)
-        return await guarded(lambda: chunk_json(store.get(namespace, chunk_id)))()
+        return await guarded(lambda: store.get(namespace, chunk_id).to_json())()
 
     @router.delete("/namespaces/{namespace}/chunks/{chunk_id}")
     async def forget_chunk(namespace: str, chunk_id: str, request: Request):
