@@ -18,6 +18,7 @@ import time
 import uuid
 
 from fastapi import HTTPException
+from starlette.datastructures import Headers
 
 from amem_sgl.config import AmemConfig
 from amem_sgl.memory import layer as memory
@@ -143,22 +144,16 @@ def fresh_rid(client_rid=None) -> str:
     return f"{client_rid}.{suffix}" if isinstance(client_rid, str) and client_rid else suffix
 
 
-def _first_header(raw_headers, name: str) -> str | None:
-    """A header's first value, as the conversion hook reads it (Starlette's ``headers.get``)."""
-    for key, value in raw_headers:
-        if key.decode("latin-1").lower() == name:
-            return value.decode("latin-1")
-    return None
-
-
 def turn_namespace(raw_headers, data: dict) -> str | None:
-    """The namespace a memory turn's plan must have, read as the conversion hook reads it: the
-    session's (it wins in the memory layer), else ``X-Amem-Namespace``, else the body's ``user``."""
-    session = _first_header(raw_headers, SESSION_HEADER)
+    """The namespace a memory turn's plan must have, read as the conversion hook reads it (Starlette's
+    headers: a header's first value): the session's (it wins in the memory layer), else
+    ``X-Amem-Namespace``, else the body's ``user``."""
+    headers = Headers(raw=raw_headers)
+    session = headers.get(SESSION_HEADER)
     if session:
         return session_namespace(session)
     user = data.get("user")
-    return _first_header(raw_headers, NAMESPACE_HEADER) or (user if isinstance(user, str) else None)
+    return headers.get(NAMESPACE_HEADER) or (user if isinstance(user, str) else None)
 
 
 def around_chat_conversion(original, serving, request, raw_request=None):
